@@ -1,0 +1,11 @@
+"""edgeops_agent: what ships to a device.
+
+It depends on :mod:`edgeops_core` and device-safe libraries only: never torch, tensorflow or
+the toolchain (a test imports it in a fresh interpreter and checks ``sys.modules``).
+This release carries offline bundle verification; install, inference, telemetry, drift
+and OTA follow in the device agent issue.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,132 @@
+"""Small typed readers for untrusted JSON/TOML mappings.
+
+Each reader takes the path of the value (``"inputs[0].shape"``) so the error names exactly
+which field was wrong, what was expected and what arrived. The error class is passed in so
+the same readers serve manifests (``ManifestError``) and profiles (``ProfileError``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from edgeops_core.errors import EdgeopsError
+
+E = TypeVar("E", bound=EdgeopsError)
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+class Reader:
+    """Reads typed fields from a mapping and raises ``error`` naming the field path."""
+
+    def __init__(self, error: type[EdgeopsError], source: str) -> None:
+        self.error = error
+        self.source = source
+
+    def fail(self, path: str, expected: str, value: object) -> EdgeopsError:
+        """Build (not raise) the error for ``path`` expecting ``expected`` but got ``value``."""
+        return self.error(f"{self.source}: field '{path}' must be {expected}, got {_describe(value)}")
+
+    def mapping(self, data: object, path: str) -> Mapping[str, Any]:
+        if not isinstance(data, Mapping):
+            raise self.fail(path, "a table/object", data)
+        return data
+
+    def get(self, data: Mapping[str, Any], key: str, path: str) -> Any:
+        if key not in data:
+            where = f"'{path}'" if path else "the top level"
+            raise self.error(f"{self.source}: missing field '{key}' in {where}")
+        return data[key]
+
+    def only(self, data: Mapping[str, Any], allowed: set[str], path: str) -> None:
+        """Reject unknown keys: a typo in a budget must not silently disable it."""
+        extra = sorted(set(data) - allowed)
+        if extra:
+            where = f"'{path}'" if path else "the top level"
+            raise self.error(
+                f"{self.source}: unknown field(s) {', '.join(extra)} in {where}; "
+                f"expected some of {', '.join(sorted(allowed))}"
+            )
+
+    def string(self, data: Mapping[str, Any], key: str, path: str = "", *, nonempty: bool = True) -> str:
+        full = f"{path}.{key}" if path else key
+        value = self.get(data, key, path)
+        if not isinstance(value, str) or (nonempty and not value):
+            raise self.fail(full, "a non-empty string", value)
+        return value
+
+    def integer(self, data: Mapping[str, Any], key: str, path: str = "", *, minimum: int | None = None) -> int:
+        full = f"{path}.{key}" if path else key
+        value = self.get(data, key, path)
+        return self.as_int(value, full, minimum=minimum)
+
+    def as_int(self, value: object, path: str, *, minimum: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(path, "an integer", value)
+        if minimum is not None and value < minimum:
+            raise self.fail(path, f"an integer >= {minimum}", value)
+        return value
+
+    def number(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        path: str = "",
+        *,
+        minimum: float | None = None,
+        maximum: float | None = None,
+        exclusive_minimum: bool = False,
+    ) -> float:
+        full = f"{path}.{key}" if path else key
+        return self.as_number(
+            self.get(data, key, path), full, minimum=minimum, maximum=maximum, exclusive_minimum=exclusive_minimum
+        )
+
+    def as_number(
+        self,
+        value: object,
+        path: str,
+        *,
+        minimum: float | None = None,
+        maximum: float | None = None,
+        exclusive_minimum: bool = False,
+    ) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(path, "a finite number", value)
+        if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
+            op = ">" if exclusive_minimum else ">="
+            raise self.fail(path, f"a number {op} {minimum}", value)
+        if maximum is not None and value > maximum:
+            raise self.fail(path, f"a number <= {maximum}", value)
+        return float(value)
+
+    def sequence(self, data: Mapping[str, Any], key: str, path: str = "") -> Sequence[Any]:
+        full = f"{path}.{key}" if path else key
+        value = self.get(data, key, path)
+        if not isinstance(value, (list, tuple)):
+            raise self.fail(full, "a list", value)
+        return value
+
+    def numbers(self, data: Mapping[str, Any], key: str, path: str = "", *, length: int | None = None) -> tuple[float, ...]:
+        full = f"{path}.{key}" if path else key
+        values = self.sequence(data, key, path)
+        if length is not None and len(values) != length:
+            raise self.error(f"{self.source}: field '{full}' must have {length} entries, got {len(values)}")
+        return tuple(self.as_number(v, f"{full}[{i}]") for i, v in enumerate(values))
+
+    def strings(self, data: Mapping[str, Any], key: str, path: str = "") -> tuple[str, ...]:
+        full = f"{path}.{key}" if path else key
+        values = self.sequence(data, key, path)
+        out = []
+        for i, v in enumerate(values):
+            if not isinstance(v, str) or not v:
+                raise self.fail(f"{full}[{i}]", "a non-empty string", v)
+            out.append(v)
+        return tuple(out)

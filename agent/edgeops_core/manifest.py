@@ -1,0 +1,423 @@
+"""The bundle manifest (``manifest.json``), schema version 1.
+
+Invariants, checked by :meth:`Manifest.from_json` and by the constructor alike:
+
+* there is exactly one input tensor of shape ``[1, n_features]`` and one output tensor of
+  shape ``[1, n_labels]``; ``feature_names``, the preprocessing statistics, the drift
+  reference and every self-test input have ``n_features`` entries; ``labels``, the
+  prediction reference and every self-test expectation have ``n_labels`` entries;
+* ``release`` is a positive integer and ``expires`` is later than ``created``;
+* every number is finite.
+
+The field-by-field reference is ``docs/bundle-format.md``; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from edgeops_core._validate import Reader
+from edgeops_core.errors import ManifestError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DriftReference",
+    "FeatureReference",
+    "Lineage",
+    "Manifest",
+    "Preprocessing",
+    "QuantParams",
+    "SelfTest",
+    "SelfTestVector",
+    "TensorSpec",
+    "format_time",
+    "parse_time",
+]
+
+SCHEMA_VERSION = 1
+_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_DTYPES = ("float32", "int8", "uint8", "int32")
+_PREPROCESSING = ("standardize", "none")
+
+
+def format_time(moment: datetime) -> str:
+    """Format an aware datetime as RFC 3339 UTC with a ``Z`` suffix, to the second."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse the RFC 3339 UTC form written by :func:`format_time`.
+
+    Raises:
+        ValueError: the text is not of the form ``YYYY-MM-DDTHH:MM:SSZ``.
+    """
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Affine quantization of a tensor: ``real = scale * (q - zero_point)``."""
+
+    scale: float
+    zero_point: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output as the runtime sees it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    quantization: QuantParams | None = None
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the device applies to a raw feature vector before the model.
+
+    ``standardize``: ``x' = (x - mean) / std`` per feature; ``none``: the raw vector.
+    """
+
+    kind: str
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class FeatureReference:
+    """Training-data statistics of one input feature, the baseline for drift detection.
+
+    ``bin_edges`` are the interior quantile edges (deciles by default) and
+    ``bin_fractions`` the share of reference samples in each of the ``len(bin_edges) + 1``
+    bins, so PSI can be computed on device without the training data.
+    """
+
+    name: str
+    mean: float
+    std: float
+    min: float
+    max: float
+    bin_edges: tuple[float, ...]
+    bin_fractions: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class DriftReference:
+    """Reference statistics for every input feature and for the predicted classes."""
+
+    sample_count: int
+    features: tuple[FeatureReference, ...]
+    prediction_fractions: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class SelfTestVector:
+    """One raw input (before preprocessing) and the model output expected for it."""
+
+    input: tuple[float, ...]
+    expected: tuple[float, ...]
+    label: int
+
+
+@dataclass(frozen=True)
+class SelfTest:
+    """Vectors the device must reproduce within ``atol`` (and the same top-1) to go live."""
+
+    atol: float
+    vectors: tuple[SelfTestVector, ...]
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where the model came from."""
+
+    dataset_digest: str
+    code_digest: str
+    hyperparameters: Mapping[str, Any]
+    toolchain_version: str
+    parent_release: int | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest. Construct it directly (host) or with :meth:`from_json` (device).
+
+    Raises:
+        ManifestError: on construction, when a cross-field invariant does not hold.
+    """
+
+    name: str
+    version: str
+    release: int
+    target: str
+    runtime: str
+    model_file: str
+    precision: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    feature_names: tuple[str, ...]
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing
+    drift_reference: DriftReference
+    self_test: SelfTest
+    metrics: Mapping[str, float]
+    lineage: Lineage
+    created: str
+    expires: str
+    schema_version: int = field(default=SCHEMA_VERSION)
+
+    def __post_init__(self) -> None:
+        _check_invariants(self)
+
+    @property
+    def expires_at(self) -> datetime:
+        """``expires`` as an aware datetime."""
+        return parse_time(self.expires)
+
+    def bundle_filename(self) -> str:
+        """``<name>-<version>-<target>.edgeops``."""
+        return f"{self.name}-{self.version}-{self.target}.edgeops"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict in the documented field order."""
+
+        def tensor(t: TensorSpec) -> dict[str, Any]:
+            q = None if t.quantization is None else {"scale": t.quantization.scale, "zero_point": t.quantization.zero_point}
+            return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "quantization": q}
+
+        d = self.drift_reference
+        return {
+            "schema_version": self.schema_version,
+            "name": self.name,
+            "version": self.version,
+            "release": self.release,
+            "target": self.target,
+            "runtime": self.runtime,
+            "model_file": self.model_file,
+            "precision": self.precision,
+            "inputs": [tensor(t) for t in self.inputs],
+            "outputs": [tensor(t) for t in self.outputs],
+            "feature_names": list(self.feature_names),
+            "labels": list(self.labels),
+            "preprocessing": {
+                "kind": self.preprocessing.kind,
+                "mean": list(self.preprocessing.mean),
+                "std": list(self.preprocessing.std),
+            },
+            "drift_reference": {
+                "sample_count": d.sample_count,
+                "features": [
+                    {
+                        "name": f.name,
+                        "mean": f.mean,
+                        "std": f.std,
+                        "min": f.min,
+                        "max": f.max,
+                        "bin_edges": list(f.bin_edges),
+                        "bin_fractions": list(f.bin_fractions),
+                    }
+                    for f in d.features
+                ],
+                "prediction_fractions": list(d.prediction_fractions),
+            },
+            "self_test": {
+                "atol": self.self_test.atol,
+                "vectors": [
+                    {"input": list(v.input), "expected": list(v.expected), "label": v.label} for v in self.self_test.vectors
+                ],
+            },
+            "metrics": dict(self.metrics),
+            "lineage": {
+                "dataset_digest": self.lineage.dataset_digest,
+                "code_digest": self.lineage.code_digest,
+                "hyperparameters": dict(self.lineage.hyperparameters),
+                "toolchain_version": self.lineage.toolchain_version,
+                "parent_release": self.lineage.parent_release,
+            },
+            "created": self.created,
+            "expires": self.expires,
+        }
+
+    def to_json(self) -> bytes:
+        """Canonical UTF-8 JSON (sorted nowhere, indented, trailing newline)."""
+        return (json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        """Parse and validate ``manifest.json`` bytes.
+
+        Raises:
+            ManifestError: not UTF-8 JSON, an unsupported ``schema_version``, or any field
+                missing, of the wrong type, or inconsistent with another.
+        """
+        try:
+            raw = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ManifestError(f"manifest.json: not valid JSON: {exc}", member="manifest.json") from exc
+        try:
+            return _from_dict(raw)
+        except ManifestError as exc:
+            exc.member = "manifest.json"
+            raise
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"non-finite number {name} is not allowed")
+
+
+_R = Reader(ManifestError, "manifest.json")
+
+
+def _tensor(raw: object, path: str) -> TensorSpec:
+    t = _R.mapping(raw, path)
+    dtype = _R.string(t, "dtype", path)
+    if dtype not in _DTYPES:
+        raise _R.fail(f"{path}.dtype", f"one of {', '.join(_DTYPES)}", dtype)
+    shape = tuple(_R.as_int(v, f"{path}.shape[{i}]", minimum=1) for i, v in enumerate(_R.sequence(t, "shape", path)))
+    q_raw = _R.get(t, "quantization", path)
+    quant = None
+    if q_raw is not None:
+        q = _R.mapping(q_raw, f"{path}.quantization")
+        quant = QuantParams(
+            scale=_R.number(q, "scale", f"{path}.quantization", minimum=0, exclusive_minimum=True),
+            zero_point=_R.integer(q, "zero_point", f"{path}.quantization"),
+        )
+    return TensorSpec(name=_R.string(t, "name", path), dtype=dtype, shape=shape, quantization=quant)
+
+
+def _from_dict(raw: object) -> Manifest:
+    m = _R.mapping(raw, "")
+    schema = _R.integer(m, "schema_version")
+    if schema != SCHEMA_VERSION:
+        raise ManifestError(f"manifest.json: schema_version {schema} is not supported (this edgeops reads {SCHEMA_VERSION})")
+    pre = _R.mapping(_R.get(m, "preprocessing", ""), "preprocessing")
+    drift = _R.mapping(_R.get(m, "drift_reference", ""), "drift_reference")
+    feats = []
+    for i, f_raw in enumerate(_R.sequence(drift, "features", "drift_reference")):
+        p = f"drift_reference.features[{i}]"
+        f = _R.mapping(f_raw, p)
+        feats.append(
+            FeatureReference(
+                name=_R.string(f, "name", p),
+                mean=_R.number(f, "mean", p),
+                std=_R.number(f, "std", p, minimum=0),
+                min=_R.number(f, "min", p),
+                max=_R.number(f, "max", p),
+                bin_edges=_R.numbers(f, "bin_edges", p),
+                bin_fractions=_R.numbers(f, "bin_fractions", p),
+            )
+        )
+    st = _R.mapping(_R.get(m, "self_test", ""), "self_test")
+    vectors = []
+    for i, v_raw in enumerate(_R.sequence(st, "vectors", "self_test")):
+        p = f"self_test.vectors[{i}]"
+        v = _R.mapping(v_raw, p)
+        vectors.append(
+            SelfTestVector(
+                input=_R.numbers(v, "input", p), expected=_R.numbers(v, "expected", p), label=_R.integer(v, "label", p, minimum=0)
+            )
+        )
+    metrics_raw = _R.mapping(_R.get(m, "metrics", ""), "metrics")
+    metrics = {str(k): _R.as_number(v, f"metrics.{k}") for k, v in metrics_raw.items()}
+    lin = _R.mapping(_R.get(m, "lineage", ""), "lineage")
+    parent = _R.get(lin, "parent_release", "lineage")
+    return Manifest(
+        schema_version=schema,
+        name=_R.string(m, "name"),
+        version=_R.string(m, "version"),
+        release=_R.integer(m, "release", minimum=1),
+        target=_R.string(m, "target"),
+        runtime=_R.string(m, "runtime"),
+        model_file=_R.string(m, "model_file"),
+        precision=_R.string(m, "precision"),
+        inputs=tuple(_tensor(t, f"inputs[{i}]") for i, t in enumerate(_R.sequence(m, "inputs"))),
+        outputs=tuple(_tensor(t, f"outputs[{i}]") for i, t in enumerate(_R.sequence(m, "outputs"))),
+        feature_names=_R.strings(m, "feature_names"),
+        labels=_R.strings(m, "labels"),
+        preprocessing=Preprocessing(
+            kind=_R.string(pre, "kind", "preprocessing"),
+            mean=_R.numbers(pre, "mean", "preprocessing"),
+            std=_R.numbers(pre, "std", "preprocessing"),
+        ),
+        drift_reference=DriftReference(
+            sample_count=_R.integer(drift, "sample_count", "drift_reference", minimum=1),
+            features=tuple(feats),
+            prediction_fractions=_R.numbers(drift, "prediction_fractions", "drift_reference"),
+        ),
+        self_test=SelfTest(
+            atol=_R.number(st, "atol", "self_test", minimum=0, exclusive_minimum=True), vectors=tuple(vectors)
+        ),
+        metrics=metrics,
+        lineage=Lineage(
+            dataset_digest=_R.string(lin, "dataset_digest", "lineage"),
+            code_digest=_R.string(lin, "code_digest", "lineage"),
+            hyperparameters=dict(_R.mapping(_R.get(lin, "hyperparameters", "lineage"), "lineage.hyperparameters")),
+            toolchain_version=_R.string(lin, "toolchain_version", "lineage"),
+            parent_release=None if parent is None else _R.as_int(parent, "lineage.parent_release", minimum=1),
+        ),
+        created=_R.string(m, "created"),
+        expires=_R.string(m, "expires"),
+    )
+
+
+def _fail(message: str) -> ManifestError:
+    return ManifestError(f"manifest.json: {message}", member="manifest.json")
+
+
+def _check_invariants(m: Manifest) -> None:  # noqa: C901 - one flat list of schema rules
+    if not _NAME.match(m.name):
+        raise _fail(f"name {m.name!r} must be lowercase letters, digits, '.', '_' or '-' (at most 64)")
+    if not _SEMVER.match(m.version):
+        raise _fail(f"version {m.version!r} is not a semantic version (MAJOR.MINOR.PATCH)")
+    if not _NAME.match(m.target):
+        raise _fail(f"target {m.target!r} is not a valid target name")
+    if m.model_file not in ("model.onnx", "model.tflite"):
+        raise _fail(f"model_file must be model.onnx or model.tflite, got {m.model_file!r}")
+    if len(m.inputs) != 1 or len(m.outputs) != 1:
+        raise _fail(f"expected exactly 1 input and 1 output tensor, got {len(m.inputs)} and {len(m.outputs)}")
+    n_features, n_labels = len(m.feature_names), len(m.labels)
+    if m.inputs[0].shape != (1, n_features):
+        raise _fail(f"inputs[0].shape must be [1, {n_features}] (one per feature name), got {list(m.inputs[0].shape)}")
+    if m.outputs[0].shape != (1, n_labels):
+        raise _fail(f"outputs[0].shape must be [1, {n_labels}] (one per label), got {list(m.outputs[0].shape)}")
+    pre = m.preprocessing
+    if pre.kind not in _PREPROCESSING:
+        raise _fail(f"preprocessing.kind must be one of {', '.join(_PREPROCESSING)}, got {pre.kind!r}")
+    if pre.kind == "standardize":
+        if len(pre.mean) != n_features or len(pre.std) != n_features:
+            raise _fail(f"preprocessing.mean/std need {n_features} entries, got {len(pre.mean)} and {len(pre.std)}")
+        if any(s <= 0 for s in pre.std):
+            raise _fail("preprocessing.std entries must all be > 0")
+    d = m.drift_reference
+    if len(d.features) != n_features:
+        raise _fail(f"drift_reference.features needs {n_features} entries, got {len(d.features)}")
+    for i, f in enumerate(d.features):
+        if f.name != m.feature_names[i]:
+            raise _fail(f"drift_reference.features[{i}].name is {f.name!r}, expected {m.feature_names[i]!r}")
+        if len(f.bin_fractions) != len(f.bin_edges) + 1:
+            raise _fail(f"drift_reference.features[{i}] needs len(bin_edges) + 1 bin_fractions")
+        if list(f.bin_edges) != sorted(f.bin_edges):
+            raise _fail(f"drift_reference.features[{i}].bin_edges must be ascending")
+        if not math.isclose(sum(f.bin_fractions), 1.0, abs_tol=1e-6):
+            raise _fail(f"drift_reference.features[{i}].bin_fractions must sum to 1")
+    if len(d.prediction_fractions) != n_labels or not math.isclose(sum(d.prediction_fractions), 1.0, abs_tol=1e-6):
+        raise _fail(f"drift_reference.prediction_fractions needs {n_labels} entries summing to 1")
+    if not m.self_test.vectors:
+        raise _fail("self_test.vectors must hold at least one vector")
+    for i, v in enumerate(m.self_test.vectors):
+        if len(v.input) != n_features or len(v.expected) != n_labels or v.label >= n_labels:
+            raise _fail(f"self_test.vectors[{i}] must have {n_features} inputs, {n_labels} expected outputs and a label < {n_labels}")
+    try:
+        created, expires = parse_time(m.created), parse_time(m.expires)
+    except ValueError as exc:
+        raise _fail(f"created/expires must be UTC timestamps like 2026-01-31T12:00:00Z: {exc}") from exc
+    if expires <= created:
+        raise _fail(f"expires {m.expires} is not after created {m.created}")

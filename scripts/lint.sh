@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Static checks in one command: ruff (lint + format check) and mypy --strict.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/ruff check agent toolchain tests bench examples
+.venv/bin/mypy

@@ -1,0 +1,274 @@
+"""The ``edgeops`` command.
+
+Exit codes (docs/cli.md):
+
+==  ==========================================================================
+0   success
+1   internal error (a bug: please report it; ``--debug`` shows the traceback)
+2   bad input: usage, unknown target, malformed project/profile TOML, bad data,
+    a model that does not export, a missing or unusable key
+3   a budget was exceeded (the closing table shows which)
+4   bundle verification failed (``verify``)
+5   the build could not finish for another reason (unsupported target, signing)
+==  ==========================================================================
+
+Every error is one line on stderr (and one JSON object on stdout with ``--json``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgeops_core import (
+    BundleError,
+    EdgeopsError,
+    InputError,
+    TargetProfile,
+    find_profile,
+    list_profiles,
+    load_public_key,
+    verify_bundle,
+)
+from edgeops_toolchain import __version__
+from edgeops_toolchain.errors import BudgetExceededError
+from edgeops_toolchain.resources import builtin_targets_dir, example_dir
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_BUDGET", "EXIT_BUILD", "EXIT_INTERNAL", "EXIT_VERIFY", "main"]
+
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
+EXIT_BUDGET = 3
+EXIT_VERIFY = 4
+EXIT_BUILD = 5
+
+
+def _exit_code(exc: EdgeopsError) -> int:
+    if isinstance(exc, InputError):
+        return EXIT_BAD_INPUT
+    if isinstance(exc, BudgetExceededError):
+        return EXIT_BUDGET
+    if isinstance(exc, BundleError):
+        return EXIT_VERIFY
+    return EXIT_BUILD
+
+
+def _fail(exc: BaseException, *, as_json: bool, debug: bool) -> None:
+    """Print one line (or one JSON object) for ``exc`` and exit with its code."""
+    if isinstance(exc, EdgeopsError):
+        code, message = _exit_code(exc), str(exc)
+    else:
+        code, message = EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+        if debug:
+            traceback.print_exception(exc)
+    if as_json:
+        payload: dict[str, Any] = {"ok": False, "exit_code": code, "error": {"type": type(exc).__name__, "message": message}}
+        if isinstance(exc, BudgetExceededError):
+            payload["budgets"] = [c.to_dict() for c in exc.checks]
+        click.echo(json.dumps(payload))
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(ctx: click.Context, as_json: bool, body: Callable[[], None]) -> None:
+    try:
+        body()
+    except Exception as exc:  # noqa: BLE001 - the CLI turns every failure into one line
+        _fail(exc, as_json=as_json, debug=ctx.obj.get("debug", False))
+
+
+def _target_dirs(extra: Sequence[Path]) -> list[Path]:
+    return [builtin_targets_dir(), *extra]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeops")
+@click.option("--debug", is_flag=True, help="Show tracebacks of internal errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """edgeops: build, sign and verify edge model bundles."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+_targets_dir_option = click.option(
+    "--targets-dir",
+    "targets_dirs",
+    multiple=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Extra folder of target profiles (*.toml); overrides built-ins of the same name. Repeatable.",
+)
+
+
+@main.command()
+@click.option("--target", "-t", required=True, help="Target profile name (see `edgeops targets`).")
+@click.option(
+    "--project", "-p", type=click.Path(path_type=Path, file_okay=False), default=None,
+    help="Project folder with edgeops.toml [default: the built-in vibration example].",
+)
+@click.option("--out", "-o", type=click.Path(path_type=Path, file_okay=False), default=Path("dist"), show_default=True,
+              help="Where the bundle is written.")
+@click.option("--key", "-k", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="ECDSA private key (PEM) to sign with [default: per-user development key].")
+@_targets_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables and progress.")
+@click.pass_context
+def build(ctx: click.Context, target: str, project: Path | None, out: Path, key: Path | None,
+          targets_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """Train, export, quantize, validate, package and sign a bundle for TARGET."""
+    from edgeops_toolchain.pipeline import BuildState, run_build
+    from edgeops_toolchain.project import load_project
+    from edgeops_toolchain.ui import Reporter, budget_table
+
+    states: list[BuildState] = []
+
+    def body() -> None:
+        profile = find_profile(target, _target_dirs(targets_dirs))
+        proj = load_project(project or example_dir())
+        reporter = Reporter(enabled=not as_json)
+        try:
+            with reporter:
+                result = run_build(proj, profile, out, key=key, progress=reporter, state_out=states)
+        except BudgetExceededError as exc:
+            if not as_json:
+                budget_table(exc.checks, title=f"{proj.name} {proj.version} → {profile.name}: budgets")
+            raise
+        m = result.manifest
+        if as_json:
+            click.echo(json.dumps({
+                "ok": True,
+                "bundle": str(result.bundle_path),
+                "name": m.name,
+                "version": m.version,
+                "release": m.release,
+                "target": m.target,
+                "signer": result.signer,
+                "public_key": str(result.public_key) if result.public_key else None,
+                "metrics": dict(m.metrics),
+                "budgets": [c.to_dict() for c in result.checks],
+                "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+            }))
+            return
+        budget_table(result.checks, title=f"{m.name} {m.version} (release {m.release}) → {m.target}: budgets")
+        click.echo(f"bundle: {result.bundle_path}")
+        if result.public_key is not None:
+            note = "created now" if result.dev_key_created else "per-user"
+            click.echo(f"signed with the development key ({note}); verify with: edgeops verify {result.bundle_path} "
+                       f"--key {result.public_key}")
+        else:
+            click.echo(f"signed with {key} (key sha256:{result.signer[:16]}…)")
+
+    _run(ctx, as_json, body)
+
+
+@main.command()
+@_targets_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def targets(ctx: click.Context, targets_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """List the target profiles and their budgets."""
+    from edgeops_toolchain.ui import profiles_table
+
+    def body() -> None:
+        profiles = list_profiles(_target_dirs(targets_dirs))
+        if as_json:
+            click.echo(json.dumps([_profile_dict(p) for p in profiles]))
+        else:
+            profiles_table(profiles)
+
+    _run(ctx, as_json, body)
+
+
+def _profile_dict(p: TargetProfile) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "description": p.description,
+        "runtime": p.runtime,
+        "format": p.format,
+        "precision": p.precision,
+        "threads": p.threads,
+        "budgets": vars(p.budgets),
+        "supported_ops": sorted(p.supported_ops),
+        "source": str(p.source),
+    }
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.pass_context
+def init(ctx: click.Context, directory: Path) -> None:
+    """Create a new project in DIRECTORY from the built-in example."""
+    from edgeops_toolchain.project import PROJECT_FILE
+
+    def body() -> None:
+        if directory.exists() and any(directory.iterdir()):
+            raise InputError(f"{directory} is not empty; choose a new or empty folder")
+        source = example_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in sorted(source.iterdir()):
+            if path.is_file() and (path.suffix == ".py" or path.name == PROJECT_FILE):
+                shutil.copy2(path, directory / path.name)
+        name = "".join(c if c.isalnum() or c in "-_." else "-" for c in directory.resolve().name.lower()).strip("-.") or "model"
+        toml = directory / PROJECT_FILE
+        toml.write_text(toml.read_text(encoding="utf-8").replace('name = "vibration-classifier"', f'name = "{name}"', 1),
+                        encoding="utf-8")
+        click.echo(f"created project {name!r} in {directory}; build it with: edgeops build --target ecu --project {directory}")
+
+    _run(ctx, False, body)
+
+
+@main.group()
+def keys() -> None:
+    """Manage signing keys."""
+
+
+@keys.command("generate")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--force", is_flag=True, help="Replace existing key files.")
+@click.pass_context
+def keys_generate(ctx: click.Context, directory: Path, force: bool) -> None:
+    """Write an ECDSA P-256 key pair into DIRECTORY (private key mode 0600)."""
+    from edgeops_toolchain.signing import generate_keypair
+
+    def body() -> None:
+        pair = generate_keypair(directory, force=force)
+        click.echo(f"private key: {pair.private} (keep it secret; sign with --key)")
+        click.echo(f"public key:  {pair.public} (give it to devices and to `edgeops verify --key`)")
+
+    _run(ctx, False, body)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--key", "-k", "keys_", multiple=True, required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Trusted public key (PEM). Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def verify(ctx: click.Context, bundle: Path, keys_: tuple[Path, ...], as_json: bool) -> None:
+    """Verify BUNDLE: signature, digests, member set, member names, manifest, expiry.
+
+    Uses only edgeops_core, the same code the device agent runs.
+    """
+
+    def body() -> None:
+        trusted = [load_public_key(k) for k in keys_]
+        verified = verify_bundle(bundle, trusted)
+        m = verified.manifest
+        if as_json:
+            click.echo(json.dumps({
+                "ok": True, "bundle": str(bundle), "name": m.name, "version": m.version, "release": m.release,
+                "target": m.target, "runtime": m.runtime, "expires": m.expires, "signer": verified.signer,
+                "sha256": verified.digest,
+            }))
+        else:
+            click.echo(f"OK {bundle.name}: {m.name} {m.version} release {m.release} for {m.target} ({m.runtime}), "
+                       f"signed by key sha256:{verified.signer[:16]}…, expires {m.expires}")
+
+    _run(ctx, as_json, body)

@@ -1,0 +1,369 @@
+"""The build pipeline: data checks → train → export → quantize → validate → package → sign.
+
+Each :class:`Step` declares the inputs its output depends on (``inputs``), which is what
+the lineage records and what a step cache keys on. Steps run in order over one
+:class:`BuildState`; a step reads what earlier steps stored and stores its own results.
+
+Invariants:
+
+* nothing is written to the output folder until the signed bundle has been verified with
+  :mod:`edgeops_core` (the device's own code); it then appears by an atomic rename, so a
+  failed or interrupted build leaves no bundle and no partial file behind;
+* every budget is measured before any is enforced, so one run reports all failures;
+* the release counter is committed only after the bundle is in place.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from edgeops_core import (
+    DriftReference,
+    Lineage,
+    Manifest,
+    SelfTest,
+    SelfTestVector,
+    TargetProfile,
+    TensorSpec,
+    TrustedKey,
+    apply_preprocessing,
+    format_time,
+    pack_bundle,
+    verify_bundle,
+    write_atomically,
+)
+from edgeops_toolchain import __version__
+from edgeops_toolchain.data import DataReport, Dataset, check_data, load_dataset
+from edgeops_toolchain.errors import BudgetExceededError, BuildError, UnsupportedTargetError
+from edgeops_toolchain.project import Project
+from edgeops_toolchain.releases import ReleaseCounter
+from edgeops_toolchain.signing import dev_key, load_signing_key, sign_members
+from edgeops_toolchain.validate import BudgetCheck, OnnxEvaluator, budget_checks, measure_peak_memory
+
+if TYPE_CHECKING:
+    from edgeops_toolchain.train import TrainResult
+
+__all__ = ["STEPS", "BuildProgress", "BuildResult", "BuildState", "Step", "run_build"]
+
+
+class BuildProgress(Protocol):
+    """Receives progress of a build (the CLI draws it; tests may record it)."""
+
+    def step_started(self, step: Step) -> None: ...
+    def step_advanced(self, step: Step, done: int, total: int) -> None: ...
+    def step_finished(self, step: Step, seconds: float) -> None: ...
+
+
+class _Silent:
+    def step_started(self, step: Step) -> None:
+        pass
+
+    def step_advanced(self, step: Step, done: int, total: int) -> None:
+        pass
+
+    def step_finished(self, step: Step, seconds: float) -> None:
+        pass
+
+
+@dataclass
+class BuildState:
+    """Everything a build knows, filled in step by step."""
+
+    project: Project
+    profile: TargetProfile
+    out_dir: Path
+    key: Path
+    trusted: TrustedKey
+    progress: BuildProgress
+    dataset: Dataset | None = None
+    report: DataReport | None = None
+    trained: TrainResult | None = None
+    fp32_model: bytes | None = None
+    model: bytes | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    checks: list[BudgetCheck] = field(default_factory=list)
+    self_test: SelfTest | None = None
+    prediction_fractions: tuple[float, ...] = ()
+    io_quant: tuple[Any, Any] = (None, None)
+    manifest: Manifest | None = None
+    members: dict[str, bytes] = field(default_factory=dict)
+    bundle_path: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def need(self, name: str) -> Any:
+        value = getattr(self, name)
+        if value is None:  # a step ran out of order: a bug, not user input
+            raise BuildError(f"internal: build step needs {name!r}, which no earlier step produced")
+        return value
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of the pipeline.
+
+    Attributes:
+        name: short identifier (``train``).
+        title: what the progress line shows.
+        inputs: the declared inputs the step's output depends on.
+        run: the work; reads from and writes to the :class:`BuildState`.
+    """
+
+    name: str
+    title: str
+    inputs: tuple[str, ...]
+    run: Callable[[BuildState], None]
+
+
+def _step_data(s: BuildState) -> None:
+    s.dataset = load_dataset(s.project)
+    s.report = check_data(s.dataset, s.project.checks, s.project.preprocessing)
+
+
+def _step_train(s: BuildState) -> None:
+    from edgeops_toolchain.train import train_model
+
+    step = STEPS[1]
+    s.trained = train_model(
+        s.project, s.need("dataset"), s.need("report").preprocessing, on_epoch=lambda d, t: s.progress.step_advanced(step, d, t)
+    )
+
+
+def _step_export(s: BuildState) -> None:
+    from edgeops_toolchain.onnx_export import export_onnx
+
+    s.fp32_model = export_onnx(s.need("trained").model, len(s.need("dataset").feature_names))
+
+
+def _step_quantize(s: BuildState) -> None:
+    from edgeops_toolchain.onnx_export import io_quantization, quantize_int8
+
+    fp32 = s.need("fp32_model")
+    if s.profile.precision == "fp32":
+        s.model = fp32
+        return
+    ds, pre = s.need("dataset"), s.need("report").preprocessing
+    n = min(s.project.quantization.calibration_samples, ds.x_train.shape[0])
+    # Calibrate on a seeded, class-mixed sample of training rows, never on test rows.
+    rows = np.random.default_rng(s.project.training.seed).choice(ds.x_train.shape[0], size=n, replace=False)
+    s.model = quantize_int8(fp32, apply_preprocessing(pre, ds.x_train[np.sort(rows)]))
+    s.io_quant = io_quantization(s.model)
+
+
+def _step_validate(s: BuildState) -> None:
+    import torch
+
+    from edgeops_toolchain.onnx_export import mac_count, op_types
+
+    ds, report, trained = s.need("dataset"), s.need("report"), s.need("trained")
+    fp32, model, profile = s.need("fp32_model"), s.need("model"), s.profile
+    x_test = apply_preprocessing(report.preprocessing, ds.x_test)
+    step = STEPS[4]
+    with torch.no_grad():
+        torch_logits = trained.model(torch.from_numpy(x_test)).numpy()
+    float_logits = OnnxEvaluator(fp32, profile.threads).predict(x_test)
+    s.progress.step_advanced(step, 1, 4)
+    deployed = OnnxEvaluator(model, profile.threads)
+    logits = deployed.predict(x_test)
+    pred_float, pred = float_logits.argmax(axis=1), logits.argmax(axis=1)
+    p50, p99, _ = deployed.latency_ms(x_test)
+    s.progress.step_advanced(step, 2, 4)
+    peak = measure_peak_memory(model, profile.threads, x_test.shape[1])
+    s.progress.step_advanced(step, 3, 4)
+    macs = mac_count(fp32)
+    acc_float = float((pred_float == ds.y_test).mean())
+    acc = float((pred == ds.y_test).mean())
+    s.metrics = {
+        "accuracy_float": acc_float,
+        "accuracy_deployed": acc,
+        "accuracy_drop_points": round((acc_float - acc) * 100, 6),
+        "top1_agreement": float((pred_float == pred).mean()),
+        "parity_max_abs_diff": float(np.abs(torch_logits - float_logits).max()),
+        "model_bytes": float(len(model)),
+        "fp32_model_bytes": float(len(fp32)),
+        "size_ratio": len(model) / len(fp32),
+        "peak_memory_bytes": float(peak),
+        "latency_p50_ms": p50,
+        "latency_p99_ms": p99,
+        "mac_count": float(macs),
+        "latency_estimate_ms": macs / profile.budgets.macs_per_second * 1000.0,
+        "parameters": float(trained.parameters),
+        "test_samples": float(ds.x_test.shape[0]),
+        "threads": float(profile.threads),
+    }
+    unsupported = sorted(op_types(model) - profile.supported_ops)
+    s.checks = budget_checks(profile, s.metrics, unsupported)
+    s.prediction_fractions = _fractions(deployed.predict(apply_preprocessing(report.preprocessing, ds.x_val)), len(ds.label_names))
+    s.self_test = _self_test(ds, logits, s.project.self_test_vectors, s.io_quant[1])
+    s.progress.step_advanced(step, 4, 4)
+    if any(not c.passed for c in s.checks):
+        raise BudgetExceededError(s.checks)
+
+
+def _fractions(logits: np.ndarray, n: int) -> tuple[float, ...]:
+    counts = np.bincount(logits.argmax(axis=1), minlength=n)
+    return tuple(float(c) for c in counts / counts.sum())
+
+
+def _self_test(ds: Dataset, logits: np.ndarray, count: int, out_quant: Any) -> SelfTest:
+    """Held-out rows, at least one per class when possible, with the deployed model's output."""
+    first = [int(np.argmax(ds.y_test == c)) for c in range(len(ds.label_names)) if (ds.y_test == c).any()]
+    order = first + [i for i in range(ds.x_test.shape[0]) if i not in set(first)]
+    picks = order[: min(count, len(order))]
+    # int8 outputs move in steps of the output scale; allow two steps for a different CPU's
+    # rounding. Float models get a small absolute tolerance.
+    atol = 2.0 * out_quant.scale if out_quant is not None else 1e-3
+    vectors = tuple(
+        SelfTestVector(
+            input=tuple(float(v) for v in ds.x_test[i]),
+            expected=tuple(float(v) for v in logits[i]),
+            label=int(logits[i].argmax()),
+        )
+        for i in picks
+    )
+    return SelfTest(atol=atol, vectors=vectors)
+
+
+def _step_package(s: BuildState) -> None:
+    ds, report = s.need("dataset"), s.need("report")
+    created = datetime.now(UTC).replace(microsecond=0)
+    counter = ReleaseCounter()
+    parent = counter.last(s.project.name, s.profile.name)
+    q_in, q_out = s.io_quant
+    s.manifest = Manifest(
+        name=s.project.name,
+        version=s.project.version,
+        release=(parent or 0) + 1,
+        target=s.profile.name,
+        runtime=s.profile.runtime,
+        model_file=s.profile.model_file,
+        precision=s.profile.precision,
+        inputs=(TensorSpec("features", "float32", (1, len(ds.feature_names)), q_in),),
+        outputs=(TensorSpec("logits", "float32", (1, len(ds.label_names)), q_out),),
+        feature_names=ds.feature_names,
+        labels=ds.label_names,
+        preprocessing=report.preprocessing,
+        drift_reference=DriftReference(
+            sample_count=int(ds.x_train.shape[0]), features=report.features, prediction_fractions=s.prediction_fractions
+        ),
+        self_test=s.need("self_test"),
+        metrics=s.metrics,
+        lineage=Lineage(
+            dataset_digest=ds.digest(),
+            code_digest=s.project.code_digest(),
+            hyperparameters=s.project.hyperparameters(),
+            toolchain_version=__version__,
+            parent_release=parent,
+        ),
+        created=format_time(created),
+        expires=format_time(created + timedelta(days=s.project.ttl_days)),
+    )
+    s.members = {"manifest.json": s.manifest.to_json(), s.profile.model_file: s.need("model")}
+
+
+def _step_sign(s: BuildState) -> None:
+    manifest = s.need("manifest")
+    stem = manifest.bundle_filename().removesuffix(".edgeops")
+    signature = sign_members(s.members, s.key, subject=stem)
+    data = pack_bundle({**s.members, "model.sig": signature}, mtime=int(datetime.now(UTC).timestamp()))
+    # Verify with the device's code before anything leaves the build.
+    verify_bundle(data, [s.trusted])
+    try:
+        s.out_dir.mkdir(parents=True, exist_ok=True)
+        path = s.out_dir / manifest.bundle_filename()
+        write_atomically(path, data)
+    except OSError as exc:
+        raise BuildError(f"{s.out_dir}: cannot write the bundle: {exc.strerror or exc}") from exc
+    ReleaseCounter().commit(manifest.name, manifest.target, manifest.release)
+    s.bundle_path = path
+
+
+STEPS: tuple[Step, ...] = (
+    Step("data", "Check data", ("project.data", "project.checks"), _step_data),
+    Step("train", "Train", ("dataset", "project.code", "project.model", "project.train", "project.preprocessing"), _step_train),
+    Step("export", "Export ONNX", ("trained_model", "target.format"), _step_export),
+    Step("quantize", "Quantize int8", ("fp32_model", "dataset", "project.quantization", "target.precision"), _step_quantize),
+    Step("validate", "Validate budgets", ("model", "fp32_model", "dataset", "target"), _step_validate),
+    Step("package", "Package", ("model", "metrics", "dataset", "project", "target"), _step_package),
+    Step("sign", "Sign", ("manifest", "model", "key"), _step_sign),
+)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What a successful build produced.
+
+    Attributes:
+        public_key: the public key that verifies the bundle, when the build knows its file
+            (the development key); ``None`` when the user signed with ``--key``.
+    """
+
+    bundle_path: Path
+    manifest: Manifest
+    checks: Sequence[BudgetCheck]
+    timings: dict[str, float]
+    signer: str
+    public_key: Path | None
+    dev_key_created: bool
+
+
+def run_build(
+    project: Project,
+    profile: TargetProfile,
+    out_dir: Path,
+    *,
+    key: Path | None = None,
+    progress: BuildProgress | None = None,
+    state_out: list[BuildState] | None = None,
+) -> BuildResult:
+    """Build, validate, package and sign ``project`` for ``profile`` into ``out_dir``.
+
+    Args:
+        key: private signing key; ``None`` uses (and on first use creates) the dev key.
+        progress: receives step progress.
+        state_out: if given, the :class:`BuildState` is appended (so a caller can show the
+            budget table even when the build fails).
+
+    Raises:
+        InputError: bad project, data, model or key (a subclass says which).
+        BudgetExceededError: the model breaks a budget; ``checks`` holds every row.
+        UnsupportedTargetError: the target's format has no exporter yet.
+        BuildError: anything else that stops the build.
+    """
+    if profile.format != "onnx":
+        raise UnsupportedTargetError(
+            f"target {profile.name!r} runs {profile.runtime} ({profile.format}); this toolchain version builds only "
+            "onnxruntime (ONNX) targets"
+        )
+    public: Path | None = None
+    created = False
+    if key is None:
+        pair, created = dev_key()
+        key, public = pair.private, pair.public
+    trusted = load_signing_key(key)  # fail before an expensive build, not after it
+    state = BuildState(
+        project=project, profile=profile, out_dir=out_dir, key=key, trusted=trusted, progress=progress or _Silent()
+    )
+    if state_out is not None:
+        state_out.append(state)
+    for step in STEPS:
+        state.progress.step_started(step)
+        start = time.perf_counter()
+        step.run(state)
+        state.timings[step.name] = time.perf_counter() - start
+        state.progress.step_finished(step, state.timings[step.name])
+    return BuildResult(
+        bundle_path=state.need("bundle_path"),
+        manifest=state.need("manifest"),
+        checks=state.checks,
+        timings=state.timings,
+        signer=trusted.fingerprint,
+        public_key=public,
+        dev_key_created=created,
+    )

@@ -1,0 +1,235 @@
+"""Projects: an ``edgeops.toml`` plus the Python modules its entry points name.
+
+The project file is loaded into a frozen :class:`Project`; unknown tables or keys are
+rejected so a typo cannot silently fall back to a default. Entry points are
+``module:function`` where ``module`` is a ``.py`` file in the project folder; they are
+imported only when a step needs them, so ``edgeops targets`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from edgeops_core._validate import Reader
+from edgeops_toolchain.errors import ProjectError
+
+__all__ = ["PROJECT_FILE", "Checks", "Project", "Quantization", "Training", "load_entry", "load_project"]
+
+PROJECT_FILE = "edgeops.toml"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?$")
+_ENTRY = re.compile(r"^[A-Za-z_]\w*:[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True)
+class Training:
+    """Training hyperparameters."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Calibration settings for int8 quantization."""
+
+    calibration_samples: int
+
+
+@dataclass(frozen=True)
+class Checks:
+    """Data-check thresholds."""
+
+    max_duplicate_fraction: float
+    min_class_fraction: float
+    max_abs_value: float
+
+
+@dataclass(frozen=True)
+class Project:
+    """A validated project.
+
+    Attributes:
+        root: the project folder.
+        name: bundle name (lowercase, digits, ``.-_``).
+        version: semantic version of the model.
+        description: one line about the model.
+        model_entry / model_params: ``module:function`` building the ``torch.nn.Module``
+            and the keyword arguments it gets besides ``n_features`` and ``n_classes``.
+        data_entry / data_params: ``module:function`` returning the dataset mapping.
+        training, quantization, checks: the tables of the same names.
+        preprocessing: ``standardize`` or ``none``.
+        ttl_days: bundle lifetime in days.
+        self_test_vectors: how many held-out windows go into the self-test.
+    """
+
+    root: Path
+    name: str
+    version: str
+    description: str
+    model_entry: str
+    model_params: Mapping[str, Any]
+    data_entry: str
+    data_params: Mapping[str, Any]
+    training: Training
+    preprocessing: str
+    quantization: Quantization
+    checks: Checks
+    ttl_days: int
+    self_test_vectors: int
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Everything that shapes the trained weights, for lineage and cache keys."""
+        return {
+            "model": {"entry": self.model_entry, **dict(self.model_params)},
+            "data": {"entry": self.data_entry, **dict(self.data_params)},
+            "train": vars(self.training).copy(),
+            "preprocessing": self.preprocessing,
+            "quantization": vars(self.quantization).copy(),
+        }
+
+    def code_digest(self) -> str:
+        """sha256 over the project file and every ``.py`` file under the project folder."""
+        h = hashlib.sha256()
+        files = [self.root / PROJECT_FILE, *sorted(p for p in self.root.rglob("*.py") if "__pycache__" not in p.parts)]
+        for path in files:
+            h.update(path.relative_to(self.root).as_posix().encode() + b"\0")
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        return h.hexdigest()
+
+
+_TABLES: Mapping[str, set[str]] = MappingProxyType(
+    {
+        "project": {"name", "version", "description"},
+        "model": {"entry", "params"},
+        "data": {"entry", "params"},
+        "train": {"epochs", "batch_size", "learning_rate", "weight_decay", "seed"},
+        "preprocessing": {"kind"},
+        "quantization": {"calibration_samples"},
+        "checks": {"max_duplicate_fraction", "min_class_fraction", "max_abs_value"},
+        "bundle": {"ttl_days", "self_test_vectors"},
+    }
+)
+
+
+def load_project(root: Path) -> Project:
+    """Load and validate ``root/edgeops.toml``.
+
+    Raises:
+        ProjectError: the folder or file is missing, the TOML is malformed (the message has
+            the line), or a field is missing, unknown or invalid (the message names it).
+    """
+    path = root / PROJECT_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProjectError(f"{path}: cannot read project file: {getattr(exc, 'strerror', None) or exc}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProjectError(f"{path}: malformed TOML: {exc}") from exc
+    r = Reader(ProjectError, str(path))
+    r.only(data, set(_TABLES), "")
+    t = {name: r.mapping(data.get(name, {}), name) for name in _TABLES}
+    for name, keys in _TABLES.items():
+        r.only(t[name], keys, name)
+
+    def entry(table: str) -> str:
+        value = r.string(t[table], "entry", table)
+        if not _ENTRY.match(value):
+            raise r.fail(f"{table}.entry", "of the form module:function", value)
+        return value
+
+    name = r.string(t["project"], "name", "project")
+    if not _NAME.match(name):
+        raise r.fail("project.name", "lowercase letters, digits, '.', '_' or '-'", name)
+    version = r.string(t["project"], "version", "project")
+    if not _SEMVER.match(version):
+        raise r.fail("project.version", "a semantic version like 1.2.0", version)
+    train, quant, checks, bundle = t["train"], t["quantization"], t["checks"], t["bundle"]
+    preprocessing = t["preprocessing"].get("kind", "standardize")
+    if preprocessing not in ("standardize", "none"):
+        raise r.fail("preprocessing.kind", "'standardize' or 'none'", preprocessing)
+    return Project(
+        root=root.resolve(),
+        name=name,
+        version=version,
+        description=str(t["project"].get("description", "")),
+        model_entry=entry("model"),
+        model_params=MappingProxyType(dict(r.mapping(t["model"].get("params", {}), "model.params"))),
+        data_entry=entry("data"),
+        data_params=MappingProxyType(dict(r.mapping(t["data"].get("params", {}), "data.params"))),
+        training=Training(
+            epochs=r.integer(train, "epochs", "train", minimum=1),
+            batch_size=r.integer(train, "batch_size", "train", minimum=1),
+            learning_rate=r.number(train, "learning_rate", "train", minimum=0, exclusive_minimum=True),
+            weight_decay=r.number(train, "weight_decay", "train", minimum=0) if "weight_decay" in train else 0.0,
+            seed=r.integer(train, "seed", "train", minimum=0) if "seed" in train else 0,
+        ),
+        preprocessing=preprocessing,
+        quantization=Quantization(
+            calibration_samples=r.integer(quant, "calibration_samples", "quantization", minimum=1)
+            if "calibration_samples" in quant
+            else 512
+        ),
+        checks=Checks(
+            max_duplicate_fraction=_opt(r, checks, "max_duplicate_fraction", 0.0, maximum=1.0),
+            min_class_fraction=_opt(r, checks, "min_class_fraction", 0.0, maximum=1.0),
+            max_abs_value=_opt(r, checks, "max_abs_value", 1.0e6, maximum=None),
+        ),
+        ttl_days=r.integer(bundle, "ttl_days", "bundle", minimum=1) if "ttl_days" in bundle else 365,
+        self_test_vectors=r.integer(bundle, "self_test_vectors", "bundle", minimum=1) if "self_test_vectors" in bundle else 10,
+    )
+
+
+def _opt(r: Reader, table: Mapping[str, Any], key: str, default: float, *, maximum: float | None) -> float:
+    return r.number(table, key, "checks", minimum=0, maximum=maximum) if key in table else default
+
+
+def load_entry(project: Project, entry: str) -> Callable[..., Any]:
+    """Import ``module:function`` from the project folder and return the function.
+
+    The module is imported under a name unique to the project folder, so two projects with a
+    ``model.py`` each do not collide; the folder is on ``sys.path`` only during the import
+    (so the project's own modules can import each other).
+
+    Raises:
+        ProjectError: the module file is missing, raises on import, or lacks the function.
+    """
+    module_name, func_name = entry.split(":")
+    path = project.root / f"{module_name}.py"
+    if not path.is_file():
+        raise ProjectError(f"entry point {entry!r}: {path} does not exist")
+    unique = f"_edgeops_project_{hashlib.sha256(str(project.root).encode()).hexdigest()[:12]}_{module_name}"
+    module = sys.modules.get(unique)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(unique, path)
+        if spec is None or spec.loader is None:  # pragma: no cover - a .py path always has a loader
+            raise ProjectError(f"entry point {entry!r}: cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        # dataclasses and pickling look the module up while it executes.
+        sys.modules[unique] = module
+        sys.path.insert(0, str(project.root))
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # the project's code may raise anything on import
+            del sys.modules[unique]
+            raise ProjectError(f"entry point {entry!r}: importing {path.name} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            sys.path.remove(str(project.root))
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ProjectError(f"entry point {entry!r}: {path.name} has no function {func_name!r}")
+    return func  # type: ignore[no-any-return]

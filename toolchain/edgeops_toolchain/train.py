@@ -1,0 +1,97 @@
+"""Training: seeded and deterministic on CPU.
+
+The same project, data and seed give bit-identical weights on the same machine: torch's
+global and shuffling generators are seeded, deterministic algorithms are enforced, and the
+training loop runs on one thread pool of fixed size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edgeops_core import Preprocessing, apply_preprocessing
+from edgeops_toolchain.data import Dataset
+from edgeops_toolchain.errors import ProjectError
+from edgeops_toolchain.project import Project, load_entry
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["TrainResult", "train_model"]
+
+
+@dataclass
+class TrainResult:
+    """The trained model (eval mode) and its training curve."""
+
+    model: nn.Module
+    parameters: int
+    loss_per_epoch: list[float]
+    val_accuracy: float
+
+
+def train_model(
+    project: Project, ds: Dataset, pre: Preprocessing, *, on_epoch: Callable[[int, int], None] | None = None
+) -> TrainResult:
+    """Build the project's model and train it on the preprocessed training split.
+
+    Args:
+        project: supplies the model entry point and the training hyperparameters.
+        ds: the checked dataset.
+        pre: preprocessing computed by the data checks.
+        on_epoch: called with ``(epoch, epochs)`` after each epoch, for progress.
+
+    Raises:
+        ProjectError: the model entry point does not return a ``torch.nn.Module`` or fails.
+    """
+    import torch
+    from torch import nn
+
+    cfg = project.training
+    torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(True)
+    build = load_entry(project, project.model_entry)
+    try:
+        model = build(len(ds.feature_names), len(ds.label_names), **project.model_params)
+    except Exception as exc:  # the project's code may raise anything
+        raise ProjectError(f"model entry {project.model_entry!r} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ProjectError(f"model entry {project.model_entry!r} must return a torch.nn.Module, got {type(model).__name__}")
+    x = torch.from_numpy(apply_preprocessing(pre, ds.x_train))
+    y = torch.from_numpy(ds.y_train)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(x.shape[0], generator=shuffle)
+        total = 0.0
+        for start in range(0, x.shape[0], cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * idx.shape[0]
+        schedule.step()
+        losses.append(total / x.shape[0])
+        if not math.isfinite(losses[-1]):
+            raise ProjectError(f"training diverged: loss is {losses[-1]} at epoch {epoch + 1}; lower train.learning_rate")
+        if on_epoch:
+            on_epoch(epoch + 1, cfg.epochs)
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(apply_preprocessing(pre, ds.x_val))).numpy()
+    val_acc = float((np.argmax(logits, axis=1) == ds.y_val).mean())
+    return TrainResult(
+        model=model,
+        parameters=sum(p.numel() for p in model.parameters()),
+        loss_per_epoch=losses,
+        val_accuracy=val_acc,
+    )

@@ -1,0 +1,82 @@
+"""Terminal output of the CLI: step progress and the closing tables (rich).
+
+Progress is drawn on stderr only when stderr is a terminal; piped or ``--json`` runs stay
+quiet. Tables go to stdout.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgeops_core import TargetProfile
+from edgeops_toolchain.pipeline import Step
+from edgeops_toolchain.validate import BudgetCheck, format_value
+
+__all__ = ["Reporter", "budget_table", "profiles_table"]
+
+
+class Reporter:
+    """A :class:`~edgeops_toolchain.pipeline.BuildProgress` drawing one rich line per step."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self._console = Console(stderr=True)
+        self._enabled = enabled and sys.stderr.isatty()
+        self._progress = Progress(
+            SpinnerColumn(finished_text="[green]✓"),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            console=self._console,
+            disable=not self._enabled,
+        )
+        self._tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> Reporter:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self._progress.__exit__(et, ev, tb)
+
+    def step_started(self, step: Step) -> None:
+        self._tasks[step.name] = self._progress.add_task(step.title, total=None)
+
+    def step_advanced(self, step: Step, done: int, total: int) -> None:
+        self._progress.update(self._tasks[step.name], completed=done, total=total)
+
+    def step_finished(self, step: Step, seconds: float) -> None:
+        task = self._tasks[step.name]
+        self._progress.update(task, description=f"{step.title} [dim]({seconds:.1f} s)", completed=1, total=1)
+
+
+def budget_table(checks: Sequence[BudgetCheck], *, title: str) -> None:
+    """Print the closing table: budget, measured, limit, pass/fail."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("budget")
+    table.add_column("measured", justify="right")
+    table.add_column("limit", justify="right")
+    table.add_column("result")
+    for c in checks:
+        result = "[dim]info" if c.kind == "info" else ("[green]pass" if c.passed else "[bold red]FAIL")
+        table.add_row(c.name, c.measured_text, c.limit_text, result)
+    Console().print(table)
+
+
+def profiles_table(profiles: Sequence[TargetProfile]) -> None:
+    """Print the target profiles with their budgets."""
+    table = Table(title="target profiles", title_justify="left")
+    for col in ("name", "runtime", "precision", "threads", "model", "RAM", "latency", "min acc", "hardware"):
+        table.add_column(col)
+    for p in profiles:
+        b = p.budgets
+        table.add_row(
+            p.name, p.runtime, p.precision, str(p.threads), format_value(b.model_bytes, "bytes"), format_value(b.ram_bytes, "bytes"),
+            f"{b.latency_ms:g} ms", f"{b.min_accuracy:.0%}", p.description,
+        )
+    Console().print(table)
