@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check agent toolchain tests bench examples
+.venv/bin/ruff format --check agent toolchain tests bench examples
 .venv/bin/mypy

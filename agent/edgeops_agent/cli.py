@@ -24,8 +24,15 @@ def main() -> None:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--key", "-k", "keys", multiple=True, required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="Trusted public key (PEM). Repeatable.")
+@click.option(
+    "--key",
+    "-k",
+    "keys",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Trusted public key (PEM). Repeatable.",
+)
 def verify(bundle: Path, keys: tuple[Path, ...]) -> None:
     """Check BUNDLE's signature, digests, members, manifest and expiry, offline."""
     try:

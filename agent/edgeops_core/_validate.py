@@ -51,8 +51,7 @@ class Reader:
         if extra:
             where = f"'{path}'" if path else "the top level"
             raise self.error(
-                f"{self.source}: unknown field(s) {', '.join(extra)} in {where}; "
-                f"expected some of {', '.join(sorted(allowed))}"
+                f"{self.source}: unknown field(s) {', '.join(extra)} in {where}; expected some of {', '.join(sorted(allowed))}"
             )
 
     def string(self, data: Mapping[str, Any], key: str, path: str = "", *, nonempty: bool = True) -> str:

@@ -352,9 +352,7 @@ def _from_dict(raw: object) -> Manifest:
             features=tuple(feats),
             prediction_fractions=_R.numbers(drift, "prediction_fractions", "drift_reference"),
         ),
-        self_test=SelfTest(
-            atol=_R.number(st, "atol", "self_test", minimum=0, exclusive_minimum=True), vectors=tuple(vectors)
-        ),
+        self_test=SelfTest(atol=_R.number(st, "atol", "self_test", minimum=0, exclusive_minimum=True), vectors=tuple(vectors)),
         metrics=metrics,
         lineage=Lineage(
             dataset_digest=_R.string(lin, "dataset_digest", "lineage"),
@@ -414,7 +412,9 @@ def _check_invariants(m: Manifest) -> None:  # noqa: C901 - one flat list of sch
         raise _fail("self_test.vectors must hold at least one vector")
     for i, v in enumerate(m.self_test.vectors):
         if len(v.input) != n_features or len(v.expected) != n_labels or v.label >= n_labels:
-            raise _fail(f"self_test.vectors[{i}] must have {n_features} inputs, {n_labels} expected outputs and a label < {n_labels}")
+            raise _fail(
+                f"self_test.vectors[{i}] must have {n_features} inputs, {n_labels} expected outputs and a label < {n_labels}"
+            )
     try:
         created, expires = parse_time(m.created), parse_time(m.expires)
     except ValueError as exc:

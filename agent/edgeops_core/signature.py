@@ -179,7 +179,11 @@ def _parse_statement(payload: bytes) -> dict[str, str]:
     if not isinstance(subjects, list) or len(subjects) != 1 or not isinstance(predicate, dict):
         raise _fail("statement must have one subject and a predicate")
     serialization_ = predicate.get("serialization")
-    if not isinstance(serialization_, dict) or serialization_.get("method") != "files" or serialization_.get("hash_type") != "sha256":
+    if (
+        not isinstance(serialization_, dict)
+        or serialization_.get("method") != "files"
+        or serialization_.get("hash_type") != "sha256"
+    ):
         raise _fail("statement must use the 'files' serialization with sha256")
     resources = predicate.get("resources")
     if not isinstance(resources, list):

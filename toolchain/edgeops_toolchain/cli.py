@@ -110,18 +110,39 @@ _targets_dir_option = click.option(
 @main.command()
 @click.option("--target", "-t", required=True, help="Target profile name (see `edgeops targets`).")
 @click.option(
-    "--project", "-p", type=click.Path(path_type=Path, file_okay=False), default=None,
+    "--project",
+    "-p",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
     help="Project folder with edgeops.toml [default: the built-in vibration example].",
 )
-@click.option("--out", "-o", type=click.Path(path_type=Path, file_okay=False), default=Path("dist"), show_default=True,
-              help="Where the bundle is written.")
-@click.option("--key", "-k", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="ECDSA private key (PEM) to sign with [default: per-user development key].")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("dist"),
+    show_default=True,
+    help="Where the bundle is written.",
+)
+@click.option(
+    "--key",
+    "-k",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="ECDSA private key (PEM) to sign with [default: per-user development key].",
+)
 @_targets_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables and progress.")
 @click.pass_context
-def build(ctx: click.Context, target: str, project: Path | None, out: Path, key: Path | None,
-          targets_dirs: tuple[Path, ...], as_json: bool) -> None:
+def build(
+    ctx: click.Context,
+    target: str,
+    project: Path | None,
+    out: Path,
+    key: Path | None,
+    targets_dirs: tuple[Path, ...],
+    as_json: bool,
+) -> None:
     """Train, export, quantize, validate, package and sign a bundle for TARGET."""
     from edgeops_toolchain.pipeline import BuildState, run_build
     from edgeops_toolchain.project import load_project
@@ -142,26 +163,32 @@ def build(ctx: click.Context, target: str, project: Path | None, out: Path, key:
             raise
         m = result.manifest
         if as_json:
-            click.echo(json.dumps({
-                "ok": True,
-                "bundle": str(result.bundle_path),
-                "name": m.name,
-                "version": m.version,
-                "release": m.release,
-                "target": m.target,
-                "signer": result.signer,
-                "public_key": str(result.public_key) if result.public_key else None,
-                "metrics": dict(m.metrics),
-                "budgets": [c.to_dict() for c in result.checks],
-                "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
-            }))
+            click.echo(
+                json.dumps(
+                    {
+                        "ok": True,
+                        "bundle": str(result.bundle_path),
+                        "name": m.name,
+                        "version": m.version,
+                        "release": m.release,
+                        "target": m.target,
+                        "signer": result.signer,
+                        "public_key": str(result.public_key) if result.public_key else None,
+                        "metrics": dict(m.metrics),
+                        "budgets": [c.to_dict() for c in result.checks],
+                        "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+                    }
+                )
+            )
             return
         budget_table(result.checks, title=f"{m.name} {m.version} (release {m.release}) → {m.target}: budgets")
         click.echo(f"bundle: {result.bundle_path}")
         if result.public_key is not None:
             note = "created now" if result.dev_key_created else "per-user"
-            click.echo(f"signed with the development key ({note}); verify with: edgeops verify {result.bundle_path} "
-                       f"--key {result.public_key}")
+            click.echo(
+                f"signed with the development key ({note}); verify with: edgeops verify {result.bundle_path} "
+                f"--key {result.public_key}"
+            )
         else:
             click.echo(f"signed with {key} (key sha256:{result.signer[:16]}…)")
 
@@ -217,8 +244,9 @@ def init(ctx: click.Context, directory: Path) -> None:
                 shutil.copy2(path, directory / path.name)
         name = "".join(c if c.isalnum() or c in "-_." else "-" for c in directory.resolve().name.lower()).strip("-.") or "model"
         toml = directory / PROJECT_FILE
-        toml.write_text(toml.read_text(encoding="utf-8").replace('name = "vibration-classifier"', f'name = "{name}"', 1),
-                        encoding="utf-8")
+        toml.write_text(
+            toml.read_text(encoding="utf-8").replace('name = "vibration-classifier"', f'name = "{name}"', 1), encoding="utf-8"
+        )
         click.echo(f"created project {name!r} in {directory}; build it with: edgeops build --target ecu --project {directory}")
 
     _run(ctx, False, body)
@@ -247,8 +275,15 @@ def keys_generate(ctx: click.Context, directory: Path, force: bool) -> None:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--key", "-k", "keys_", multiple=True, required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="Trusted public key (PEM). Repeatable.")
+@click.option(
+    "--key",
+    "-k",
+    "keys_",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Trusted public key (PEM). Repeatable.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def verify(ctx: click.Context, bundle: Path, keys_: tuple[Path, ...], as_json: bool) -> None:
@@ -262,13 +297,26 @@ def verify(ctx: click.Context, bundle: Path, keys_: tuple[Path, ...], as_json: b
         verified = verify_bundle(bundle, trusted)
         m = verified.manifest
         if as_json:
-            click.echo(json.dumps({
-                "ok": True, "bundle": str(bundle), "name": m.name, "version": m.version, "release": m.release,
-                "target": m.target, "runtime": m.runtime, "expires": m.expires, "signer": verified.signer,
-                "sha256": verified.digest,
-            }))
+            click.echo(
+                json.dumps(
+                    {
+                        "ok": True,
+                        "bundle": str(bundle),
+                        "name": m.name,
+                        "version": m.version,
+                        "release": m.release,
+                        "target": m.target,
+                        "runtime": m.runtime,
+                        "expires": m.expires,
+                        "signer": verified.signer,
+                        "sha256": verified.digest,
+                    }
+                )
+            )
         else:
-            click.echo(f"OK {bundle.name}: {m.name} {m.version} release {m.release} for {m.target} ({m.runtime}), "
-                       f"signed by key sha256:{verified.signer[:16]}…, expires {m.expires}")
+            click.echo(
+                f"OK {bundle.name}: {m.name} {m.version} release {m.release} for {m.target} ({m.runtime}), "
+                f"signed by key sha256:{verified.signer[:16]}…, expires {m.expires}"
+            )
 
     _run(ctx, as_json, body)

@@ -98,7 +98,9 @@ def load_dataset(project: Project) -> Dataset:
             raise DataError(f"dataset: split '{split}' is missing (need x_{split} and y_{split})")
         x, y = np.asarray(x_raw), np.asarray(y_raw)
         if x.ndim != 2 or x.shape[1] != len(features):
-            raise DataError(f"dataset: x_{split} must have shape [rows, {len(features)}] (one column per feature name), got {list(x.shape)}")
+            raise DataError(
+                f"dataset: x_{split} must have shape [rows, {len(features)}] (one column per feature name), got {list(x.shape)}"
+            )
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise DataError(f"dataset: x_{split} must be numeric, got dtype {x.dtype}")
         if y.ndim != 1 or y.shape[0] != x.shape[0]:
@@ -199,4 +201,3 @@ def check_data(ds: Dataset, checks: Checks, preprocessing: str) -> DataReport:
         preprocessing=pre,
         features=feature_reference(ds.x_train, ds.feature_names),
     )
-

@@ -81,7 +81,7 @@ def export_onnx(model: nn.Module, n_features: int) -> bytes:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"exported ONNX graph fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-    return proto.SerializeToString()
+    return bytes(proto.SerializeToString())
 
 
 def _quiet(*loggers: str) -> None:
@@ -209,7 +209,7 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray) -> bytes:
         except Exception as exc:  # onnxruntime raises assorted types from deep inside
             raise ExportError(f"int8 quantization failed: {type(exc).__name__}: {exc}") from exc
         proto = onnx.load(str(out))
-    return strip_model(proto).SerializeToString()
+    return bytes(strip_model(proto).SerializeToString())
 
 
 def op_types(model: bytes) -> set[str]:
@@ -267,4 +267,3 @@ def mac_count(model: bytes) -> int:
         elif node.op_type == "Conv" and len(ins) >= 2 and ins[1] and outs and outs[0]:
             total += int(np.prod(outs[0])) * int(np.prod(ins[1][1:]))
     return total
-

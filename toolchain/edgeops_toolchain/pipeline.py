@@ -199,7 +199,9 @@ def _step_validate(s: BuildState) -> None:
     }
     unsupported = sorted(op_types(model) - profile.supported_ops)
     s.checks = budget_checks(profile, s.metrics, unsupported)
-    s.prediction_fractions = _fractions(deployed.predict(apply_preprocessing(report.preprocessing, ds.x_val)), len(ds.label_names))
+    s.prediction_fractions = _fractions(
+        deployed.predict(apply_preprocessing(report.preprocessing, ds.x_val)), len(ds.label_names)
+    )
     s.self_test = _self_test(ds, logits, s.project.self_test_vectors, s.io_quant[1])
     s.progress.step_advanced(step, 4, 4)
     if any(not c.passed for c in s.checks):

@@ -21,7 +21,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgeops_core import KeyFileError, SIGNATURE_MEMBER, TrustedKey
+from edgeops_core import SIGNATURE_MEMBER, KeyFileError, TrustedKey
 from edgeops_toolchain.errors import SigningError
 
 __all__ = ["KeyPair", "dev_key", "edgeops_home", "generate_keypair", "load_signing_key", "sign_members"]
@@ -138,8 +138,10 @@ def sign_members(members: Mapping[str, bytes], key: Path, *, subject: str) -> by
             (folder / name).write_bytes(data)
         sig_path = folder / SIGNATURE_MEMBER
         try:
-            hashing = model_signing.hashing.Config().set_ignored_paths(paths=[SIGNATURE_MEMBER], ignore_git_paths=True)
-            config = model_signing.signing.Config().use_elliptic_key_signer(private_key=key)
+            hashing = model_signing.hashing.Config().set_ignored_paths(  # type: ignore[no-untyped-call]
+                paths=[SIGNATURE_MEMBER], ignore_git_paths=True
+            )
+            config = model_signing.signing.Config().use_elliptic_key_signer(private_key=key)  # type: ignore[no-untyped-call]
             config.set_hashing_config(hashing).sign(folder, sig_path)
         except Exception as exc:  # model_signing raises assorted types
             raise SigningError(f"model_signing failed to sign: {type(exc).__name__}: {exc}") from exc

@@ -76,7 +76,7 @@ def train_model(
             idx = order[start : start + cfg.batch_size]
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             total += loss.item() * idx.shape[0]
         schedule.step()

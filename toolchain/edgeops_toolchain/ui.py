@@ -55,6 +55,11 @@ class Reporter:
         self._progress.update(task, description=f"{step.title} [dim]({seconds:.1f} s)", completed=1, total=1)
 
 
+def _stdout() -> Console:
+    # Piped output is read by people in logs and by grep: do not wrap it at 80 columns.
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def budget_table(checks: Sequence[BudgetCheck], *, title: str) -> None:
     """Print the closing table: budget, measured, limit, pass/fail."""
     table = Table(title=title, title_justify="left")
@@ -65,18 +70,26 @@ def budget_table(checks: Sequence[BudgetCheck], *, title: str) -> None:
     for c in checks:
         result = "[dim]info" if c.kind == "info" else ("[green]pass" if c.passed else "[bold red]FAIL")
         table.add_row(c.name, c.measured_text, c.limit_text, result)
-    Console().print(table)
+    _stdout().print(table)
 
 
 def profiles_table(profiles: Sequence[TargetProfile]) -> None:
     """Print the target profiles with their budgets."""
     table = Table(title="target profiles", title_justify="left")
-    for col in ("name", "runtime", "precision", "threads", "model", "RAM", "latency", "min acc", "hardware"):
-        table.add_column(col)
+    for col in ("name", "runtime", "precision", "threads", "model", "RAM", "latency", "min acc"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("hardware")
     for p in profiles:
         b = p.budgets
         table.add_row(
-            p.name, p.runtime, p.precision, str(p.threads), format_value(b.model_bytes, "bytes"), format_value(b.ram_bytes, "bytes"),
-            f"{b.latency_ms:g} ms", f"{b.min_accuracy:.0%}", p.description,
+            p.name,
+            p.runtime,
+            p.precision,
+            str(p.threads),
+            format_value(b.model_bytes, "bytes"),
+            format_value(b.ram_bytes, "bytes"),
+            f"{b.latency_ms:g} ms",
+            f"{b.min_accuracy:.0%}",
+            p.description,
         )
-    Console().print(table)
+    _stdout().print(table)

@@ -212,7 +212,11 @@ def budget_checks(profile: TargetProfile, metrics: Mapping[str, float], unsuppor
         BudgetCheck("accuracy drop", metrics["accuracy_drop_points"], b.max_accuracy_drop_points, "pt", "max"),
         BudgetCheck("top-1 agreement", metrics["top1_agreement"], None, "%", "info"),
         BudgetCheck(
-            "torch/ONNX parity", metrics["parity_max_abs_diff"], PARITY_ATOL, "", "max",
+            "torch/ONNX parity",
+            metrics["parity_max_abs_diff"],
+            PARITY_ATOL,
+            "",
+            "max",
             detail=f"max |diff| {metrics['parity_max_abs_diff']:.2e}",
         ),
         BudgetCheck(

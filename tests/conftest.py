@@ -1,0 +1,94 @@
+"""Shared fixtures.
+
+Builds are real (torch training, ONNX export, onnxruntime quantization, model_signing) but
+small: the example project with fewer windows and epochs. One build is shared by the whole
+session; tests that tamper with it work on copies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "vibration"
+EDGEOPS = [sys.executable, "-m", "edgeops_toolchain"]
+
+
+def make_small_project(dest: Path, *, n_train: int = 1500, epochs: int = 10, extra: str = "") -> Path:
+    """Copy the example project into ``dest`` with a smaller dataset and fewer epochs."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in EXAMPLE.glob("*.py"):
+        shutil.copy2(path, dest / path.name)
+    text = (EXAMPLE / "edgeops.toml").read_text()
+    text = text.replace("n_train = 6000, n_val = 1000, n_test = 2000", f"n_train = {n_train}, n_val = 400, n_test = 800")
+    text = text.replace("epochs = 30", f"epochs = {epochs}")
+    (dest / "edgeops.toml").write_text(text + extra)
+    return dest
+
+
+def run_edgeops(*args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``edgeops`` CLI in a subprocess (as a user would)."""
+    return subprocess.run(
+        [*EDGEOPS, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=600,
+        check=False,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _edgeops_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep dev keys and release counters of every test out of the user's home."""
+    monkeypatch.setenv("EDGEOPS_HOME", str(tmp_path / "edgeops-home"))
+
+
+@dataclass(frozen=True)
+class Built:
+    """The session's ECU build."""
+
+    bundle: Path
+    public_key: Path
+    private_key: Path
+    result: dict[str, object]
+    home: Path
+
+
+@pytest.fixture(scope="session")
+def small_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_small_project(tmp_path_factory.mktemp("project"))
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory, small_project: Path) -> Iterator[Built]:
+    """Build the small project for ecu once, through the CLI, signed with a generated key."""
+    home = tmp_path_factory.mktemp("build-home")
+    keys = tmp_path_factory.mktemp("keys")
+    out = tmp_path_factory.mktemp("dist")
+    env = {"EDGEOPS_HOME": str(home)}
+    gen = run_edgeops("keys", "generate", keys, env=env)
+    assert gen.returncode == 0, gen.stderr
+    proc = run_edgeops(
+        "build", "--target", "ecu", "--project", small_project, "--out", out, "--key", keys / "edgeops-signing.pem", "--json",
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    yield Built(
+        bundle=Path(str(result["bundle"])),
+        public_key=keys / "edgeops-signing.pub.pem",
+        private_key=keys / "edgeops-signing.pem",
+        result=result,
+        home=home,
+    )

@@ -1,0 +1,64 @@
+"""Dependency direction: device code never pulls in host libraries."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+HOST_ONLY = ("torch", "tensorflow", "onnx", "onnxruntime", "model_signing", "onnxscript", "edgeops_toolchain", "litert_torch")
+
+
+def _loaded_after_import(module: str) -> set[str]:
+    code = f"import sys, {module}; print('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return {name.split(".")[0] for name in out.split()}
+
+
+@pytest.mark.parametrize("module", ["edgeops_core", "edgeops_agent", "edgeops_agent.cli"])
+def test_device_packages_import_no_host_library(module: str) -> None:
+    loaded = _loaded_after_import(module)
+    assert module.split(".")[0] in loaded
+    assert not loaded & set(HOST_ONLY), f"{module} pulled in {sorted(loaded & set(HOST_ONLY))}"
+
+
+def test_cli_entry_stays_light() -> None:
+    """`edgeops --help` must not import torch or onnx: heavy modules load inside steps."""
+    loaded = _loaded_after_import("edgeops_toolchain.cli")
+    assert not loaded & {"torch", "onnx", "onnxruntime", "model_signing", "tensorflow"}
+
+
+def _imports(path: str) -> set[str]:
+    tree = ast.parse((REPO / path).read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_agent_sources_never_import_host_code() -> None:
+    """Static check of every file under agent/, including lazy imports inside functions."""
+    files = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "agent").rglob("*.py"))
+    assert files
+    for path in files:
+        bad = _imports(path) & set(HOST_ONLY)
+        assert not bad, f"{path} imports {sorted(bad)}"
+    core = [p for p in files if p.startswith("agent/edgeops_core/")]
+    for path in core:
+        assert "edgeops_agent" not in _imports(path), f"{path}: edgeops_core must not depend on edgeops_agent"
+
+
+def test_public_surface_is_pinned() -> None:
+    import edgeops_core
+
+    assert sorted(edgeops_core.__all__) == sorted(set(edgeops_core.__all__))
+    for name in edgeops_core.__all__:
+        assert hasattr(edgeops_core, name), name
+    assert {"verify_bundle", "Manifest", "TargetProfile", "load_profile", "BundleError"} <= set(edgeops_core.__all__)
