@@ -14,7 +14,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -50,10 +53,11 @@ def export_onnx(model: nn.Module, n_features: int) -> bytes:
     example = (torch.zeros(1, n_features, dtype=torch.float32),)
     with tempfile.TemporaryDirectory(prefix="edgeops-export-") as tmp:
         path = Path(tmp) / "model.onnx"
+        chatter = io.StringIO()
         try:
-            with warnings.catch_warnings():
-                # The exporter warns about optional torchvision ops and deprecated pytree
-                # helpers; neither concerns a user's model.
+            # The exporter prints graphs and warns about optional torchvision ops and its own
+            # deprecations; none of it concerns the user, and the CLI promises one line.
+            with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 warnings.simplefilter("ignore")
                 _quiet("torch.onnx", "torch._dynamo", "torch.export", "torch._export", "onnxscript")
                 torch.onnx.export(
@@ -68,8 +72,7 @@ def export_onnx(model: nn.Module, n_features: int) -> bytes:
                     verbose=False,
                 )
         except Exception as exc:  # the exporter raises many unrelated types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"ONNX export of {type(model).__name__} failed: {first}") from exc
+            raise ExportError(f"ONNX export of {type(model).__name__} failed: {_root_cause(exc)}") from exc
         proto = onnx.load(str(path))
     if len(proto.graph.input) != 1 or len(proto.graph.output) != 1:
         raise ExportError(
@@ -82,6 +85,19 @@ def export_onnx(model: nn.Module, n_features: int) -> bytes:
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"exported ONNX graph fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     return bytes(proto.SerializeToString())
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error's first line, plus the model source line torch blames, if any."""
+    inner = exc
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(inner)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(inner).__name__
+    where = next((line for line in lines if line.startswith("Caused by:")), "")
+    return f"{lines[0]} {where}".strip()
 
 
 def _quiet(*loggers: str) -> None:
