@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,9 @@ def make_small_project(dest: Path, *, n_train: int = 1500, epochs: int = 10, ext
     return dest
 
 
-def run_edgeops(*args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_edgeops(
+    *args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``edgeops`` CLI in a subprocess (as a user would)."""
     return subprocess.run(
         [*EDGEOPS, *map(str, args)],
@@ -71,7 +72,7 @@ def small_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory, small_project: Path) -> Iterator[Built]:
+def built(tmp_path_factory: pytest.TempPathFactory, small_project: Path) -> Built:
     """Build the small project for ecu once, through the CLI, signed with a generated key."""
     home = tmp_path_factory.mktemp("build-home")
     keys = tmp_path_factory.mktemp("keys")
@@ -80,12 +81,21 @@ def built(tmp_path_factory: pytest.TempPathFactory, small_project: Path) -> Iter
     gen = run_edgeops("keys", "generate", keys, env=env)
     assert gen.returncode == 0, gen.stderr
     proc = run_edgeops(
-        "build", "--target", "ecu", "--project", small_project, "--out", out, "--key", keys / "edgeops-signing.pem", "--json",
+        "build",
+        "--target",
+        "ecu",
+        "--project",
+        small_project,
+        "--out",
+        out,
+        "--key",
+        keys / "edgeops-signing.pem",
+        "--json",
         env=env,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    yield Built(
+    return Built(
         bundle=Path(str(result["bundle"])),
         public_key=keys / "edgeops-signing.pub.pem",
         private_key=keys / "edgeops-signing.pem",

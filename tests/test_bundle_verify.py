@@ -134,15 +134,19 @@ def test_duplicate_and_missing_members_are_rejected(members: dict[str, bytes]) -
     with pytest.raises(BundleFormatError, match="appears twice"):
         read_members(_tar([*entries, _file("model.onnx", members["model.onnx"])], members))
     without_sig = {n: d for n, d in members.items() if n != "model.sig"}
-    with pytest.raises(BundleFormatError, match="missing member model.sig"):
+    with pytest.raises(BundleFormatError, match=r"missing member model\.sig"):
         read_members(_tar([_file(n, d) for n, d in without_sig.items()], without_sig))
-    with pytest.raises(BundleFormatError, match="need manifest.json, one model and model.sig"):
+    with pytest.raises(BundleFormatError, match=r"need manifest\.json, one model and model\.sig"):
         pack_bundle(without_sig)
 
 
 def test_signed_member_set_must_match(members: dict[str, bytes], key: TrustedKey) -> None:
     """A model renamed to .tflite is no longer covered by the signature."""
-    renamed = {"manifest.json": members["manifest.json"], "model.tflite": members["model.onnx"], "model.sig": members["model.sig"]}
+    renamed = {
+        "manifest.json": members["manifest.json"],
+        "model.tflite": members["model.onnx"],
+        "model.sig": members["model.sig"],
+    }
     with pytest.raises(DigestMismatchError) as info:
         verify_members(renamed, [key])
     assert info.value.member in {"model.onnx", "model.tflite"}

@@ -59,9 +59,20 @@ def test_core_verifies_signature_made_by_model_signing_cli(tmp_path: Path, built
     folder = _unpack(built.bundle, tmp_path / "resign")
     (folder / "model.sig").unlink()
     proc = subprocess.run(
-        [*MODEL_SIGNING, "sign", "key", str(folder), "--signature", str(tmp_path / "model.sig"),
-         "--private_key", str(built.private_key)],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            *MODEL_SIGNING,
+            "sign",
+            "key",
+            str(folder),
+            "--signature",
+            str(tmp_path / "model.sig"),
+            "--private_key",
+            str(built.private_key),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     members = {p.name: p.read_bytes() for p in folder.iterdir()}
@@ -69,6 +80,6 @@ def test_core_verifies_signature_made_by_model_signing_cli(tmp_path: Path, built
     manifest, _ = verify_members(members, [load_public_key(built.public_key)])
     assert manifest.target == "ecu"
     # That signature does not transfer to other content.
-    members["manifest.json"] = members["manifest.json"].replace(b'"release": ', b'"release":  ')
-    with pytest.raises(DigestMismatchError, match="manifest.json"):
+    members["manifest.json"] = members["manifest.json"].replace(b'"release":', b'"release": ')
+    with pytest.raises(DigestMismatchError, match=r"manifest\.json"):
         verify_members(members, [load_public_key(built.public_key)])

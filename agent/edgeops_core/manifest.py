@@ -45,6 +45,8 @@ _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _DTYPES = ("float32", "int8", "uint8", "int32")
 _PREPROCESSING = ("standardize", "none")
+# Fractions are stored rounded to 6 decimals, so their sum may be off by a few 1e-6.
+_SUM_TOL = 1e-4
 
 
 def format_time(moment: datetime) -> str:
@@ -247,8 +249,11 @@ class Manifest:
         }
 
     def to_json(self) -> bytes:
-        """Canonical UTF-8 JSON (sorted nowhere, indented, trailing newline)."""
-        return (json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n").encode("utf-8")
+        """Compact UTF-8 JSON in the documented field order, with a trailing newline.
+
+        Compact because it travels to devices; ``python -m json.tool`` makes it readable.
+        """
+        return (json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
@@ -404,9 +409,9 @@ def _check_invariants(m: Manifest) -> None:  # noqa: C901 - one flat list of sch
             raise _fail(f"drift_reference.features[{i}] needs len(bin_edges) + 1 bin_fractions")
         if list(f.bin_edges) != sorted(f.bin_edges):
             raise _fail(f"drift_reference.features[{i}].bin_edges must be ascending")
-        if not math.isclose(sum(f.bin_fractions), 1.0, abs_tol=1e-6):
+        if not math.isclose(sum(f.bin_fractions), 1.0, abs_tol=_SUM_TOL):
             raise _fail(f"drift_reference.features[{i}].bin_fractions must sum to 1")
-    if len(d.prediction_fractions) != n_labels or not math.isclose(sum(d.prediction_fractions), 1.0, abs_tol=1e-6):
+    if len(d.prediction_fractions) != n_labels or not math.isclose(sum(d.prediction_fractions), 1.0, abs_tol=_SUM_TOL):
         raise _fail(f"drift_reference.prediction_fractions needs {n_labels} entries summing to 1")
     if not m.self_test.vectors:
         raise _fail("self_test.vectors must hold at least one vector")

@@ -76,48 +76,44 @@ def _signals(labels: np.ndarray, rng: np.random.Generator, shift: Shift) -> tupl
     f_r = (rpm / 60.0)[:, None]  # shaft frequency, Hz
     phase = rng.uniform(0, 2 * np.pi, size=(n, 1))
     severity = rng.uniform(0.15, 1.0, size=(n, 1))
-    sig = np.zeros((n, 3, WINDOW))
-
-    def tone(order: float, amp: np.ndarray, ph: np.ndarray | float = 0.0) -> np.ndarray:
-        return amp * np.sin(2 * np.pi * order * f_r * t + phase + ph)
-
-    # Baseline machine: residual unbalance, mesh tone, and small 2x.
     base = rng.uniform(0.05, 0.15, size=(n, 1))
-    for a in range(3):
-        sig[:, a] += tone(1, base) + tone(2, base * 0.5, a) + tone(GEAR_MESH_ORDER, 0.08 * np.ones((n, 1)), a)
-
-    m = (labels == 1)[:, None]
-    sig[:, 0] += np.where(m, tone(1, 0.7 * severity), 0)
-    sig[:, 1] += np.where(m, tone(1, 0.7 * severity, np.pi / 2), 0)
-    sig[:, 2] += np.where(m, tone(1, 0.1 * severity), 0)
-
-    m = (labels == 2)[:, None]
-    sig[:, 2] += np.where(m, tone(2, 0.6 * severity) + tone(1, 0.3 * severity), 0)
-    sig[:, 0] += np.where(m, tone(2, 0.25 * severity), 0)
-
-    m = (labels == 3)[:, None]
-    if m.any():
-        bpfo = BPFO_ORDER * f_r  # impacts per second
-        period = SAMPLE_RATE_HZ / bpfo  # samples between impacts
-        k = np.arange(WINDOW)[None, :]
-        since = np.mod(k + rng.uniform(0, 1, size=(n, 1)) * period, period)  # samples since last impact
-        ring = np.exp(-since / 12.0) * np.sin(2 * np.pi * RESONANCE_HZ * since / SAMPLE_RATE_HZ)
-        for a, gain in enumerate((1.0, 0.8, 0.3)):
-            sig[:, a] += np.where(m, 1.6 * severity * gain * ring, 0)
-
-    m = (labels == 4)[:, None]
-    loose = np.zeros((n, WINDOW))
-    for order in range(1, 11):
-        loose += tone(order, 0.25 * severity / order**0.5, order * 0.7)
-    loose += tone(0.5, 0.2 * severity)
-    clip = 0.6 * severity + 0.2
-    loose = np.clip(loose, -clip, clip)
-    for a, gain in enumerate((1.0, 0.9, 0.5)):
-        sig[:, a] += np.where(m, gain * loose, 0)
-
+    start = rng.uniform(0, 1, size=(n, 1))  # where in the impact period a window starts
     noise = rng.uniform(0.05, 0.2, size=(n, 1, 1)) * shift.noise_scale
-    sig += noise * rng.standard_normal(sig.shape)
     gain = rng.normal(1.0, 0.05, size=(n, 1, 1)) * shift.sensor_gain
+    sig = noise * rng.standard_normal((n, 3, WINDOW))
+
+    def tone(rows: np.ndarray, order: float, amp: np.ndarray | float, ph: float = 0.0) -> np.ndarray:
+        return amp * np.sin(2 * np.pi * order * f_r[rows] * t + phase[rows] + ph)
+
+    every = np.arange(n)
+    # Baseline machine: residual unbalance, small 2x, gear-mesh tone.
+    for a in range(3):
+        sig[:, a] += tone(every, 1, base) + tone(every, 2, base * 0.5, a) + tone(every, GEAR_MESH_ORDER, 0.08, a)
+
+    r = np.flatnonzero(labels == 1)  # imbalance: 1x radial, x and y in quadrature
+    sig[r, 0] += tone(r, 1, 0.7 * severity[r])
+    sig[r, 1] += tone(r, 1, 0.7 * severity[r], np.pi / 2)
+    sig[r, 2] += tone(r, 1, 0.1 * severity[r])
+
+    r = np.flatnonzero(labels == 2)  # misalignment: 2x (and 1x), mostly axial
+    sig[r, 2] += tone(r, 2, 0.6 * severity[r]) + tone(r, 1, 0.3 * severity[r])
+    sig[r, 0] += tone(r, 2, 0.25 * severity[r])
+
+    r = np.flatnonzero(labels == 3)  # outer-race defect: impacts at BPFO ringing a resonance
+    period = SAMPLE_RATE_HZ / (BPFO_ORDER * f_r[r])  # samples between impacts
+    since = np.mod(np.arange(WINDOW)[None, :] + start[r] * period, period)
+    ring = 1.6 * severity[r] * np.exp(-since / 4.0) * np.sin(2 * np.pi * RESONANCE_HZ * since / SAMPLE_RATE_HZ)
+    for a, g in enumerate((1.0, 0.8, 0.3)):
+        sig[r, a] += g * ring
+
+    r = np.flatnonzero(labels == 4)  # looseness: rich harmonics and 0.5x, clipped
+    loose = sum(tone(r, order, 0.25 * severity[r] / order**0.5, order * 0.7) for order in range(1, 11))
+    loose = loose + tone(r, 0.5, 0.2 * severity[r])
+    clip = 0.6 * severity[r] + 0.2
+    loose = np.clip(loose, -clip, clip)
+    for a, g in enumerate((1.0, 0.9, 0.5)):
+        sig[r, a] += g * loose
+
     return sig * gain, rpm
 
 

@@ -40,6 +40,7 @@ from edgeops_core import (
 from edgeops_toolchain import __version__
 from edgeops_toolchain.errors import BudgetExceededError
 from edgeops_toolchain.resources import builtin_targets_dir, example_dir
+from edgeops_toolchain.signing import edgeops_home
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_BUDGET", "EXIT_BUILD", "EXIT_INTERNAL", "EXIT_VERIFY", "main"]
 
@@ -85,7 +86,9 @@ def _run(ctx: click.Context, as_json: bool, body: Callable[[], None]) -> None:
 
 
 def _target_dirs(extra: Sequence[Path]) -> list[Path]:
-    return [builtin_targets_dir(), *extra]
+    """Built-in profiles, then ``$EDGEOPS_HOME/targets`` if present, then ``--targets-dir``."""
+    user = edgeops_home() / "targets"
+    return [builtin_targets_dir(), *([user] if user.is_dir() else []), *extra]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -20,7 +20,7 @@ from edgeops_core import FeatureReference, Preprocessing
 from edgeops_toolchain.errors import DataError
 from edgeops_toolchain.project import Checks, Project, load_entry
 
-__all__ = ["DataReport", "Dataset", "check_data", "feature_reference", "load_dataset"]
+__all__ = ["DataReport", "Dataset", "check_data", "compact_float", "feature_reference", "load_dataset"]
 
 SPLITS = ("train", "val", "test")
 #: Interior quantile edges of the drift reference: deciles.
@@ -131,15 +131,24 @@ def feature_reference(x: np.ndarray, names: tuple[str, ...]) -> tuple[FeatureRef
         refs.append(
             FeatureReference(
                 name=name,
-                mean=float(col.mean()),
-                std=float(col.std()),
-                min=float(col.min()),
-                max=float(col.max()),
-                bin_edges=tuple(float(v) for v in e),
-                bin_fractions=tuple(float(v) for v in fractions),
+                mean=compact_float(col.mean()),
+                std=compact_float(col.std()),
+                min=compact_float(col.min()),
+                max=compact_float(col.max()),
+                bin_edges=tuple(compact_float(v) for v in e),
+                bin_fractions=tuple(round(float(v), 6) for v in fractions),
             )
         )
     return tuple(refs)
+
+
+def compact_float(value: float | np.floating) -> float:
+    """``value`` at float32 precision, written with the fewest digits that round-trip.
+
+    Features and model outputs are float32 on the device; storing doubles' 17 digits in
+    the manifest only makes it larger (it roughly halves the manifest).
+    """
+    return float(str(np.float32(value)))
 
 
 def _row_keys(x: np.ndarray) -> set[bytes]:
@@ -190,7 +199,9 @@ def check_data(ds: Dataset, checks: Checks, preprocessing: str) -> DataReport:
     constant = tuple(n for n, s in zip(ds.feature_names, std, strict=True) if s < 1e-12)
     if preprocessing == "standardize":
         # A constant feature carries no information; dividing by 1 keeps it finite.
-        pre = Preprocessing("standardize", tuple(float(m) for m in mean), tuple(float(s) if s >= 1e-12 else 1.0 for s in std))
+        pre = Preprocessing(
+            "standardize", tuple(compact_float(m) for m in mean), tuple(compact_float(s) if s >= 1e-12 else 1.0 for s in std)
+        )
     else:
         pre = Preprocessing("none")
     return DataReport(

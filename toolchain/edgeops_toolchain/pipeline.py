@@ -10,7 +10,8 @@ Invariants:
   :mod:`edgeops_core` (the device's own code); it then appears by an atomic rename, so a
   failed or interrupted build leaves no bundle and no partial file behind;
 * every budget is measured before any is enforced, so one run reports all failures;
-* the release counter is committed only after the bundle is in place.
+* the release counter is committed only once the signed bundle has verified, just before
+  it is written; a failed build never consumes a release number.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from edgeops_core import (
     write_atomically,
 )
 from edgeops_toolchain import __version__
-from edgeops_toolchain.data import DataReport, Dataset, check_data, load_dataset
+from edgeops_toolchain.data import DataReport, Dataset, check_data, compact_float, load_dataset
 from edgeops_toolchain.errors import BudgetExceededError, BuildError, UnsupportedTargetError
 from edgeops_toolchain.project import Project
 from edgeops_toolchain.releases import ReleaseCounter
@@ -210,7 +211,7 @@ def _step_validate(s: BuildState) -> None:
 
 def _fractions(logits: np.ndarray, n: int) -> tuple[float, ...]:
     counts = np.bincount(logits.argmax(axis=1), minlength=n)
-    return tuple(float(c) for c in counts / counts.sum())
+    return tuple(round(float(c), 6) for c in counts / counts.sum())
 
 
 def _self_test(ds: Dataset, logits: np.ndarray, count: int, out_quant: Any) -> SelfTest:
@@ -223,8 +224,8 @@ def _self_test(ds: Dataset, logits: np.ndarray, count: int, out_quant: Any) -> S
     atol = 2.0 * out_quant.scale if out_quant is not None else 1e-3
     vectors = tuple(
         SelfTestVector(
-            input=tuple(float(v) for v in ds.x_test[i]),
-            expected=tuple(float(v) for v in logits[i]),
+            input=tuple(compact_float(v) for v in ds.x_test[i]),
+            expected=tuple(compact_float(v) for v in logits[i]),
             label=int(logits[i].argmax()),
         )
         for i in picks
@@ -276,13 +277,15 @@ def _step_sign(s: BuildState) -> None:
     data = pack_bundle({**s.members, "model.sig": signature}, mtime=int(datetime.now(UTC).timestamp()))
     # Verify with the device's code before anything leaves the build.
     verify_bundle(data, [s.trusted])
+    # Commit the release before writing: if the write then fails the number is skipped,
+    # which devices tolerate; handing the same number out twice they would not.
+    ReleaseCounter().commit(manifest.name, manifest.target, manifest.release)
     try:
         s.out_dir.mkdir(parents=True, exist_ok=True)
         path = s.out_dir / manifest.bundle_filename()
         write_atomically(path, data)
     except OSError as exc:
         raise BuildError(f"{s.out_dir}: cannot write the bundle: {exc.strerror or exc}") from exc
-    ReleaseCounter().commit(manifest.name, manifest.target, manifest.release)
     s.bundle_path = path
 
 
