@@ -182,9 +182,12 @@ def test_budget_exceeded_names_budget_and_writes_nothing(tmp_path: Path, small_p
     targets = tmp_path / "targets"
     targets.mkdir()
     text = (REPO / "targets" / "ecu.toml").read_text().replace("model_bytes = 262_144", "model_bytes = 50_000")
-    (targets / "tiny-ecu.toml").write_text(text)
+    assert '"Gemm", ' in text
+    (targets / "tiny-ecu.toml").write_text(text.replace('"Gemm", ', ""))
     proc = run_edgeops("build", "-t", "tiny-ecu", "--targets-dir", targets, "-p", small_project, "-o", tmp_path / "out")
-    _assert_one_line_error(proc, 3, "1 budget(s) exceeded: model size: measured", "limit <= 48.8 KiB")
+    _assert_one_line_error(
+        proc, 3, "2 budget(s) exceeded: model size: measured", "limit <= 48.8 KiB", "operator set: measured unsupported: Gemm"
+    )
     assert "FAIL" in proc.stdout  # the closing table is still shown
     assert not (tmp_path / "out").exists()
     as_json = run_edgeops(
@@ -193,7 +196,7 @@ def test_budget_exceeded_names_budget_and_writes_nothing(tmp_path: Path, small_p
     assert as_json.returncode == 3
     payload = json.loads(as_json.stdout)
     failed = [row["name"] for row in payload["budgets"] if not row["passed"]]
-    assert failed == ["model size"]
+    assert failed == ["model size", "operator set"]
     assert not (tmp_path / "out").exists()
 
 

@@ -55,6 +55,7 @@ class BudgetCheck:
     unit: str
     kind: str
     detail: str = ""
+    limit_detail: str = ""
 
     @property
     def passed(self) -> bool:
@@ -68,6 +69,8 @@ class BudgetCheck:
 
     @property
     def limit_text(self) -> str:
+        if self.limit_detail:
+            return self.limit_detail
         if self.limit is None:
             return "-"
         return ("<= " if self.kind == "max" else ">= ") + format_value(self.limit, self.unit)
@@ -226,5 +229,6 @@ def budget_checks(profile: TargetProfile, metrics: Mapping[str, float], unsuppor
             "ops",
             "max",
             detail="all supported" if not unsupported_ops else "unsupported: " + ", ".join(sorted(unsupported_ops)),
+            limit_detail="profile's list",
         ),
     ]
