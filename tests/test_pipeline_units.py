@@ -23,6 +23,7 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
     a = train_model(project, ds, pre, on_epoch=lambda d, t: progress.append((d, t)))
     b = train_model(project, ds, pre)
     assert progress == [(1, 2), (2, 2)]
+    assert not torch.are_deterministic_algorithms_enabled()  # the global setting is restored
     for (name, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
         assert torch.equal(pa, pb), name
     assert a.loss_per_epoch == b.loss_per_epoch

@@ -97,6 +97,12 @@ class BuildState:
     members: dict[str, bytes] = field(default_factory=dict)
     bundle_path: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    current: Step | None = None
+
+    def advance(self, done: int, total: int) -> None:
+        """Report progress inside the running step."""
+        if self.current is not None:
+            self.progress.step_advanced(self.current, done, total)
 
     def need(self, name: str) -> Any:
         value = getattr(self, name)
@@ -130,10 +136,7 @@ def _step_data(s: BuildState) -> None:
 def _step_train(s: BuildState) -> None:
     from edgeops_toolchain.train import train_model
 
-    step = STEPS[1]
-    s.trained = train_model(
-        s.project, s.need("dataset"), s.need("report").preprocessing, on_epoch=lambda d, t: s.progress.step_advanced(step, d, t)
-    )
+    s.trained = train_model(s.project, s.need("dataset"), s.need("report").preprocessing, on_epoch=s.advance)
 
 
 def _step_export(s: BuildState) -> None:
@@ -165,18 +168,17 @@ def _step_validate(s: BuildState) -> None:
     ds, report, trained = s.need("dataset"), s.need("report"), s.need("trained")
     fp32, model, profile = s.need("fp32_model"), s.need("model"), s.profile
     x_test = apply_preprocessing(report.preprocessing, ds.x_test)
-    step = STEPS[4]
     with torch.no_grad():
         torch_logits = trained.model(torch.from_numpy(x_test)).numpy()
     float_logits = OnnxEvaluator(fp32, profile.threads).predict(x_test)
-    s.progress.step_advanced(step, 1, 4)
+    s.advance(1, 4)
     deployed = OnnxEvaluator(model, profile.threads)
     logits = deployed.predict(x_test)
     pred_float, pred = float_logits.argmax(axis=1), logits.argmax(axis=1)
     p50, p99, _ = deployed.latency_ms(x_test)
-    s.progress.step_advanced(step, 2, 4)
+    s.advance(2, 4)
     peak = measure_peak_memory(model, profile.threads, x_test.shape[1])
-    s.progress.step_advanced(step, 3, 4)
+    s.advance(3, 4)
     macs = mac_count(fp32)
     acc_float = float((pred_float == ds.y_test).mean())
     acc = float((pred == ds.y_test).mean())
@@ -204,7 +206,7 @@ def _step_validate(s: BuildState) -> None:
         deployed.predict(apply_preprocessing(report.preprocessing, ds.x_val)), len(ds.label_names)
     )
     s.self_test = _self_test(ds, logits, s.project.self_test_vectors, s.io_quant[1])
-    s.progress.step_advanced(step, 4, 4)
+    s.advance(4, 4)
     if any(not c.passed for c in s.checks):
         raise BudgetExceededError(s.checks)
 
@@ -358,6 +360,7 @@ def run_build(
     if state_out is not None:
         state_out.append(state)
     for step in STEPS:
+        state.current = step
         state.progress.step_started(step)
         start = time.perf_counter()
         step.run(state)

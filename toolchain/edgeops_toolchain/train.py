@@ -17,9 +17,10 @@ import numpy as np
 from edgeops_core import Preprocessing, apply_preprocessing
 from edgeops_toolchain.data import Dataset
 from edgeops_toolchain.errors import ProjectError
-from edgeops_toolchain.project import Project, load_entry
+from edgeops_toolchain.project import Project, Training, load_entry
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 __all__ = ["TrainResult", "train_model"]
@@ -54,7 +55,6 @@ def train_model(
 
     cfg = project.training
     torch.manual_seed(cfg.seed)
-    torch.use_deterministic_algorithms(True)
     build = load_entry(project, project.model_entry)
     try:
         model = build(len(ds.feature_names), len(ds.label_names), **project.model_params)
@@ -64,6 +64,31 @@ def train_model(
         raise ProjectError(f"model entry {project.model_entry!r} must return a torch.nn.Module, got {type(model).__name__}")
     x = torch.from_numpy(apply_preprocessing(pre, ds.x_train))
     y = torch.from_numpy(ds.y_train)
+    # Deterministic kernels for this training only; the caller's setting is restored.
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        losses = _fit(model, x, y, cfg, on_epoch)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(apply_preprocessing(pre, ds.x_val))).numpy()
+    val_acc = float((np.argmax(logits, axis=1) == ds.y_val).mean())
+    return TrainResult(
+        model=model,
+        parameters=sum(p.numel() for p in model.parameters()),
+        loss_per_epoch=losses,
+        val_accuracy=val_acc,
+    )
+
+
+def _fit(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Training, on_epoch: Callable[[int, int], None] | None
+) -> list[float]:
+    import torch
+    from torch import nn
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -85,13 +110,4 @@ def train_model(
             raise ProjectError(f"training diverged: loss is {losses[-1]} at epoch {epoch + 1}; lower train.learning_rate")
         if on_epoch:
             on_epoch(epoch + 1, cfg.epochs)
-    model.eval()
-    with torch.no_grad():
-        logits = model(torch.from_numpy(apply_preprocessing(pre, ds.x_val))).numpy()
-    val_acc = float((np.argmax(logits, axis=1) == ds.y_val).mean())
-    return TrainResult(
-        model=model,
-        parameters=sum(p.numel() for p in model.parameters()),
-        loss_per_epoch=losses,
-        val_accuracy=val_acc,
-    )
+    return losses
