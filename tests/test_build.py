@@ -177,6 +177,24 @@ def test_model_that_does_not_export(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+WRONG_WIDTH_MODEL = """
+from torch import nn
+
+def build_model(n_features, n_classes, **_):
+    return nn.Linear(n_features, n_classes + 2)
+"""
+
+
+def test_model_with_wrong_output_width(tmp_path: Path) -> None:
+    project = make_small_project(tmp_path / "p", n_train=600, epochs=1)
+    (project / "wide.py").write_text(WRONG_WIDTH_MODEL)
+    toml = project / "edgeops.toml"
+    toml.write_text(toml.read_text().replace('"vibration_model:build_model"', '"wide:build_model"'))
+    proc = run_edgeops("build", "-t", "ecu", "-p", project, "-o", tmp_path / "out")
+    _assert_one_line_error(proc, 2, "returns [2, 7] for a [2, 106] input, expected [2, 5] (one logit per label)")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_budget_exceeded_names_budget_and_writes_nothing(tmp_path: Path, small_project: Path) -> None:
     targets = tmp_path / "targets"

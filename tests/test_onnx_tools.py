@@ -20,7 +20,7 @@ def mlp() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def fp32(mlp: nn.Module) -> bytes:
-    return export_onnx(mlp, 12)
+    return export_onnx(mlp, 12, 4)
 
 
 def _run(model: bytes, x: np.ndarray) -> np.ndarray:
@@ -38,6 +38,13 @@ def test_export_is_single_file_with_fixed_io(fp32: bytes, mlp: nn.Module) -> Non
     with torch.no_grad():
         expected = mlp(torch.from_numpy(x)).numpy()
     assert np.abs(_run(fp32, x) - expected).max() < 1e-5
+
+
+def test_wrong_output_width_is_an_export_error(mlp: nn.Module) -> None:
+    from edgeops_toolchain.errors import ExportError
+
+    with pytest.raises(ExportError, match=r"model output has shape \[1, 4\] for one input row, expected \[1, 5\]"):
+        export_onnx(mlp, 12, 5)
 
 
 def test_mac_count_matches_layer_sizes(fp32: bytes) -> None:

@@ -29,6 +29,7 @@ from edgeops_core.errors import (
     SignatureError,
     UnknownTargetError,
 )
+from edgeops_core.fields import FieldReader
 from edgeops_core.manifest import (
     SCHEMA_VERSION,
     DriftReference,
@@ -64,6 +65,7 @@ __all__ = [
     "EdgeopsError",
     "ExpiredBundleError",
     "FeatureReference",
+    "FieldReader",
     "InputError",
     "KeyFileError",
     "Lineage",

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from edgeops_core._validate import Reader
 from edgeops_core.errors import ManifestError
+from edgeops_core.fields import FieldReader
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -278,7 +278,7 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"non-finite number {name} is not allowed")
 
 
-_R = Reader(ManifestError, "manifest.json")
+_R = FieldReader(ManifestError, "manifest.json")
 
 
 def _tensor(raw: object, path: str) -> TensorSpec:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeops_core._validate import Reader
 from edgeops_core.errors import ProfileError, UnknownTargetError
+from edgeops_core.fields import FieldReader
 
 __all__ = ["FORMATS_BY_RUNTIME", "Budgets", "TargetProfile", "find_profile", "list_profiles", "load_profile"]
 
@@ -97,7 +97,7 @@ class TargetProfile:
 
 
 def _parse(data: Mapping[str, Any], path: Path) -> TargetProfile:
-    r = Reader(ProfileError, str(path))
+    r = FieldReader(ProfileError, str(path))
     r.only(data, _TOP_KEYS, "")
     name = path.stem
     if "name" in data and r.string(data, "name") != name:

@@ -40,12 +40,14 @@ OUTPUT_NAME = "logits"
 OPSET = 18
 
 
-def export_onnx(model: nn.Module, n_features: int) -> bytes:
-    """Export a trained model to ONNX bytes with input ``features[1, n]`` and output ``logits``.
+def export_onnx(model: nn.Module, n_features: int, n_classes: int) -> bytes:
+    """Export a trained model to ONNX bytes: input ``features[1, n_features]``, output
+    ``logits[1, n_classes]``.
 
     Raises:
-        ExportError: the exporter fails or the checker rejects the graph; the message names
-            the failing module or operator as torch reports it.
+        ExportError: the exporter fails, the output has another shape, or the checker
+            rejects the graph; the message names the failing module or operator as torch
+            reports it.
     """
     import onnx
     import torch
@@ -78,6 +80,11 @@ def export_onnx(model: nn.Module, n_features: int) -> bytes:
         raise ExportError(
             f"model must take one tensor and return one tensor, got {len(proto.graph.input)} inputs and "
             f"{len(proto.graph.output)} outputs"
+        )
+    out_shape = [d.dim_value if d.HasField("dim_value") else None for d in proto.graph.output[0].type.tensor_type.shape.dim]
+    if out_shape != [1, n_classes]:
+        raise ExportError(
+            f"model output has shape {out_shape} for one input row, expected [1, {n_classes}] (one logit per label)"
         )
     proto = strip_model(proto)
     try:

@@ -57,9 +57,14 @@ __all__ = ["STEPS", "BuildProgress", "BuildResult", "BuildState", "Step", "run_b
 class BuildProgress(Protocol):
     """Receives progress of a build (the CLI draws it; tests may record it)."""
 
-    def step_started(self, step: Step) -> None: ...
-    def step_advanced(self, step: Step, done: int, total: int) -> None: ...
-    def step_finished(self, step: Step, seconds: float) -> None: ...
+    def step_started(self, step: Step) -> None:
+        """``step`` begins."""
+
+    def step_advanced(self, step: Step, done: int, total: int) -> None:
+        """``step`` has done ``done`` of ``total`` units (epochs, measurements)."""
+
+    def step_finished(self, step: Step, seconds: float) -> None:
+        """``step`` ended after ``seconds``."""
 
 
 class _Silent:
@@ -105,6 +110,7 @@ class BuildState:
             self.progress.step_advanced(self.current, done, total)
 
     def need(self, name: str) -> Any:
+        """The value a previous step stored under ``name``."""
         value = getattr(self, name)
         if value is None:  # a step ran out of order: a bug, not user input
             raise BuildError(f"internal: build step needs {name!r}, which no earlier step produced")
@@ -142,7 +148,8 @@ def _step_train(s: BuildState) -> None:
 def _step_export(s: BuildState) -> None:
     from edgeops_toolchain.onnx_export import export_onnx
 
-    s.fp32_model = export_onnx(s.need("trained").model, len(s.need("dataset").feature_names))
+    ds = s.need("dataset")
+    s.fp32_model = export_onnx(s.need("trained").model, len(ds.feature_names), len(ds.label_names))
 
 
 def _step_quantize(s: BuildState) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from edgeops_core._validate import Reader
+from edgeops_core.fields import FieldReader
 from edgeops_toolchain.errors import ProjectError
 
 __all__ = ["PROJECT_FILE", "Checks", "Project", "Quantization", "Training", "load_entry", "load_project"]
@@ -140,7 +140,7 @@ def load_project(root: Path) -> Project:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ProjectError(f"{path}: malformed TOML: {exc}") from exc
-    r = Reader(ProjectError, str(path))
+    r = FieldReader(ProjectError, str(path))
     r.only(data, set(_TABLES), "")
     t = {name: r.mapping(data.get(name, {}), name) for name in _TABLES}
     for name, keys in _TABLES.items():
@@ -194,7 +194,7 @@ def load_project(root: Path) -> Project:
     )
 
 
-def _opt(r: Reader, table: Mapping[str, Any], key: str, default: float, *, maximum: float | None) -> float:
+def _opt(r: FieldReader, table: Mapping[str, Any], key: str, default: float, *, maximum: float | None) -> float:
     return r.number(table, key, "checks", minimum=0, maximum=maximum) if key in table else default
 
 

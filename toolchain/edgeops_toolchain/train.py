@@ -64,11 +64,15 @@ def train_model(
         raise ProjectError(f"model entry {project.model_entry!r} must return a torch.nn.Module, got {type(model).__name__}")
     x = torch.from_numpy(apply_preprocessing(pre, ds.x_train))
     y = torch.from_numpy(ds.y_train)
+    _check_output_shape(project, model, x[:2], len(ds.label_names))
     # Deterministic kernels for this training only; the caller's setting is restored.
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         losses = _fit(model, x, y, cfg, on_epoch)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # raised by the project's model code
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ProjectError(f"training failed in model {project.model_entry!r}: {type(exc).__name__}: {first}") from exc
     finally:
         torch.use_deterministic_algorithms(previous)
     model.eval()
@@ -81,6 +85,24 @@ def train_model(
         loss_per_epoch=losses,
         val_accuracy=val_acc,
     )
+
+
+def _check_output_shape(project: Project, model: nn.Module, x: torch.Tensor, n_classes: int) -> None:
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as exc:  # the project's forward may raise anything
+        raise ProjectError(
+            f"model {project.model_entry!r} fails on a [2, {x.shape[1]}] input: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.shape[0], n_classes):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ProjectError(
+            f"model {project.model_entry!r} returns {got} for a [{x.shape[0]}, {x.shape[1]}] input, "
+            f"expected [{x.shape[0]}, {n_classes}] (one logit per label)"
+        )
 
 
 def _fit(

@@ -45,12 +45,15 @@ class Reporter:
         self._progress.__exit__(et, ev, tb)
 
     def step_started(self, step: Step) -> None:
+        """Add a line for ``step``."""
         self._tasks[step.name] = self._progress.add_task(step.title, total=None)
 
     def step_advanced(self, step: Step, done: int, total: int) -> None:
+        """Move ``step``'s bar."""
         self._progress.update(self._tasks[step.name], completed=done, total=total)
 
     def step_finished(self, step: Step, seconds: float) -> None:
+        """Mark ``step`` done with its duration."""
         task = self._tasks[step.name]
         self._progress.update(task, description=f"{step.title} [dim]({seconds:.1f} s)", completed=1, total=1)
 

@@ -59,16 +59,19 @@ class BudgetCheck:
 
     @property
     def passed(self) -> bool:
+        """Whether the measured value is within the limit (info rows always pass)."""
         if self.kind == "info" or self.limit is None:
             return True
         return self.measured <= self.limit if self.kind == "max" else self.measured >= self.limit
 
     @property
     def measured_text(self) -> str:
+        """The measured value as shown in the table."""
         return self.detail or format_value(self.measured, self.unit)
 
     @property
     def limit_text(self) -> str:
+        """The limit as shown in the table (``-`` for info rows)."""
         if self.limit_detail:
             return self.limit_detail
         if self.limit is None:
@@ -76,6 +79,7 @@ class BudgetCheck:
         return ("<= " if self.kind == "max" else ">= ") + format_value(self.limit, self.unit)
 
     def to_dict(self) -> dict[str, object]:
+        """The row as JSON-ready data (``--json`` output)."""
         return {
             "name": self.name,
             "measured": self.measured,

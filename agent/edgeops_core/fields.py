@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from edgeops_core.errors import EdgeopsError
 
-E = TypeVar("E", bound=EdgeopsError)
+__all__ = ["FieldReader"]
 
 
 def _describe(value: object) -> str:
@@ -23,8 +23,13 @@ def _describe(value: object) -> str:
     return f"{type(value).__name__} {text}"
 
 
-class Reader:
-    """Reads typed fields from a mapping and raises ``error`` naming the field path."""
+class FieldReader:
+    """Reads typed fields from an untrusted mapping; raises ``error`` naming the field path.
+
+    Args:
+        error: the error class to raise (``ManifestError``, ``ProfileError``...).
+        source: the file or member the mapping came from, prefixed to every message.
+    """
 
     def __init__(self, error: type[EdgeopsError], source: str) -> None:
         self.error = error
@@ -35,11 +40,13 @@ class Reader:
         return self.error(f"{self.source}: field '{path}' must be {expected}, got {_describe(value)}")
 
     def mapping(self, data: object, path: str) -> Mapping[str, Any]:
+        """The value at ``path`` as a mapping."""
         if not isinstance(data, Mapping):
             raise self.fail(path, "a table/object", data)
         return data
 
     def get(self, data: Mapping[str, Any], key: str, path: str) -> Any:
+        """``data[key]``; a missing key names ``path``."""
         if key not in data:
             where = f"'{path}'" if path else "the top level"
             raise self.error(f"{self.source}: missing field '{key}' in {where}")
@@ -55,6 +62,7 @@ class Reader:
             )
 
     def string(self, data: Mapping[str, Any], key: str, path: str = "", *, nonempty: bool = True) -> str:
+        """``data[key]`` as a (non-empty) string."""
         full = f"{path}.{key}" if path else key
         value = self.get(data, key, path)
         if not isinstance(value, str) or (nonempty and not value):
@@ -62,11 +70,13 @@ class Reader:
         return value
 
     def integer(self, data: Mapping[str, Any], key: str, path: str = "", *, minimum: int | None = None) -> int:
+        """``data[key]`` as an int (bools rejected), at least ``minimum``."""
         full = f"{path}.{key}" if path else key
         value = self.get(data, key, path)
         return self.as_int(value, full, minimum=minimum)
 
     def as_int(self, value: object, path: str, *, minimum: int | None = None) -> int:
+        """``value`` as an int (bools rejected), at least ``minimum``."""
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(path, "an integer", value)
         if minimum is not None and value < minimum:
@@ -83,6 +93,7 @@ class Reader:
         maximum: float | None = None,
         exclusive_minimum: bool = False,
     ) -> float:
+        """``data[key]`` as a finite float within the bounds."""
         full = f"{path}.{key}" if path else key
         return self.as_number(
             self.get(data, key, path), full, minimum=minimum, maximum=maximum, exclusive_minimum=exclusive_minimum
@@ -97,6 +108,7 @@ class Reader:
         maximum: float | None = None,
         exclusive_minimum: bool = False,
     ) -> float:
+        """``value`` as a finite float within the bounds."""
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise self.fail(path, "a finite number", value)
         if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
@@ -107,6 +119,7 @@ class Reader:
         return float(value)
 
     def sequence(self, data: Mapping[str, Any], key: str, path: str = "") -> Sequence[Any]:
+        """``data[key]`` as a list."""
         full = f"{path}.{key}" if path else key
         value = self.get(data, key, path)
         if not isinstance(value, (list, tuple)):
@@ -114,6 +127,7 @@ class Reader:
         return value
 
     def numbers(self, data: Mapping[str, Any], key: str, path: str = "", *, length: int | None = None) -> tuple[float, ...]:
+        """``data[key]`` as a tuple of finite floats, of ``length`` if given."""
         full = f"{path}.{key}" if path else key
         values = self.sequence(data, key, path)
         if length is not None and len(values) != length:
@@ -121,6 +135,7 @@ class Reader:
         return tuple(self.as_number(v, f"{full}[{i}]") for i, v in enumerate(values))
 
     def strings(self, data: Mapping[str, Any], key: str, path: str = "") -> tuple[str, ...]:
+        """``data[key]`` as a tuple of non-empty strings."""
         full = f"{path}.{key}" if path else key
         values = self.sequence(data, key, path)
         out = []
