@@ -93,19 +93,19 @@ def test_unknown_target(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_malformed_project_toml(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("old", "new", "needles"),
+    [
+        ("epochs = 10", "epochs = = 10", ("edgeops.toml: malformed TOML", "line")),
+        ("epochs = 10", "epochs = 0", ("'train.epochs' must be an integer >= 1",)),
+    ],
+)
+def test_bad_project_file(tmp_path: Path, old: str, new: str, needles: tuple[str, ...]) -> None:
     project = make_small_project(tmp_path / "p")
-    (project / "edgeops.toml").write_text((project / "edgeops.toml").read_text().replace("epochs = 10", "epochs = = 10"))
+    (project / "edgeops.toml").write_text((project / "edgeops.toml").read_text().replace(old, new))
     proc = run_edgeops("build", "-t", "ecu", "-p", project, "-o", tmp_path / "out")
-    _assert_one_line_error(proc, 2, "edgeops.toml: malformed TOML", "line")
+    _assert_one_line_error(proc, 2, *needles)
     assert not (tmp_path / "out").exists()
-
-
-def test_invalid_project_field(tmp_path: Path) -> None:
-    project = make_small_project(tmp_path / "p")
-    (project / "edgeops.toml").write_text((project / "edgeops.toml").read_text().replace("epochs = 10", "epochs = 0"))
-    proc = run_edgeops("build", "-t", "ecu", "-p", project, "-o", tmp_path / "out")
-    _assert_one_line_error(proc, 2, "'train.epochs' must be an integer >= 1")
 
 
 NAN_DATA = """

@@ -29,7 +29,7 @@ from edgeops_core.errors import (
     SignatureError,
     UnknownTargetError,
 )
-from edgeops_core.fields import FieldReader
+from edgeops_core.fields import FieldReader, load_toml
 from edgeops_core.manifest import (
     SCHEMA_VERSION,
     DriftReference,
@@ -89,6 +89,7 @@ __all__ = [
     "list_profiles",
     "load_profile",
     "load_public_key",
+    "load_toml",
     "pack_bundle",
     "parse_time",
     "read_members",

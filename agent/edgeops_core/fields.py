@@ -8,12 +8,37 @@ the same readers serve manifests (``ManifestError``) and profiles (``ProfileErro
 from __future__ import annotations
 
 import math
+import tomllib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from edgeops_core.errors import EdgeopsError
 
-__all__ = ["FieldReader"]
+__all__ = ["FieldReader", "load_toml"]
+
+
+def load_toml(path: Path, error: type[EdgeopsError], what: str) -> dict[str, Any]:
+    """Read and parse a TOML file, turning every failure into ``error`` naming the file.
+
+    Args:
+        path: the file.
+        error: the error class to raise.
+        what: what the file is, for the message (``"target profile"``).
+
+    Raises:
+        error: unreadable (with the OS reason) or malformed (with line and column).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: {what} is not UTF-8 text: {exc}") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: malformed TOML: {exc}") from exc
 
 
 def _describe(value: object) -> str:

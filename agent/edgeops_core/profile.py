@@ -11,14 +11,13 @@ file of the same name, which is how users replace or add targets (``--targets-di
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeops_core.errors import ProfileError, UnknownTargetError
-from edgeops_core.fields import FieldReader
+from edgeops_core.fields import FieldReader, load_toml
 
 __all__ = ["FORMATS_BY_RUNTIME", "Budgets", "TargetProfile", "find_profile", "list_profiles", "load_profile"]
 
@@ -147,15 +146,7 @@ def load_profile(path: Path) -> TargetProfile:
         ProfileError: the file is unreadable, not valid TOML (the message gives the line),
             or fails validation (the message names the field).
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{path}: cannot read target profile: {exc}") from exc
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{path}: malformed TOML: {exc}") from exc
-    return _parse(data, path)
+    return _parse(load_toml(path, ProfileError, "target profile"), path)
 
 
 def _profile_files(dirs: Iterable[Path]) -> dict[str, Path]:

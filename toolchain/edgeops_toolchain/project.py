@@ -12,14 +12,13 @@ import hashlib
 import importlib.util
 import re
 import sys
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from edgeops_core.fields import FieldReader
+from edgeops_core.fields import FieldReader, load_toml
 from edgeops_toolchain.errors import ProjectError
 
 __all__ = ["PROJECT_FILE", "Checks", "Project", "Quantization", "Training", "load_entry", "load_project"]
@@ -132,14 +131,7 @@ def load_project(root: Path) -> Project:
             the line), or a field is missing, unknown or invalid (the message names it).
     """
     path = root / PROJECT_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProjectError(f"{path}: cannot read project file: {getattr(exc, 'strerror', None) or exc}") from exc
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ProjectError(f"{path}: malformed TOML: {exc}") from exc
+    data = load_toml(path, ProjectError, "project file")
     r = FieldReader(ProjectError, str(path))
     r.only(data, set(_TABLES), "")
     t = {name: r.mapping(data.get(name, {}), name) for name in _TABLES}
