@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -65,16 +66,20 @@ def test_self_test_vectors_reproduce_on_onnxruntime(built: Built) -> None:
         assert int(out.argmax()) == v.label
 
 
-def test_rebuild_increments_release(tmp_path: Path, built: Built, small_project: Path) -> None:
+def test_rebuild_elsewhere_is_reproducible_and_increments_release(tmp_path: Path, built: Built, small_project: Path) -> None:
+    """The same project copied to another folder rebuilds to the same model bytes."""
+    copy = tmp_path / "elsewhere" / "project"
+    shutil.copytree(small_project, copy, ignore=shutil.ignore_patterns("__pycache__"))
     env = {"EDGEOPS_HOME": str(built.home)}
-    proc = run_edgeops("build", "-t", "ecu", "-p", small_project, "-o", tmp_path, "-k", built.private_key, "--json", env=env)
+    proc = run_edgeops("build", "-t", "ecu", "-p", copy, "-o", tmp_path / "out", "-k", built.private_key, "--json", env=env)
     assert proc.returncode == 0, proc.stderr
-    manifest = Manifest.from_json(read_members(Path(json.loads(proc.stdout)["bundle"]).read_bytes())["manifest.json"])
+    members = read_members(Path(json.loads(proc.stdout)["bundle"]).read_bytes())
+    manifest = Manifest.from_json(members["manifest.json"])
     assert manifest.release == 2 and manifest.lineage.parent_release == 1
-    # Same data and code, same lineage digests.
-    first = verify_bundle(built.bundle, [load_public_key(built.public_key)]).manifest
-    assert manifest.lineage.dataset_digest == first.lineage.dataset_digest
-    assert manifest.lineage.code_digest == first.lineage.code_digest
+    first = verify_bundle(built.bundle, [load_public_key(built.public_key)])
+    assert manifest.lineage.dataset_digest == first.manifest.lineage.dataset_digest
+    assert manifest.lineage.code_digest == first.manifest.lineage.code_digest
+    assert members["model.onnx"] == first.model  # deterministic training, path-free export
 
 
 def _assert_one_line_error(proc: object, code: int, *needles: str) -> None:

@@ -66,8 +66,13 @@ def test_int8_quantization_and_stripping(fp32: bytes) -> None:
     steps = out / q_out.scale + q_out.zero_point
     assert np.allclose(steps, np.round(steps), atol=1e-3)
     proto = onnx.load_model_from_string(int8)
-    assert all(not n.name and not n.doc_string for n in proto.graph.node)
+    assert all(not n.name and not n.doc_string and not n.metadata_props for n in proto.graph.node)
     assert len(proto.graph.value_info) == 0
+    assert not proto.graph.metadata_props and not proto.metadata_props
+    assert all(not v.metadata_props for v in [*proto.graph.input, *proto.graph.output])
+    for model in (fp32, int8):  # no trace of the build machine's file layout
+        assert b"site-packages" not in model and b'File "' not in model
+    assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}  # unused domains dropped
     # Stripping again changes nothing the runtime computes.
     again = strip_model(onnx.load_model_from_string(int8)).SerializeToString()
     assert np.array_equal(_run(again, x), out)

@@ -7,7 +7,8 @@
   ``quantize_static`` in QDQ format, per-channel symmetric int8 weights, int8 activations
   calibrated (MinMax) on training windows. See docs/adr/0003-quantization.md.
 * :func:`strip_model` — drops what the runtime never reads (doc strings, node names,
-  value_info, metadata) and renames internal tensors to short names. On a 100 k-parameter
+  value_info, metadata, the exporter's stack traces with the builder's absolute paths) and
+  renames internal tensors to short names, so the bytes do not depend on the build folder. On a 100 k-parameter
   model the exporter's long tensor names and inferred shapes are several kilobytes.
 * :func:`mac_count`, :func:`op_types`, :func:`io_quantization` — what validation reads.
 """
@@ -129,16 +130,28 @@ def strip_model(proto: onnx.ModelProto) -> onnx.ModelProto:
     for init in graph.initializer:
         init.name = short(init.name)
         init.doc_string = ""
+        del init.metadata_props[:]
     for node in graph.node:
         node.name = ""
         node.doc_string = ""
+        # The exporter records stack traces with absolute paths of the build machine: they
+        # leak the builder's file layout and make the bytes depend on where one builds.
+        del node.metadata_props[:]
         node.input[:] = [short(n) for n in node.input]
         node.output[:] = [short(n) for n in node.output]
         for attr in node.attribute:
             attr.doc_string = ""
     del graph.value_info[:]
+    del graph.metadata_props[:]
+    for value in [*graph.input, *graph.output]:
+        del value.metadata_props[:]
+        value.doc_string = ""
     graph.doc_string = ""
     graph.name = "g"
+    used = {"", "ai.onnx"} | {n.domain for n in graph.node}
+    kept_opsets = [o for o in proto.opset_import if o.domain in used]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept_opsets)
     proto.doc_string = ""
     del proto.metadata_props[:]
     proto.producer_name = "edgeops"
