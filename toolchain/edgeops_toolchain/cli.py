@@ -147,11 +147,10 @@ def build(
     as_json: bool,
 ) -> None:
     """Train, export, quantize, validate, package and sign a bundle for TARGET."""
-    from edgeops_toolchain.pipeline import BuildState, run_build
+    from edgeops_toolchain.pipeline import run_build
     from edgeops_toolchain.project import load_project
     from edgeops_toolchain.ui import Reporter, budget_table
 
-    states: list[BuildState] = []
 
     def body() -> None:
         profile = find_profile(target, _target_dirs(targets_dirs))
@@ -159,7 +158,7 @@ def build(
         reporter = Reporter(enabled=not as_json)
         try:
             with reporter:
-                result = run_build(proj, profile, out, key=key, progress=reporter, state_out=states)
+                result = run_build(proj, profile, out, key=key, progress=reporter)
         except BudgetExceededError as exc:
             if not as_json:
                 budget_table(exc.checks, title=f"{proj.name} {proj.version} → {profile.name}: budgets")

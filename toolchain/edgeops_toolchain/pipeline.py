@@ -29,6 +29,7 @@ from edgeops_core import (
     DriftReference,
     Lineage,
     Manifest,
+    QuantParams,
     SelfTest,
     SelfTestVector,
     TargetProfile,
@@ -97,7 +98,7 @@ class BuildState:
     checks: list[BudgetCheck] = field(default_factory=list)
     self_test: SelfTest | None = None
     prediction_fractions: tuple[float, ...] = ()
-    io_quant: tuple[Any, Any] = (None, None)
+    io_quant: tuple[QuantParams | None, QuantParams | None] = (None, None)
     manifest: Manifest | None = None
     members: dict[str, bytes] = field(default_factory=dict)
     bundle_path: Path | None = None
@@ -223,7 +224,7 @@ def _fractions(logits: np.ndarray, n: int) -> tuple[float, ...]:
     return tuple(round(float(c), 6) for c in counts / counts.sum())
 
 
-def _self_test(ds: Dataset, logits: np.ndarray, count: int, out_quant: Any) -> SelfTest:
+def _self_test(ds: Dataset, logits: np.ndarray, count: int, out_quant: QuantParams | None) -> SelfTest:
     """Held-out rows, at least one per class when possible, with the deployed model's output."""
     first = [int(np.argmax(ds.y_test == c)) for c in range(len(ds.label_names)) if (ds.y_test == c).any()]
     order = first + [i for i in range(ds.x_test.shape[0]) if i not in set(first)]
@@ -334,15 +335,12 @@ def run_build(
     *,
     key: Path | None = None,
     progress: BuildProgress | None = None,
-    state_out: list[BuildState] | None = None,
 ) -> BuildResult:
     """Build, validate, package and sign ``project`` for ``profile`` into ``out_dir``.
 
     Args:
         key: private signing key; ``None`` uses (and on first use creates) the dev key.
         progress: receives step progress.
-        state_out: if given, the :class:`BuildState` is appended (so a caller can show the
-            budget table even when the build fails).
 
     Raises:
         InputError: bad project, data, model or key (a subclass says which).
@@ -364,8 +362,6 @@ def run_build(
     state = BuildState(
         project=project, profile=profile, out_dir=out_dir, key=key, trusted=trusted, progress=progress or _Silent()
     )
-    if state_out is not None:
-        state_out.append(state)
     for step in STEPS:
         state.current = step
         state.progress.step_started(step)
