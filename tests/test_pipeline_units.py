@@ -46,3 +46,21 @@ def test_release_counter_corrupt_file(tmp_path: Path) -> None:
     (tmp_path / "releases.json").write_text("{not json")
     with pytest.raises(BuildError, match="release counters are unreadable"):
         ReleaseCounter(tmp_path).last("m", "ecu")
+
+
+def test_step_declarations_are_consistent() -> None:
+    """Every state input is produced by an earlier step; every output is a state field."""
+    import dataclasses
+
+    from edgeops_toolchain.pipeline import STEPS, BuildState
+
+    fields = {f.name for f in dataclasses.fields(BuildState)}
+    produced: set[str] = set()
+    for step in STEPS:
+        for name in step.inputs:
+            if name.split(".")[0] in {"project", "target", "key"}:
+                continue
+            assert name in produced, f"{step.name} reads {name!r} before any step produces it"
+        assert set(step.outputs) <= fields, step.name
+        produced |= set(step.outputs)
+    assert [s.name for s in STEPS] == ["data", "train", "export", "quantize", "validate", "package", "sign"]

@@ -151,7 +151,6 @@ def build(
     from edgeops_toolchain.project import load_project
     from edgeops_toolchain.ui import Reporter, budget_table
 
-
     def body() -> None:
         profile = find_profile(target, _target_dirs(targets_dirs))
         proj = load_project(project or example_dir())

@@ -94,13 +94,13 @@ class BuildState:
     trained: TrainResult | None = None
     fp32_model: bytes | None = None
     model: bytes | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    checks: list[BudgetCheck] = field(default_factory=list)
+    io_quant: tuple[QuantParams | None, QuantParams | None] | None = None
+    metrics: dict[str, float] | None = None
+    checks: list[BudgetCheck] | None = None
     self_test: SelfTest | None = None
-    prediction_fractions: tuple[float, ...] = ()
-    io_quant: tuple[QuantParams | None, QuantParams | None] = (None, None)
+    prediction_fractions: tuple[float, ...] | None = None
     manifest: Manifest | None = None
-    members: dict[str, bytes] = field(default_factory=dict)
+    members: dict[str, bytes] | None = None
     bundle_path: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
     current: Step | None = None
@@ -125,13 +125,16 @@ class Step:
     Attributes:
         name: short identifier (``train``).
         title: what the progress line shows.
-        inputs: the declared inputs the step's output depends on.
+        inputs: what the step's outputs depend on: :class:`BuildState` fields produced by
+            earlier steps, or outside inputs named ``project.*``, ``target.*`` or ``key``.
+        outputs: the :class:`BuildState` fields the step sets (checked after it runs).
         run: the work; reads from and writes to the :class:`BuildState`.
     """
 
     name: str
     title: str
     inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
     run: Callable[[BuildState], None]
 
 
@@ -158,7 +161,7 @@ def _step_quantize(s: BuildState) -> None:
 
     fp32 = s.need("fp32_model")
     if s.profile.precision == "fp32":
-        s.model = fp32
+        s.model, s.io_quant = fp32, (None, None)
         return
     ds, pre = s.need("dataset"), s.need("report").preprocessing
     n = min(s.project.quantization.calibration_samples, ds.x_train.shape[0])
@@ -190,7 +193,7 @@ def _step_validate(s: BuildState) -> None:
     macs = mac_count(fp32)
     acc_float = float((pred_float == ds.y_test).mean())
     acc = float((pred == ds.y_test).mean())
-    s.metrics = {
+    metrics = {
         "accuracy_float": acc_float,
         "accuracy_deployed": acc,
         "accuracy_drop_points": round((acc_float - acc) * 100, 6),
@@ -209,14 +212,15 @@ def _step_validate(s: BuildState) -> None:
         "threads": float(profile.threads),
     }
     unsupported = sorted(op_types(model) - profile.supported_ops)
-    s.checks = budget_checks(profile, s.metrics, unsupported)
+    checks = budget_checks(profile, metrics, unsupported)
+    s.metrics, s.checks = metrics, checks
     s.prediction_fractions = _fractions(
         deployed.predict(apply_preprocessing(report.preprocessing, ds.x_val)), len(ds.label_names)
     )
-    s.self_test = _self_test(ds, logits, s.project.self_test_vectors, s.io_quant[1])
+    s.self_test = _self_test(ds, logits, s.project.self_test_vectors, s.need("io_quant")[1])
     s.advance(4, 4)
-    if any(not c.passed for c in s.checks):
-        raise BudgetExceededError(s.checks)
+    if any(not c.passed for c in checks):
+        raise BudgetExceededError(checks)
 
 
 def _fractions(logits: np.ndarray, n: int) -> tuple[float, ...]:
@@ -248,7 +252,7 @@ def _step_package(s: BuildState) -> None:
     created = datetime.now(UTC).replace(microsecond=0)
     counter = ReleaseCounter()
     parent = counter.last(s.project.name, s.profile.name)
-    q_in, q_out = s.io_quant
+    q_in, q_out = s.need("io_quant")
     s.manifest = Manifest(
         name=s.project.name,
         version=s.project.version,
@@ -263,10 +267,10 @@ def _step_package(s: BuildState) -> None:
         labels=ds.label_names,
         preprocessing=report.preprocessing,
         drift_reference=DriftReference(
-            sample_count=int(ds.x_train.shape[0]), features=report.features, prediction_fractions=s.prediction_fractions
+            sample_count=int(ds.x_train.shape[0]), features=report.features, prediction_fractions=s.need("prediction_fractions")
         ),
         self_test=s.need("self_test"),
-        metrics=s.metrics,
+        metrics=s.need("metrics"),
         lineage=Lineage(
             dataset_digest=ds.digest(),
             code_digest=s.project.code_digest(),
@@ -283,8 +287,9 @@ def _step_package(s: BuildState) -> None:
 def _step_sign(s: BuildState) -> None:
     manifest = s.need("manifest")
     stem = manifest.bundle_filename().removesuffix(".edgeops")
-    signature = sign_members(s.members, s.key, subject=stem)
-    data = pack_bundle({**s.members, "model.sig": signature}, mtime=int(datetime.now(UTC).timestamp()))
+    members = s.need("members")
+    signature = sign_members(members, s.key, subject=stem)
+    data = pack_bundle({**members, "model.sig": signature}, mtime=int(datetime.now(UTC).timestamp()))
     # Verify with the device's code before anything leaves the build.
     verify_bundle(data, [s.trusted])
     # Commit the release before writing: if the write then fails the number is skipped,
@@ -300,13 +305,49 @@ def _step_sign(s: BuildState) -> None:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("data", "Check data", ("project.data", "project.checks"), _step_data),
-    Step("train", "Train", ("dataset", "project.code", "project.model", "project.train", "project.preprocessing"), _step_train),
-    Step("export", "Export ONNX", ("trained_model", "target.format"), _step_export),
-    Step("quantize", "Quantize int8", ("fp32_model", "dataset", "project.quantization", "target.precision"), _step_quantize),
-    Step("validate", "Validate budgets", ("model", "fp32_model", "dataset", "target"), _step_validate),
-    Step("package", "Package", ("model", "metrics", "dataset", "project", "target"), _step_package),
-    Step("sign", "Sign", ("manifest", "model", "key"), _step_sign),
+    Step(
+        "data",
+        "Check data",
+        inputs=("project.data", "project.checks", "project.preprocessing"),
+        outputs=("dataset", "report"),
+        run=_step_data,
+    ),
+    Step(
+        "train",
+        "Train",
+        inputs=("dataset", "report", "project.code", "project.model", "project.train"),
+        outputs=("trained",),
+        run=_step_train,
+    ),
+    Step(
+        "export",
+        "Export ONNX",
+        inputs=("trained", "dataset", "target.format"),
+        outputs=("fp32_model",),
+        run=_step_export,
+    ),
+    Step(
+        "quantize",
+        "Quantize int8",
+        inputs=("fp32_model", "dataset", "report", "project.quantization", "target.precision"),
+        outputs=("model", "io_quant"),
+        run=_step_quantize,
+    ),
+    Step(
+        "validate",
+        "Validate budgets",
+        inputs=("model", "fp32_model", "trained", "dataset", "report", "io_quant", "target", "project.bundle"),
+        outputs=("metrics", "checks", "self_test", "prediction_fractions"),
+        run=_step_validate,
+    ),
+    Step(
+        "package",
+        "Package",
+        inputs=("model", "metrics", "self_test", "prediction_fractions", "io_quant", "dataset", "report", "project", "target"),
+        outputs=("manifest", "members"),
+        run=_step_package,
+    ),
+    Step("sign", "Sign", inputs=("manifest", "members", "key"), outputs=("bundle_path",), run=_step_sign),
 )
 
 
@@ -367,12 +408,15 @@ def run_build(
         state.progress.step_started(step)
         start = time.perf_counter()
         step.run(state)
+        missing = [name for name in step.outputs if getattr(state, name) is None]
+        if missing:  # a step that does not keep its declaration is a bug
+            raise BuildError(f"internal: step {step.name!r} did not produce {', '.join(missing)}")
         state.timings[step.name] = time.perf_counter() - start
         state.progress.step_finished(step, state.timings[step.name])
     return BuildResult(
         bundle_path=state.need("bundle_path"),
         manifest=state.need("manifest"),
-        checks=state.checks,
+        checks=state.need("checks"),
         timings=state.timings,
         signer=trusted.fingerprint,
         public_key=public,
