@@ -2,8 +2,8 @@
 
 It depends on :mod:`edgeops_core` and device-safe libraries only: never torch, tensorflow or
 the toolchain (a test imports it in a fresh interpreter and checks ``sys.modules``).
-This release carries offline bundle verification; install, inference, telemetry, drift
-and OTA follow in the device agent issue.
+This release carries offline bundle verification (``edgeops-agent verify``); install,
+inference, telemetry, drift detection and OTA updates are not in it yet.
 """
 
 __version__ = "0.1.0"
