@@ -113,6 +113,16 @@ def test_bad_project_file(tmp_path: Path, old: str, new: str, needles: tuple[str
     assert not (tmp_path / "out").exists()
 
 
+def _project_with(tmp_path: Path, module: str, source: str, old_entry: str, new_entry: str) -> Path:
+    """A small project (one epoch) whose entry point ``old_entry`` is replaced by ``source``."""
+    project = make_small_project(tmp_path / "p", n_train=600, epochs=1)
+    (project / f"{module}.py").write_text(source)
+    toml = project / "edgeops.toml"
+    assert f'"{old_entry}"' in toml.read_text()
+    toml.write_text(toml.read_text().replace(f'"{old_entry}"', f'"{new_entry}"'))
+    return project
+
+
 NAN_DATA = """
 import numpy as np
 from vibration_data import load_dataset as _load
@@ -141,10 +151,7 @@ def load_dataset(**params):
     ],
 )
 def test_bad_dataset(tmp_path: Path, module: str, needles: tuple[str, ...]) -> None:
-    project = make_small_project(tmp_path / "p")
-    (project / "bad_data.py").write_text(module)
-    toml = project / "edgeops.toml"
-    toml.write_text(toml.read_text().replace('"vibration_data:load_dataset"', '"bad_data:load_dataset"'))
+    project = _project_with(tmp_path, "bad_data", module, "vibration_data:load_dataset", "bad_data:load_dataset")
     proc = run_edgeops("build", "-t", "ecu", "-p", project, "-o", tmp_path / "out")
     _assert_one_line_error(proc, 2, *needles)
     assert not (tmp_path / "out").exists()
@@ -173,10 +180,7 @@ def build_model(n_features, n_classes, **_):
 
 @pytest.mark.slow
 def test_model_that_does_not_export(tmp_path: Path) -> None:
-    project = make_small_project(tmp_path / "p", n_train=600, epochs=1)
-    (project / "bad_model.py").write_text(UNEXPORTABLE_MODEL)
-    toml = project / "edgeops.toml"
-    toml.write_text(toml.read_text().replace('"vibration_model:build_model"', '"bad_model:build_model"'))
+    project = _project_with(tmp_path, "bad_model", UNEXPORTABLE_MODEL, "vibration_model:build_model", "bad_model:build_model")
     proc = run_edgeops("build", "-t", "ecu", "-p", project, "-o", tmp_path / "out")
     _assert_one_line_error(proc, 2, "ONNX export of DataDependent failed")
     assert not (tmp_path / "out").exists()
@@ -191,10 +195,7 @@ def build_model(n_features, n_classes, **_):
 
 
 def test_model_with_wrong_output_width(tmp_path: Path) -> None:
-    project = make_small_project(tmp_path / "p", n_train=600, epochs=1)
-    (project / "wide.py").write_text(WRONG_WIDTH_MODEL)
-    toml = project / "edgeops.toml"
-    toml.write_text(toml.read_text().replace('"vibration_model:build_model"', '"wide:build_model"'))
+    project = _project_with(tmp_path, "wide", WRONG_WIDTH_MODEL, "vibration_model:build_model", "wide:build_model")
     proc = run_edgeops("build", "-t", "ecu", "-p", project, "-o", tmp_path / "out")
     _assert_one_line_error(proc, 2, "returns [2, 7] for a [2, 106] input, expected [2, 5] (one logit per label)")
     assert not (tmp_path / "out").exists()
