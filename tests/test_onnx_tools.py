@@ -92,3 +92,16 @@ def test_strip_model_shortens_internal_names_only(fp32: bytes) -> None:
     assert len(stripped.SerializeToString()) < before
     assert [i.name for i in stripped.graph.input] == ["features"]
     assert [o.name for o in stripped.graph.output] == ["logits"]
+
+
+def test_peak_memory_probe_sees_the_model(fp32: bytes) -> None:
+    """A model with 4 MB more weights measures at least 4 MB more peak RAM, repeatably."""
+    from edgeops_toolchain.validate import measure_peak_memory
+
+    torch.manual_seed(0)
+    big = export_onnx(nn.Sequential(nn.Linear(12, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 4)), 12, 4)
+    small_peak = measure_peak_memory(fp32, 1, 12)
+    big_peak = measure_peak_memory(big, 1, 12)
+    assert 0 < small_peak < big_peak
+    assert big_peak - small_peak >= 0.9 * (len(big) - len(fp32))
+    assert abs(measure_peak_memory(fp32, 1, 12) - small_peak) < 256 * 1024
