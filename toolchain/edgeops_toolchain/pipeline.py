@@ -186,7 +186,7 @@ def _step_validate(s: BuildState) -> None:
     deployed = OnnxEvaluator(model, profile.threads)
     logits = deployed.predict(x_test)
     pred_float, pred = float_logits.argmax(axis=1), logits.argmax(axis=1)
-    p50, p99, _ = deployed.latency_ms(x_test)
+    p50, p99 = deployed.latency_ms(x_test)
     s.advance(2, 4)
     peak = measure_peak_memory(model, profile.threads, x_test.shape[1])
     s.advance(3, 4)
@@ -231,7 +231,8 @@ def _fractions(logits: np.ndarray, n: int) -> tuple[float, ...]:
 def _self_test(ds: Dataset, logits: np.ndarray, count: int, out_quant: QuantParams | None) -> SelfTest:
     """Held-out rows, at least one per class when possible, with the deployed model's output."""
     first = [int(np.argmax(ds.y_test == c)) for c in range(len(ds.label_names)) if (ds.y_test == c).any()]
-    order = first + [i for i in range(ds.x_test.shape[0]) if i not in set(first)]
+    chosen = set(first)
+    order = first + [i for i in range(ds.x_test.shape[0]) if i not in chosen]
     picks = order[: min(count, len(order))]
     # int8 outputs move in steps of the output scale; allow two steps for a different CPU's
     # rounding. Float models get a small absolute tolerance.
