@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+import edgeops_toolchain  # noqa: F401  (sets MKL's reproducibility mode before any test imports torch)
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "vibration"
 EDGEOPS = [sys.executable, "-m", "edgeops_toolchain"]

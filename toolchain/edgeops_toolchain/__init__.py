@@ -5,6 +5,15 @@ Heavy libraries (torch, onnx, onnxruntime, model_signing) are imported inside th
 that use them, so importing this package and ``edgeops --help`` stay fast.
 """
 
+import os
+
+# Bit-reproducible training needs MKL's strict Conditional Numerical Reproducibility mode:
+# without it, MKL's sgemm may pick different kernels or thread splits between two identical
+# calls in one process (seen in CI: two trainings of the same project differed in the last
+# bits of the first layer). MKL reads this once, at its first call, so it is set when the
+# package is imported, before any step imports torch. A user's own setting wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__"]

@@ -1,8 +1,9 @@
 """Training: seeded and deterministic on CPU.
 
 The same project, data and seed give bit-identical weights on the same machine: torch's
-global and shuffling generators are seeded, deterministic algorithms are enforced, and the
-training loop runs on one thread pool of fixed size.
+global and shuffling generators are seeded, deterministic algorithms are enforced, and MKL
+runs in its strict reproducibility mode (``MKL_CBWR``, set when ``edgeops_toolchain`` is
+imported), so a matrix product does not depend on thread splits or memory alignment.
 """
 
 from __future__ import annotations
