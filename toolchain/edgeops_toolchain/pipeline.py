@@ -47,10 +47,13 @@ from edgeops_toolchain.errors import BudgetExceededError, BuildError, Unsupporte
 from edgeops_toolchain.project import Project
 from edgeops_toolchain.releases import ReleaseCounter
 from edgeops_toolchain.signing import dev_key, load_signing_key, sign_members
-from edgeops_toolchain.validate import BudgetCheck, OnnxEvaluator, budget_checks, measure_peak_memory
+from edgeops_toolchain.validate import BudgetCheck, Evaluator, budget_checks, measure_peak_memory
 
 if TYPE_CHECKING:
     from edgeops_toolchain.train import TrainResult
+
+#: Runtimes this toolchain exports and validates for.
+_RUNTIMES = ("onnxruntime", "litert", "tflite-micro")
 
 __all__ = ["STEPS", "BuildProgress", "BuildResult", "BuildState", "Step", "run_build"]
 
@@ -95,6 +98,8 @@ class BuildState:
     fp32_model: bytes | None = None
     model: bytes | None = None
     io_quant: tuple[QuantParams | None, QuantParams | None] | None = None
+    io_dtypes: tuple[str, str] | None = None
+    test_logits: np.ndarray | None = None
     metrics: dict[str, float] | None = None
     checks: list[BudgetCheck] | None = None
     self_test: SelfTest | None = None
@@ -150,47 +155,78 @@ def _step_train(s: BuildState) -> None:
 
 
 def _step_export(s: BuildState) -> None:
-    from edgeops_toolchain.onnx_export import export_onnx
-
     ds = s.need("dataset")
-    s.fp32_model = export_onnx(s.need("trained").model, len(ds.feature_names), len(ds.label_names))
+    n_features, n_classes = len(ds.feature_names), len(ds.label_names)
+    if s.profile.format == "onnx":
+        from edgeops_toolchain.onnx_export import export_onnx
+
+        s.fp32_model = export_onnx(s.need("trained").model, n_features, n_classes)
+    else:
+        from edgeops_toolchain.tflite_export import export_tflite
+
+        s.fp32_model = export_tflite(s.need("trained").model, n_features, n_classes)
 
 
 def _step_quantize(s: BuildState) -> None:
-    from edgeops_toolchain.onnx_export import io_quantization, quantize_int8
-
     fp32 = s.need("fp32_model")
     if s.profile.precision == "fp32":
-        s.model, s.io_quant = fp32, (None, None)
+        s.model, s.io_quant, s.io_dtypes = fp32, (None, None), ("float32", "float32")
         return
     ds, pre = s.need("dataset"), s.need("report").preprocessing
     n = min(s.project.quantization.calibration_samples, ds.x_train.shape[0])
     # Calibrate on a seeded, class-mixed sample of training rows, never on test rows.
     rows = np.random.default_rng(s.project.training.seed).choice(ds.x_train.shape[0], size=n, replace=False)
-    s.model = quantize_int8(fp32, apply_preprocessing(pre, ds.x_train[np.sort(rows)]))
-    s.io_quant = io_quantization(s.model)
+    calibration = apply_preprocessing(pre, ds.x_train[np.sort(rows)])
+    if s.profile.format == "onnx":
+        from edgeops_toolchain.onnx_export import io_quantization, quantize_int8
+
+        s.model = quantize_int8(fp32, calibration)
+        s.io_quant, s.io_dtypes = io_quantization(s.model), ("float32", "float32")
+    else:
+        from edgeops_toolchain.tflite_export import quantize_tflite, tflite_io
+
+        s.model = quantize_tflite(s.need("trained").model, calibration, len(ds.label_names))
+        (d_in, q_in), (d_out, q_out) = tflite_io(s.model)
+        s.io_quant, s.io_dtypes = (q_in, q_out), (d_in, d_out)
 
 
 def _step_validate(s: BuildState) -> None:
     import torch
 
-    from edgeops_toolchain.onnx_export import mac_count, op_types
-
     ds, report, trained = s.need("dataset"), s.need("report"), s.need("trained")
     fp32, model, profile = s.need("fp32_model"), s.need("model"), s.profile
+    if profile.format == "onnx":
+        from edgeops_toolchain.onnx_export import mac_count, op_types
+
+        ops, macs, float_runtime = op_types(model), mac_count(fp32), "onnxruntime"
+    else:
+        from edgeops_toolchain.tflite_export import tflite_mac_count, tflite_ops
+
+        ops, macs, float_runtime = tflite_ops(model), tflite_mac_count(model), "litert"
+    unsupported = sorted(ops - profile.supported_ops)
+    if unsupported and profile.runtime == "tflite-micro":
+        # TFLite Micro's op resolver would refuse the model: nothing more can be measured.
+        raise BudgetExceededError([c for c in budget_checks(profile, _UNMEASURED, unsupported) if c.name == "operator set"])
     x_test = apply_preprocessing(report.preprocessing, ds.x_test)
     with torch.no_grad():
         torch_logits = trained.model(torch.from_numpy(x_test)).numpy()
-    float_logits = OnnxEvaluator(fp32, profile.threads).predict(x_test)
-    s.advance(1, 4)
-    deployed = OnnxEvaluator(model, profile.threads)
+    float_logits = Evaluator(float_runtime, fp32, profile.threads).predict(x_test)
+    s.advance(1, 5)
+    deployed = Evaluator(profile.runtime, model, profile.threads)
     logits = deployed.predict(x_test)
     pred_float, pred = float_logits.argmax(axis=1), logits.argmax(axis=1)
     p50, p99 = deployed.latency_ms(x_test)
-    s.advance(2, 4)
-    peak = measure_peak_memory(model, profile.threads, x_test.shape[1])
-    s.advance(3, 4)
-    macs = mac_count(fp32)
+    s.advance(2, 5)
+    extra: dict[str, float] = {}
+    if profile.format == "tflite" and profile.precision == "int8":
+        extra.update(_runtime_agreement(profile, model, deployed, x_test))
+    s.advance(3, 5)
+    if deployed.arena_bytes is not None:
+        peak = deployed.arena_bytes
+        extra["arena_bytes"] = float(peak)
+    else:
+        peak = measure_peak_memory(model, profile.threads, x_test.shape[1], runtime=profile.runtime, dtype=deployed.spec[0].dtype)
+    s.advance(4, 5)
     acc_float = float((pred_float == ds.y_test).mean())
     acc = float((pred == ds.y_test).mean())
     metrics = {
@@ -210,17 +246,45 @@ def _step_validate(s: BuildState) -> None:
         "parameters": float(trained.parameters),
         "test_samples": float(ds.x_test.shape[0]),
         "threads": float(profile.threads),
+        **extra,
     }
-    unsupported = sorted(op_types(model) - profile.supported_ops)
     checks = budget_checks(profile, metrics, unsupported)
     s.metrics, s.checks = metrics, checks
     s.prediction_fractions = _fractions(
         deployed.predict(apply_preprocessing(report.preprocessing, ds.x_val)), len(ds.label_names)
     )
+    s.test_logits = logits
     s.self_test = _self_test(ds, logits, s.project.self_test_vectors, s.need("io_quant")[1])
-    s.advance(4, 4)
+    s.advance(5, 5)
     if any(not c.passed for c in checks):
         raise BudgetExceededError(checks)
+
+
+#: Placeholder metrics for the operator-set row alone (nothing else was measured).
+_UNMEASURED: dict[str, float] = dict.fromkeys(
+    (
+        "model_bytes", "size_ratio", "peak_memory_bytes", "latency_p50_ms", "latency_p99_ms", "latency_estimate_ms",
+        "mac_count", "accuracy_float", "accuracy_deployed", "accuracy_drop_points", "top1_agreement", "parity_max_abs_diff",
+    ),
+    0.0,
+)
+
+
+def _runtime_agreement(profile: TargetProfile, model: bytes, deployed: Evaluator, x: np.ndarray) -> dict[str, float]:
+    """Largest int8 output difference between TFLite Micro and LiteRT on the test rows, in LSB.
+
+    A mobile model may use operators TFLite Micro lacks; then there is nothing to compare
+    and no row is added (its operator set is LiteRT's, checked separately).
+    """
+    other = "litert" if profile.runtime == "tflite-micro" else "tflite-micro"
+    try:
+        reference = Evaluator(other, model, profile.threads)
+    except BuildError:
+        if profile.runtime == "tflite-micro":
+            raise
+        return {}
+    diff = np.abs(deployed.raw(x).astype(np.int32) - reference.raw(x).astype(np.int32))
+    return {"runtime_max_lsb": float(diff.max()), "runtime_mean_lsb": round(float(diff.mean()), 6)}
 
 
 def _fractions(logits: np.ndarray, n: int) -> tuple[float, ...]:
@@ -254,6 +318,7 @@ def _step_package(s: BuildState) -> None:
     counter = ReleaseCounter()
     parent = counter.last(s.project.name, s.profile.name)
     q_in, q_out = s.need("io_quant")
+    d_in, d_out = s.need("io_dtypes")
     s.manifest = Manifest(
         name=s.project.name,
         version=s.project.version,
@@ -262,8 +327,8 @@ def _step_package(s: BuildState) -> None:
         runtime=s.profile.runtime,
         model_file=s.profile.model_file,
         precision=s.profile.precision,
-        inputs=(TensorSpec("features", "float32", (1, len(ds.feature_names)), q_in),),
-        outputs=(TensorSpec("logits", "float32", (1, len(ds.label_names)), q_out),),
+        inputs=(TensorSpec("features", d_in, (1, len(ds.feature_names)), q_in),),
+        outputs=(TensorSpec("logits", d_out, (1, len(ds.label_names)), q_out),),
         feature_names=ds.feature_names,
         labels=ds.label_names,
         preprocessing=report.preprocessing,
@@ -322,7 +387,7 @@ STEPS: tuple[Step, ...] = (
     ),
     Step(
         "export",
-        "Export ONNX",
+        "Export",
         inputs=("trained", "dataset", "target.format"),
         outputs=("fp32_model",),
         run=_step_export,
@@ -330,15 +395,15 @@ STEPS: tuple[Step, ...] = (
     Step(
         "quantize",
         "Quantize int8",
-        inputs=("fp32_model", "dataset", "report", "project.quantization", "target.precision"),
-        outputs=("model", "io_quant"),
+        inputs=("fp32_model", "trained", "dataset", "report", "project.quantization", "target.format", "target.precision"),
+        outputs=("model", "io_quant", "io_dtypes"),
         run=_step_quantize,
     ),
     Step(
         "validate",
         "Validate budgets",
         inputs=("model", "fp32_model", "trained", "dataset", "report", "io_quant", "target", "project.bundle"),
-        outputs=("metrics", "checks", "self_test", "prediction_fractions"),
+        outputs=("metrics", "checks", "self_test", "prediction_fractions", "test_logits"),
         run=_step_validate,
     ),
     Step(
@@ -390,10 +455,9 @@ def run_build(
         UnsupportedTargetError: the target's format has no exporter yet.
         BuildError: anything else that stops the build.
     """
-    if profile.format != "onnx":
+    if profile.runtime not in _RUNTIMES:
         raise UnsupportedTargetError(
-            f"target {profile.name!r} runs {profile.runtime} ({profile.format}); this toolchain version builds only "
-            "onnxruntime (ONNX) targets"
+            f"target {profile.name!r} runs {profile.runtime}; this toolchain builds for {', '.join(_RUNTIMES)}"
         )
     public: Path | None = None
     created = False

@@ -18,25 +18,30 @@ fails, after all are measured, so the user sees every problem at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgeops_core import TargetProfile
+from edgeops_core import TargetProfile, TensorSpec
 from edgeops_toolchain.errors import BuildError
 
-__all__ = ["PARITY_ATOL", "BudgetCheck", "OnnxEvaluator", "budget_checks", "format_value", "measure_peak_memory"]
+__all__ = ["PARITY_ATOL", "BudgetCheck", "Evaluator", "budget_checks", "format_value", "measure_peak_memory", "quiet_fds"]
 
 #: Largest accepted |torch - ONNX| logit difference of the float export.
 PARITY_ATOL = 1e-3
+#: Largest accepted difference between TFLite Micro's and LiteRT's int8 outputs, in steps
+#: of the output scale: the two use different kernels (reference vs XNNPACK) and may round
+#: an intermediate value differently, never more.
+RUNTIME_MAX_LSB = 2
 LATENCY_WARMUP = 30
 LATENCY_RUNS = 300
 
@@ -109,45 +114,82 @@ def format_value(value: float, unit: str) -> str:
     return f"{value:.3g} {unit}".strip()
 
 
-class OnnxEvaluator:
-    """Runs an ONNX model in onnxruntime the way the device will (threads, batch 1)."""
+class Evaluator:
+    """Runs a model in a device runtime the way the device will (threads, batch 1).
 
-    def __init__(self, model: bytes, threads: int) -> None:
-        import onnxruntime as ort
+    Built on the agent's own runtime adapters (:mod:`edgeops_agent.runtime`), so the
+    numbers the build records come from the code the device runs.
+    """
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+    def __init__(self, runtime: str, model: bytes, threads: int, spec: tuple[TensorSpec, TensorSpec] | None = None) -> None:
+        """Open ``model`` in ``runtime``; ``spec`` (input, output) defaults to the runtime's own I/O.
+
+        Raises:
+            BuildError: the runtime is not installed or refuses the model.
+        """
+        from edgeops_agent.errors import AgentError
+        from edgeops_agent.runtime import ModelRunner, open_runtime
+
         try:
-            self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise BuildError(f"onnxruntime cannot load the model: {exc}") from exc
-        self._input = self._session.get_inputs()[0].name
+            with quiet_fds():
+                rt = open_runtime(runtime, model, threads)
+        except AgentError as exc:
+            raise BuildError(str(exc)) from exc
+        if spec is None:
+            spec = (
+                TensorSpec("features", rt.input.dtype, rt.input.shape, rt.input.quantization),
+                TensorSpec("logits", rt.output.dtype, rt.output.shape, rt.output.quantization),
+            )
+        self.spec = spec
+        self.runner = ModelRunner(rt, *spec)
+
+    @property
+    def arena_bytes(self) -> int | None:
+        """TFLite Micro's measured tensor arena, ``None`` for other runtimes."""
+        return getattr(self.runner.runtime, "arena_bytes", None)
+
+    def raw(self, x: np.ndarray) -> np.ndarray:
+        """Raw output tensors ``[n, outputs]`` (model dtype) for preprocessed rows."""
+        r = self.runner
+        return np.stack([np.asarray(r.invoke_raw(r.quantize_input(x[i : i + 1]))).reshape(-1) for i in range(x.shape[0])])
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Outputs for preprocessed rows ``[n, features]``, one inference per row."""
-        rows = [self._session.run(None, {self._input: x[i : i + 1]})[0] for i in range(x.shape[0])]
-        return np.concatenate(rows, axis=0).astype(np.float32)
+        """Float logits ``[n, outputs]`` for preprocessed rows ``[n, features]``, one inference per row."""
+        return np.stack([self.runner.predict_preprocessed(x[i : i + 1]) for i in range(x.shape[0])]).astype(np.float32)
 
     def latency_ms(self, x: np.ndarray) -> tuple[float, float]:
-        """``(p50, p99)`` of single-row latency in milliseconds."""
-        row = x[:1]
+        """``(p50, p99)`` of single-row latency in milliseconds (input conversion included)."""
+        r = self.runner
         for _ in range(LATENCY_WARMUP):
-            self._session.run(None, {self._input: row})
+            r.predict_preprocessed(x[:1])
         samples = []
         for i in range(LATENCY_RUNS):
             row = x[i % x.shape[0] : i % x.shape[0] + 1]
             start = time.perf_counter_ns()
-            self._session.run(None, {self._input: row})
+            r.predict_preprocessed(row)
             samples.append((time.perf_counter_ns() - start) / 1e6)
         return float(np.percentile(samples, 50)), float(np.percentile(samples, 99))
+
+
+@contextlib.contextmanager
+def quiet_fds() -> Iterator[None]:
+    """Silence C-level chatter on stdout/stderr (LiteRT announces its XNNPACK delegate)."""
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "wb") as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 _PROBE = r"""
 import json, sys
 import numpy as np
-import onnxruntime as ort
 
 def status():
     fields = {}
@@ -158,20 +200,33 @@ def status():
                 fields[key] = int(value.split()[0]) * 1024
     return fields
 
-path, threads, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-x = np.zeros((1, n), dtype=np.float32)
+runtime, path, threads, n, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+if runtime == "onnxruntime":
+    import onnxruntime as ort
+else:
+    from ai_edge_litert.interpreter import Interpreter
+x = np.zeros((1, n), dtype=dtype)
 before = status()
 with open("/proc/self/clear_refs", "w") as fh:
     fh.write("5")  # reset VmHWM to the current RSS
 with open(path, "rb") as fh:
     model = fh.read()  # the model's bytes count too
-options = ort.SessionOptions()
-options.intra_op_num_threads = threads
-options.inter_op_num_threads = 1
-session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-name = session.get_inputs()[0].name
+if runtime == "onnxruntime":
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    run = lambda: session.run(None, {name: x})
+else:
+    it = Interpreter(model_content=model, num_threads=threads)
+    it.allocate_tensors()
+    index = it.get_input_details()[0]["index"]
+    def run():
+        it.set_tensor(index, x)
+        it.invoke()
 for _ in range(50):
-    session.run(None, {name: x})
+    run()
 after = status()
 # File-backed pages (the runtime's shared-library code) depend on what the page cache
 # holds, not on the model; count the growth of everything else at its peak.
@@ -180,9 +235,10 @@ print(json.dumps({"peak_bytes": after["VmHWM"] - before["VmRSS"] - file_growth, 
 """
 
 
-def measure_peak_memory(model: bytes, threads: int, n_features: int) -> int:
-    """Peak RAM (bytes) that loading and running ``model`` in onnxruntime adds to a process.
+def measure_peak_memory(model: bytes, threads: int, n_features: int, *, runtime: str = "onnxruntime", dtype: str = "float32") -> int:
+    """Peak RAM (bytes) that loading and running ``model`` in ``runtime`` adds to a process.
 
+    ``runtime`` is ``onnxruntime`` or ``litert``; ``dtype`` is the model's input dtype.
     Anonymous memory only (heap, arena, tensors, the model's bytes): the runtime library's
     file-backed code pages are excluded, since how many of them a process maps depends on
     the page cache, not on the model.
@@ -191,11 +247,11 @@ def measure_peak_memory(model: bytes, threads: int, n_features: int) -> int:
         BuildError: the probe process failed (the message carries its stderr).
     """
     with tempfile.TemporaryDirectory(prefix="edgeops-mem-") as tmp:
-        path = Path(tmp) / "model.onnx"
+        path = Path(tmp) / "model.bin"
         path.write_bytes(model)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         proc = subprocess.run(
-            [sys.executable, "-c", _PROBE, str(path), str(threads), str(n_features)],
+            [sys.executable, "-c", _PROBE, runtime, str(path), str(threads), str(n_features), dtype],
             capture_output=True,
             text=True,
             timeout=120,
@@ -211,10 +267,18 @@ def measure_peak_memory(model: bytes, threads: int, n_features: int) -> int:
 def budget_checks(profile: TargetProfile, metrics: Mapping[str, float], unsupported_ops: Sequence[str]) -> list[BudgetCheck]:
     """The closing-table rows for ``metrics`` against ``profile``'s budgets."""
     b = profile.budgets
-    return [
-        BudgetCheck("model size", metrics["model_bytes"], b.model_bytes, "bytes", "max"),
+    fmt = "ONNX" if profile.format == "onnx" else "TFLite"
+    arena = "arena_bytes" in metrics
+    rows = [
+        BudgetCheck("model size" + (" (flash)" if arena else ""), metrics["model_bytes"], b.model_bytes, "bytes", "max"),
         BudgetCheck("size vs fp32", metrics["size_ratio"], None, "x", "info"),
-        BudgetCheck("peak RAM", metrics["peak_memory_bytes"], b.ram_bytes, "bytes", "max"),
+        BudgetCheck(
+            "tensor arena (measured)" if arena else "peak RAM",
+            metrics["arena_bytes"] if arena else metrics["peak_memory_bytes"],
+            b.ram_bytes,
+            "bytes",
+            "max",
+        ),
         BudgetCheck(f"latency p50 (host, {profile.threads} thr)", metrics["latency_p50_ms"], None, "ms", "info"),
         BudgetCheck(f"latency p99 (host, {profile.threads} thr)", metrics["latency_p99_ms"], b.latency_ms, "ms", "max"),
         BudgetCheck(
@@ -230,13 +294,27 @@ def budget_checks(profile: TargetProfile, metrics: Mapping[str, float], unsuppor
         BudgetCheck("accuracy drop", metrics["accuracy_drop_points"], b.max_accuracy_drop_points, "pt", "max"),
         BudgetCheck("top-1 agreement", metrics["top1_agreement"], None, "%", "info"),
         BudgetCheck(
-            "torch/ONNX parity",
+            f"torch/{fmt} parity",
             metrics["parity_max_abs_diff"],
             PARITY_ATOL,
             "",
             "max",
             detail=f"max |diff| {metrics['parity_max_abs_diff']:.2e}",
         ),
+    ]
+    if "runtime_max_lsb" in metrics:
+        rows.append(
+            BudgetCheck(
+                "TFLM vs LiteRT",
+                metrics["runtime_max_lsb"],
+                RUNTIME_MAX_LSB,
+                "LSB",
+                "max",
+                detail=f"max {int(metrics['runtime_max_lsb'])} LSB",
+                limit_detail=f"<= {RUNTIME_MAX_LSB} LSB",
+            )
+        )
+    rows.append(
         BudgetCheck(
             "operator set",
             float(len(unsupported_ops)),
@@ -245,5 +323,6 @@ def budget_checks(profile: TargetProfile, metrics: Mapping[str, float], unsuppor
             "max",
             detail="all supported" if not unsupported_ops else "unsupported: " + ", ".join(sorted(unsupported_ops)),
             limit_detail="profile's list",
-        ),
-    ]
+        )
+    )
+    return rows

@@ -1,0 +1,342 @@
+"""Inference runtimes behind one small interface.
+
+A :class:`Runtime` runs one model on raw tensors: it takes the input tensor in the model's
+own dtype (``int8`` for a TFLite model with int8 I/O, ``float32`` otherwise) and returns the
+output tensor as the model writes it. Quantizing features and dequantizing logits is the
+caller's business (:class:`ModelRunner`), so the runtimes stay thin and interchangeable:
+
+* ``onnxruntime``  — :class:`OnnxRuntime` (extra ``ort``)
+* ``litert``       — :class:`LiteRtRuntime`, the ``ai-edge-litert`` interpreter (extra ``litert``)
+* ``tflite-micro`` — :class:`TflmRuntime`, the TFLite Micro interpreter (extra ``tflm``); it
+  also reports the tensor arena the model needs, measured by the interpreter's own recording
+  allocator.
+
+The host toolchain validates models with these same classes, so what the build measures is
+what the device runs. Each runtime's package is imported when a runtime is opened, never at
+module import, and a missing one raises :class:`RuntimeUnavailableError` naming the extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgeops_agent.errors import ModelLoadError, RuntimeUnavailableError, TensorInputError
+from edgeops_core import Manifest, QuantParams, TensorSpec, apply_preprocessing
+
+__all__ = [
+    "RUNTIMES",
+    "LiteRtRuntime",
+    "ModelRunner",
+    "OnnxRuntime",
+    "Runtime",
+    "TensorInfo",
+    "TflmRuntime",
+    "dequantize",
+    "open_runtime",
+    "quantize",
+]
+
+#: Runtime names a manifest may carry, with the extra that installs each.
+RUNTIMES = {"onnxruntime": "ort", "litert": "litert", "tflite-micro": "tflm"}
+
+#: Arena offered to TFLite Micro when the caller does not know the model's need (bytes).
+DEFAULT_TFLM_ARENA = 1 << 20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a runtime reports about its input or output tensor."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    quantization: QuantParams | None
+
+
+class Runtime(Protocol):
+    """One loaded model in one runtime."""
+
+    name: str
+    input: TensorInfo
+    output: TensorInfo
+
+    def invoke(self, x: np.ndarray) -> np.ndarray:
+        """Run one inference on a raw input tensor (model dtype and shape); the raw output."""
+
+
+def quantize(x: np.ndarray, q: QuantParams, dtype: str) -> np.ndarray:
+    """Real values to the integer tensor ``q`` describes (round half to even, saturating)."""
+    info = np.iinfo(np.dtype(dtype))
+    return np.clip(np.rint(x / q.scale) + q.zero_point, info.min, info.max).astype(dtype)
+
+
+def dequantize(x: np.ndarray, q: QuantParams) -> np.ndarray:
+    """Integer tensor to the real values it stands for."""
+    return ((x.astype(np.float32) - np.float32(q.zero_point)) * np.float32(q.scale)).astype(np.float32)
+
+
+def _quant(params: Any) -> QuantParams | None:
+    """QuantParams from a TFLite detail dict (``None`` for per-tensor float)."""
+    scales = params.get("scales") if isinstance(params, dict) else None
+    zeros = params.get("zero_points") if isinstance(params, dict) else None
+    if scales is None or len(scales) != 1:
+        return None
+    return QuantParams(scale=float(scales[0]), zero_point=int(zeros[0]) if zeros is not None and len(zeros) else 0)
+
+
+def _import(module: str, runtime: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise RuntimeUnavailableError(
+            f"runtime {runtime!r} is not installed: pip install 'edgeops[{RUNTIMES[runtime]}]' ({exc})"
+        ) from exc
+
+
+class OnnxRuntime:
+    """onnxruntime on the CPU with a fixed intra-op thread count."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: bytes, threads: int) -> None:
+        """Load ``model`` (ONNX bytes) with ``threads`` intra-op threads.
+
+        Raises:
+            RuntimeUnavailableError: onnxruntime is not installed.
+            ModelLoadError: onnxruntime rejects the model.
+        """
+        ort = _import("onnxruntime", self.name)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelLoadError(f"onnxruntime cannot load the model: {exc}") from exc
+        i, o = self._session.get_inputs()[0], self._session.get_outputs()[0]
+        self._input_name = i.name
+        self.input = TensorInfo(_ort_dtype(i.type), tuple(i.shape), None)
+        self.output = TensorInfo(_ort_dtype(o.type), tuple(o.shape), None)
+
+    def invoke(self, x: np.ndarray) -> np.ndarray:
+        """Run one inference."""
+        return np.asarray(self._session.run(None, {self._input_name: x})[0])
+
+
+def _ort_dtype(type_name: str) -> str:
+    return {"tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8"}.get(type_name, type_name)
+
+
+class LiteRtRuntime:
+    """The LiteRT interpreter (``ai-edge-litert``, XNNPACK on the CPU)."""
+
+    name = "litert"
+
+    def __init__(self, model: bytes, threads: int) -> None:
+        """Load ``model`` (TFLite flatbuffer bytes) with ``threads`` threads.
+
+        Raises:
+            RuntimeUnavailableError: ai-edge-litert is not installed.
+            ModelLoadError: the interpreter rejects the model.
+        """
+        interpreter = _import("ai_edge_litert.interpreter", self.name)
+        try:
+            self._it = interpreter.Interpreter(model_content=model, num_threads=threads)
+            self._it.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"LiteRT cannot load the model: {exc}") from exc
+        i, o = self._it.get_input_details()[0], self._it.get_output_details()[0]
+        self._in, self._out = i["index"], o["index"]
+        self.input = TensorInfo(np.dtype(i["dtype"]).name, tuple(int(d) for d in i["shape"]), _quant(i["quantization_parameters"]))
+        self.output = TensorInfo(np.dtype(o["dtype"]).name, tuple(int(d) for d in o["shape"]), _quant(o["quantization_parameters"]))
+
+    def invoke(self, x: np.ndarray) -> np.ndarray:
+        """Run one inference."""
+        self._it.set_tensor(self._in, x)
+        self._it.invoke()
+        return np.array(self._it.get_tensor(self._out))
+
+
+_ARENA_RE = re.compile(rb"Arena allocation total (\d+) bytes")
+
+
+class TflmRuntime:
+    """The TensorFlow Lite Micro interpreter (the reference kernels, as on a microcontroller).
+
+    Attributes:
+        arena_bytes: the tensor arena the model uses, as TFLite Micro's recording allocator
+            measured it after the first allocation (``print_allocations()``).
+    """
+
+    name = "tflite-micro"
+
+    def __init__(self, model: bytes, threads: int = 1, *, arena_size: int = DEFAULT_TFLM_ARENA) -> None:
+        """Load ``model`` into an arena of ``arena_size`` bytes (``threads`` is ignored: MCUs have one core).
+
+        Raises:
+            RuntimeUnavailableError: tflite-micro is not installed.
+            ModelLoadError: the interpreter rejects the model or the arena is too small.
+        """
+        runtime = _import("tflite_micro.python.tflite_micro.runtime", self.name)
+        try:
+            with _captured_stdout():  # the interpreter logs its errors on C stdout
+                self._it = runtime.Interpreter.from_bytes(model, arena_size=arena_size)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"TFLite Micro cannot load the model (arena {arena_size} bytes): {exc}") from exc
+        i, o = self._it.get_input_details(0), self._it.get_output_details(0)
+        self.input = TensorInfo(np.dtype(i["dtype"]).name, tuple(int(d) for d in i["shape"]), _quant(i["quantization_parameters"]))
+        self.output = TensorInfo(np.dtype(o["dtype"]).name, tuple(int(d) for d in o["shape"]), _quant(o["quantization_parameters"]))
+        self.arena_bytes = self._measure_arena()
+
+    def _measure_arena(self) -> int:
+        # The recording allocator knows the arena's use once tensors are allocated, which
+        # the first invoke does; it prints the figures at C level, so read them from fd 1.
+        self.invoke(np.zeros(self.input.shape, dtype=self.input.dtype))
+        with _captured_stdout() as out:
+            self._it.print_allocations()
+        match = _ARENA_RE.search(out.getvalue())
+        if match is None:
+            raise ModelLoadError("TFLite Micro did not report its arena allocation")
+        return int(match.group(1))
+
+    def invoke(self, x: np.ndarray) -> np.ndarray:
+        """Run one inference."""
+        try:
+            self._it.set_input(x, 0)
+            self._it.invoke()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"TFLite Micro failed to run the model: {exc}") from exc
+        return np.array(self._it.get_output(0))
+
+
+class _Captured:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def getvalue(self) -> bytes:
+        return self.data
+
+
+@contextlib.contextmanager
+def _captured_stdout() -> Iterator[_Captured]:
+    """Capture what C code writes to file descriptors 1 and 2 (TFLite Micro's log goes to either)."""
+    libc = ctypes.CDLL(None)
+    captured = _Captured()
+    with tempfile.TemporaryFile() as tmp:
+        libc.fflush(None)
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            libc.fflush(None)
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            tmp.seek(0)
+            captured.data = tmp.read()
+
+
+def open_runtime(runtime: str, model: bytes, threads: int, *, arena_size: int | None = None) -> Runtime:
+    """Load ``model`` into the named runtime.
+
+    Args:
+        runtime: ``onnxruntime``, ``litert`` or ``tflite-micro``.
+        threads: intra-op threads (ignored by TFLite Micro).
+        arena_size: TFLite Micro's tensor arena in bytes (default 1 MiB).
+
+    Raises:
+        RuntimeUnavailableError: unknown runtime, or its package is not installed.
+        ModelLoadError: the runtime rejects the model.
+    """
+    if runtime == "onnxruntime":
+        return OnnxRuntime(model, threads)
+    if runtime == "litert":
+        return LiteRtRuntime(model, threads)
+    if runtime == "tflite-micro":
+        return TflmRuntime(model, threads, arena_size=arena_size or DEFAULT_TFLM_ARENA)
+    raise RuntimeUnavailableError(f"unknown runtime {runtime!r}; this agent runs {', '.join(RUNTIMES)}")
+
+
+class ModelRunner:
+    """Features in, logits out: preprocessing, input quantization, the runtime, dequantization.
+
+    The manifest's tensor specs decide the conversions: a spec of dtype ``int8``/``uint8``
+    with quantization parameters is quantized on the way in and dequantized on the way out;
+    a ``float32`` spec is passed through.
+    """
+
+    def __init__(self, runtime: Runtime, inputs: TensorSpec, outputs: TensorSpec, manifest: Manifest | None = None) -> None:
+        """Wrap ``runtime`` with the conversions ``inputs``/``outputs`` describe.
+
+        ``manifest`` supplies the preprocessing for :meth:`predict`; without it only
+        :meth:`predict_preprocessed` is available.
+        """
+        self.runtime = runtime
+        self._in, self._out = inputs, outputs
+        self._manifest = manifest
+        self.n_features = int(np.prod(inputs.shape))
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, model: bytes, *, threads: int | None = None, arena_size: int | None = None) -> ModelRunner:
+        """Open the manifest's runtime on ``model`` with the manifest's tensor specs."""
+        runtime = open_runtime(manifest.runtime, model, threads or 1, arena_size=arena_size)
+        return cls(runtime, manifest.inputs[0], manifest.outputs[0], manifest)
+
+    def check(self, x: np.ndarray) -> np.ndarray:
+        """``x`` as a float32 ``[1, features]`` row, or :class:`TensorInputError`."""
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "fiu":
+            raise TensorInputError(f"input must be numeric, got dtype {arr.dtype}")
+        if arr.size != self.n_features or arr.ndim > 2 or (arr.ndim == 2 and arr.shape[0] != 1):
+            raise TensorInputError(f"input must have {self.n_features} features ([1, {self.n_features}]), got shape {list(arr.shape)}")
+        arr = arr.astype(np.float32).reshape(1, self.n_features)
+        if not np.isfinite(arr).all():
+            bad = int(np.flatnonzero(~np.isfinite(arr[0]))[0])
+            raise TensorInputError(f"input feature {bad} is {arr[0, bad]}; NaN and inf are not accepted")
+        return arr
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Logits ``[outputs]`` for one raw feature vector (preprocessing applied).
+
+        Raises:
+            TensorInputError: wrong size, non-numeric, NaN or inf.
+        """
+        if self._manifest is None:
+            raise TensorInputError("this runner has no manifest, so no preprocessing; use predict_preprocessed")
+        x = self.check(features)
+        return self.predict_preprocessed(apply_preprocessing(self._manifest.preprocessing, x))
+
+    def predict_preprocessed(self, x: np.ndarray) -> np.ndarray:
+        """Logits ``[outputs]`` for one already preprocessed ``[1, features]`` row."""
+        return self.dequantize_output(self.invoke_raw(self.quantize_input(x)))
+
+    def quantize_input(self, x: np.ndarray) -> np.ndarray:
+        """The preprocessed row as the runtime's input tensor."""
+        x = np.asarray(x, dtype=np.float32).reshape(self.runtime.input.shape)
+        if self._in.dtype != "float32" and self._in.quantization is not None:
+            return quantize(x, self._in.quantization, self._in.dtype)
+        return x
+
+    def invoke_raw(self, x: np.ndarray) -> np.ndarray:
+        """The runtime's raw output for a raw input tensor."""
+        return self.runtime.invoke(x)
+
+    def dequantize_output(self, raw: np.ndarray) -> np.ndarray:
+        """Raw output tensor to float logits ``[outputs]``."""
+        if self._out.dtype != "float32" and self._out.quantization is not None:
+            return dequantize(raw, self._out.quantization).reshape(-1)
+        return np.asarray(raw, dtype=np.float32).reshape(-1)
