@@ -1,11 +1,11 @@
 """Errors of the device agent, under the shared tree of :mod:`edgeops_core`::
 
-    EdgeopsError
-    ├── InputError
-    │   └── TensorInputError     an inference input has the wrong shape, dtype or NaN/inf
-    └── AgentError               the agent cannot do what was asked
-        ├── RuntimeUnavailableError  the bundle's runtime is not installed (names the extra)
-        └── ModelLoadError           the runtime refuses the model bytes
+EdgeopsError
+├── InputError
+│   └── TensorInputError     an inference input has the wrong shape, dtype or NaN/inf
+└── AgentError               the agent cannot do what was asked
+    ├── RuntimeUnavailableError  the bundle's runtime is not installed (names the extra)
+    └── ModelLoadError           the runtime refuses the model bytes
 """
 
 from __future__ import annotations

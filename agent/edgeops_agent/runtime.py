@@ -75,7 +75,8 @@ class Runtime(Protocol):
 def quantize(x: np.ndarray, q: QuantParams, dtype: str) -> np.ndarray:
     """Real values to the integer tensor ``q`` describes (round half to even, saturating)."""
     info = np.iinfo(np.dtype(dtype))
-    return np.clip(np.rint(x / q.scale) + q.zero_point, info.min, info.max).astype(dtype)
+    out: np.ndarray = np.clip(np.rint(x / q.scale) + q.zero_point, info.min, info.max).astype(dtype)
+    return out
 
 
 def dequantize(x: np.ndarray, q: QuantParams) -> np.ndarray:
@@ -158,8 +159,12 @@ class LiteRtRuntime:
             raise ModelLoadError(f"LiteRT cannot load the model: {exc}") from exc
         i, o = self._it.get_input_details()[0], self._it.get_output_details()[0]
         self._in, self._out = i["index"], o["index"]
-        self.input = TensorInfo(np.dtype(i["dtype"]).name, tuple(int(d) for d in i["shape"]), _quant(i["quantization_parameters"]))
-        self.output = TensorInfo(np.dtype(o["dtype"]).name, tuple(int(d) for d in o["shape"]), _quant(o["quantization_parameters"]))
+        self.input = TensorInfo(
+            np.dtype(i["dtype"]).name, tuple(int(d) for d in i["shape"]), _quant(i["quantization_parameters"])
+        )
+        self.output = TensorInfo(
+            np.dtype(o["dtype"]).name, tuple(int(d) for d in o["shape"]), _quant(o["quantization_parameters"])
+        )
 
     def invoke(self, x: np.ndarray) -> np.ndarray:
         """Run one inference."""
@@ -195,8 +200,12 @@ class TflmRuntime:
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"TFLite Micro cannot load the model (arena {arena_size} bytes): {exc}") from exc
         i, o = self._it.get_input_details(0), self._it.get_output_details(0)
-        self.input = TensorInfo(np.dtype(i["dtype"]).name, tuple(int(d) for d in i["shape"]), _quant(i["quantization_parameters"]))
-        self.output = TensorInfo(np.dtype(o["dtype"]).name, tuple(int(d) for d in o["shape"]), _quant(o["quantization_parameters"]))
+        self.input = TensorInfo(
+            np.dtype(i["dtype"]).name, tuple(int(d) for d in i["shape"]), _quant(i["quantization_parameters"])
+        )
+        self.output = TensorInfo(
+            np.dtype(o["dtype"]).name, tuple(int(d) for d in o["shape"]), _quant(o["quantization_parameters"])
+        )
         self.arena_bytes = self._measure_arena()
 
     def _measure_arena(self) -> int:
@@ -291,7 +300,9 @@ class ModelRunner:
         self.n_features = int(np.prod(inputs.shape))
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, model: bytes, *, threads: int | None = None, arena_size: int | None = None) -> ModelRunner:
+    def from_manifest(
+        cls, manifest: Manifest, model: bytes, *, threads: int | None = None, arena_size: int | None = None
+    ) -> ModelRunner:
         """Open the manifest's runtime on ``model`` with the manifest's tensor specs."""
         runtime = open_runtime(manifest.runtime, model, threads or 1, arena_size=arena_size)
         return cls(runtime, manifest.inputs[0], manifest.outputs[0], manifest)
@@ -302,7 +313,9 @@ class ModelRunner:
         if arr.dtype.kind not in "fiu":
             raise TensorInputError(f"input must be numeric, got dtype {arr.dtype}")
         if arr.size != self.n_features or arr.ndim > 2 or (arr.ndim == 2 and arr.shape[0] != 1):
-            raise TensorInputError(f"input must have {self.n_features} features ([1, {self.n_features}]), got shape {list(arr.shape)}")
+            raise TensorInputError(
+                f"input must have {self.n_features} features ([1, {self.n_features}]), got shape {list(arr.shape)}"
+            )
         arr = arr.astype(np.float32).reshape(1, self.n_features)
         if not np.isfinite(arr).all():
             bad = int(np.flatnonzero(~np.isfinite(arr[0]))[0])

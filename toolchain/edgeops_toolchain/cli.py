@@ -110,6 +110,20 @@ _targets_dir_option = click.option(
 )
 
 
+_cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Step cache folder [default: $EDGEOPS_CACHE_DIR or $EDGEOPS_HOME/cache].",
+)
+_registry_option = click.option(
+    "--registry",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Registry database [default: $EDGEOPS_REGISTRY or $EDGEOPS_HOME/registry.sqlite].",
+)
+
+
 @main.command()
 @click.option("--target", "-t", required=True, help="Target profile name (see `edgeops targets`).")
 @click.option(
@@ -135,6 +149,9 @@ _targets_dir_option = click.option(
     help="ECDSA private key (PEM) to sign with [default: per-user development key].",
 )
 @_targets_dir_option
+@_cache_dir_option
+@click.option("--no-cache", is_flag=True, help="Run every step; refresh the cache entries with the new results.")
+@_registry_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables and progress.")
 @click.pass_context
 def build(
@@ -144,10 +161,18 @@ def build(
     out: Path,
     key: Path | None,
     targets_dirs: tuple[Path, ...],
+    cache_dir: Path | None,
+    no_cache: bool,
+    registry: Path | None,
     as_json: bool,
 ) -> None:
-    """Train, export, quantize, validate, package and sign a bundle for TARGET."""
-    from edgeops_toolchain.pipeline import run_build
+    """Train, export, quantize, validate, package and sign a bundle for TARGET.
+
+    Steps whose inputs did not change since an earlier build come from the step cache;
+    the closing lines say which.
+    """
+    from edgeops_toolchain.cache import default_cache_dir
+    from edgeops_toolchain.pipeline import CacheOptions, run_build
     from edgeops_toolchain.project import load_project
     from edgeops_toolchain.ui import Reporter, budget_table
 
@@ -155,9 +180,10 @@ def build(
         profile = find_profile(target, _target_dirs(targets_dirs))
         proj = load_project(project or example_dir())
         reporter = Reporter(enabled=not as_json)
+        cache = CacheOptions(root=cache_dir or default_cache_dir(), read=not no_cache)
         try:
             with reporter:
-                result = run_build(proj, profile, out, key=key, progress=reporter)
+                result = run_build(proj, profile, out, key=key, progress=reporter, cache=cache, registry=registry)
         except BudgetExceededError as exc:
             if not as_json:
                 budget_table(exc.checks, title=f"{proj.name} {proj.version} → {profile.name}: budgets")
@@ -169,6 +195,7 @@ def build(
                     {
                         "ok": True,
                         "bundle": str(result.bundle_path),
+                        "report": str(result.report_path),
                         "name": m.name,
                         "version": m.version,
                         "release": m.release,
@@ -178,12 +205,22 @@ def build(
                         "metrics": dict(m.metrics),
                         "budgets": [c.to_dict() for c in result.checks],
                         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+                        "cached_steps": list(result.cached),
+                        "reused_bundle": result.reused,
+                        "corrupted_cache_entries": [{"step": c.step, "reason": c.reason} for c in result.corrupted],
                     }
                 )
             )
             return
         budget_table(result.checks, title=f"{m.name} {m.version} (release {m.release}) → {m.target}: budgets")
+        for c in result.corrupted:
+            click.echo(f"warning: cache entry of step {c.step!r} was corrupted ({c.reason}); it was rebuilt", err=True)
+        if result.reused:
+            click.echo(f"up to date: nothing changed since release {m.release}; the cached bundle was reused")
+        elif result.cached:
+            click.echo(f"from cache: {', '.join(result.cached)}")
         click.echo(f"bundle: {result.bundle_path}")
+        click.echo(f"report: {result.report_path}")
         if result.public_key is not None:
             note = "created now" if result.dev_key_created else "per-user"
             click.echo(
@@ -321,3 +358,116 @@ def verify(ctx: click.Context, bundle: Path, keys_: tuple[Path, ...], as_json: b
             )
 
     _run(ctx, as_json, body)
+
+
+@main.group()
+def registry() -> None:
+    """Query the local registry of built releases."""
+
+
+@registry.command("list")
+@click.option("--name", default=None, help="Only this bundle name.")
+@click.option("--target", "-t", default=None, help="Only this target.")
+@_registry_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def registry_list(ctx: click.Context, name: str | None, target: str | None, registry: Path | None, as_json: bool) -> None:
+    """List releases, newest first per name and target."""
+    from edgeops_toolchain.registry import Registry
+    from edgeops_toolchain.ui import releases_table
+
+    def body() -> None:
+        with Registry(registry) as reg:
+            rows = reg.releases(name=name, target=target)
+        if as_json:
+            click.echo(json.dumps([r.to_dict() for r in rows]))
+        elif not rows:
+            click.echo("no releases recorded yet; `edgeops build --target ecu` makes one")
+        else:
+            releases_table(rows)
+
+    _run(ctx, as_json, body)
+
+
+@registry.command("show")
+@click.argument("name")
+@click.option("--target", "-t", required=True, help="Target of the release.")
+@click.option("--release", "-r", "number", type=int, default=None, help="Release number [default: the newest].")
+@_registry_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def registry_show(ctx: click.Context, name: str, target: str, number: int | None, registry: Path | None, as_json: bool) -> None:
+    """Show one release of NAME: bundle, metrics, lineage, and the builds that produced it."""
+    from edgeops_toolchain.registry import Registry
+
+    def body() -> None:
+        with Registry(registry) as reg:
+            record = reg.latest(name, target) if number is None else reg.release(name, target, number)
+            if record is None:
+                which = "any release" if number is None else f"release {number}"
+                raise InputError(f"the registry has no {which} of {name!r} for target {target!r}; see `edgeops registry list`")
+            builds = [b for b in reg.builds(name=name, target=target) if b.release == record.release]
+        if as_json:
+            click.echo(json.dumps({**record.to_dict(), "builds": [vars(b) for b in builds]}))
+            return
+        click.echo(f"{record.name} {record.version} release {record.release} → {record.target}")
+        for label, value in (
+            ("bundle", record.path),
+            ("sha256", record.bundle_sha256),
+            ("report", record.report_path or "-"),
+            ("signer", record.signer),
+            ("created", record.created),
+            ("expires", record.expires),
+        ):
+            click.echo(f"  {label:<9}{value}")
+        click.echo("  metrics:")
+        for k, v in sorted(record.metrics.items()):
+            click.echo(f"    {k:<24}{v:g}")
+        click.echo("  lineage:")
+        for k, v in sorted(record.lineage.items()):
+            click.echo(f"    {k:<24}{json.dumps(v, sort_keys=True) if isinstance(v, dict) else v}")
+        click.echo(f"  builds: {len(builds)} ({sum(b.reused for b in builds)} reused the cached bundle)")
+
+    _run(ctx, as_json, body)
+
+
+@main.group()
+def cache() -> None:
+    """Inspect or clear the step cache."""
+
+
+@cache.command("info")
+@_cache_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def cache_info(ctx: click.Context, cache_dir: Path | None, as_json: bool) -> None:
+    """Show where the cache is and what it holds."""
+    from edgeops_toolchain.cache import StepCache, default_cache_dir
+
+    def body() -> None:
+        stats = StepCache(cache_dir or default_cache_dir()).stats()
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {"root": str(stats.root), "entries": stats.entries, "bytes": stats.bytes, "per_step": dict(stats.per_step)}
+                )
+            )
+            return
+        per = ", ".join(f"{k} {v}" for k, v in sorted(stats.per_step.items())) or "empty"
+        click.echo(f"{stats.root}: {stats.entries} entries, {stats.bytes / 1024 / 1024:.1f} MiB ({per})")
+
+    _run(ctx, as_json, body)
+
+
+@cache.command("clear")
+@_cache_dir_option
+@click.pass_context
+def cache_clear(ctx: click.Context, cache_dir: Path | None) -> None:
+    """Delete every cache entry (the next build runs every step)."""
+    from edgeops_toolchain.cache import StepCache, default_cache_dir
+
+    def body() -> None:
+        store = StepCache(cache_dir or default_cache_dir())
+        click.echo(f"deleted {store.clear()} entries from {store.root}")
+
+    _run(ctx, False, body)

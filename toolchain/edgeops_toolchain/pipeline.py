@@ -1,25 +1,36 @@
-"""The build pipeline: data checks → train → export → quantize → validate → package → sign.
+"""The build pipeline: data checks → train → export → quantize → validate → package → sign → report.
 
 Each :class:`Step` declares the inputs its output depends on (``inputs``), which is what
-the lineage records and what a step cache keys on. Steps run in order over one
-:class:`BuildState`; a step reads what earlier steps stored and stores its own results.
+the lineage records and what the step cache keys on (:mod:`edgeops_toolchain.cache`). All
+keys are computed before anything runs; a step whose entry is in the cache is skipped, and
+its outputs are loaded only if a step that must run needs them. ``package`` is the one step
+whose output is not a function of its inputs alone (it stamps the time and takes the next
+release number), so whenever it runs, every step after it runs too.
 
 Invariants:
 
 * nothing is written to the output folder until the signed bundle has been verified with
-  :mod:`edgeops_core` (the device's own code); it then appears by an atomic rename, so a
-  failed or interrupted build leaves no bundle and no partial file behind;
+  :mod:`edgeops_core` (the device's own code) and its report rendered; both then appear by
+  atomic renames, so a failed or interrupted build leaves no bundle and no partial file;
 * every budget is measured before any is enforced, so one run reports all failures;
-* the release counter is committed only once the signed bundle has verified, just before
-  it is written; a failed build never consumes a release number.
+* the release is recorded in the registry only once the signed bundle has verified, just
+  before it is written; a failed build never consumes a release number;
+* a rebuild with nothing changed reuses the signed bundle (same release) only while it is
+  the newest release in the registry and has at least half of its lifetime left; otherwise
+  it is packaged and signed again under the next release.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
+import pickle
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,6 +38,7 @@ import numpy as np
 
 from edgeops_core import (
     DriftReference,
+    EdgeopsError,
     Lineage,
     Manifest,
     QuantParams,
@@ -38,14 +50,16 @@ from edgeops_core import (
     apply_preprocessing,
     format_time,
     pack_bundle,
+    parse_time,
     verify_bundle,
     write_atomically,
 )
 from edgeops_toolchain import __version__
+from edgeops_toolchain.cache import CacheEntryCorrupted, StepCache, digest_json
 from edgeops_toolchain.data import DataReport, Dataset, check_data, compact_float, load_dataset
 from edgeops_toolchain.errors import BudgetExceededError, BuildError, UnsupportedTargetError
-from edgeops_toolchain.project import Project
-from edgeops_toolchain.releases import ReleaseCounter
+from edgeops_toolchain.project import Project, load_entry
+from edgeops_toolchain.registry import BuildRecord, Registry, now_text
 from edgeops_toolchain.signing import dev_key, load_signing_key, sign_members
 from edgeops_toolchain.validate import BudgetCheck, Evaluator, budget_checks, measure_peak_memory
 
@@ -55,7 +69,17 @@ if TYPE_CHECKING:
 #: Runtimes this toolchain exports and validates for.
 _RUNTIMES = ("onnxruntime", "litert", "tflite-micro")
 
-__all__ = ["STEPS", "BuildProgress", "BuildResult", "BuildState", "Step", "run_build"]
+__all__ = [
+    "STEPS",
+    "BuildProgress",
+    "BuildResult",
+    "BuildState",
+    "CacheOptions",
+    "Step",
+    "environment_fingerprint",
+    "run_build",
+    "step_keys",
+]
 
 
 class BuildProgress(Protocol):
@@ -70,6 +94,12 @@ class BuildProgress(Protocol):
     def step_finished(self, step: Step, seconds: float) -> None:
         """``step`` ended after ``seconds``."""
 
+    def step_cached(self, step: Step) -> None:
+        """``step`` did not run: its outputs are in the cache."""
+
+    def cache_corrupted(self, step: Step, reason: str) -> None:
+        """``step``'s cache entry failed its digest check; it was deleted and the step runs."""
+
 
 class _Silent:
     def step_started(self, step: Step) -> None:
@@ -79,6 +109,12 @@ class _Silent:
         pass
 
     def step_finished(self, step: Step, seconds: float) -> None:
+        pass
+
+    def step_cached(self, step: Step) -> None:
+        pass
+
+    def cache_corrupted(self, step: Step, reason: str) -> None:
         pass
 
 
@@ -106,7 +142,11 @@ class BuildState:
     prediction_fractions: tuple[float, ...] | None = None
     manifest: Manifest | None = None
     members: dict[str, bytes] | None = None
+    latency_samples: np.ndarray | None = None
+    bundle: bytes | None = None
+    report_html: bytes | None = None
     bundle_path: Path | None = None
+    registry: Registry | None = None
     timings: dict[str, float] = field(default_factory=dict)
     current: Step | None = None
 
@@ -134,6 +174,8 @@ class Step:
             earlier steps, or outside inputs named ``project.*``, ``target.*`` or ``key``.
         outputs: the :class:`BuildState` fields the step sets (checked after it runs).
         run: the work; reads from and writes to the :class:`BuildState`.
+        deterministic: the outputs are a function of the inputs (``package`` is not: it
+            stamps the time and the next release), so a cached entry can stand in for a run.
     """
 
     name: str
@@ -141,6 +183,7 @@ class Step:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     run: Callable[[BuildState], None]
+    deterministic: bool = True
 
 
 def _step_data(s: BuildState) -> None:
@@ -215,7 +258,8 @@ def _step_validate(s: BuildState) -> None:
     deployed = Evaluator(profile.runtime, model, profile.threads)
     logits = deployed.predict(x_test)
     pred_float, pred = float_logits.argmax(axis=1), logits.argmax(axis=1)
-    p50, p99 = deployed.latency_ms(x_test)
+    s.latency_samples = deployed.latency_ms(x_test)
+    p50, p99 = float(np.percentile(s.latency_samples, 50)), float(np.percentile(s.latency_samples, 99))
     s.advance(2, 5)
     extra: dict[str, float] = {}
     if profile.format == "tflite" and profile.precision == "int8":
@@ -263,8 +307,18 @@ def _step_validate(s: BuildState) -> None:
 #: Placeholder metrics for the operator-set row alone (nothing else was measured).
 _UNMEASURED: dict[str, float] = dict.fromkeys(
     (
-        "model_bytes", "size_ratio", "peak_memory_bytes", "latency_p50_ms", "latency_p99_ms", "latency_estimate_ms",
-        "mac_count", "accuracy_float", "accuracy_deployed", "accuracy_drop_points", "top1_agreement", "parity_max_abs_diff",
+        "model_bytes",
+        "size_ratio",
+        "peak_memory_bytes",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "latency_estimate_ms",
+        "mac_count",
+        "accuracy_float",
+        "accuracy_deployed",
+        "accuracy_drop_points",
+        "top1_agreement",
+        "parity_max_abs_diff",
     ),
     0.0,
 )
@@ -315,14 +369,13 @@ def _self_test(ds: Dataset, logits: np.ndarray, count: int, out_quant: QuantPara
 def _step_package(s: BuildState) -> None:
     ds, report = s.need("dataset"), s.need("report")
     created = datetime.now(UTC).replace(microsecond=0)
-    counter = ReleaseCounter()
-    parent = counter.last(s.project.name, s.profile.name)
+    last = s.registry.last_release(s.project.name, s.profile.name) if s.registry else 0
     q_in, q_out = s.need("io_quant")
     d_in, d_out = s.need("io_dtypes")
     s.manifest = Manifest(
         name=s.project.name,
         version=s.project.version,
-        release=(parent or 0) + 1,
+        release=last + 1,
         target=s.profile.name,
         runtime=s.profile.runtime,
         model_file=s.profile.model_file,
@@ -342,7 +395,7 @@ def _step_package(s: BuildState) -> None:
             code_digest=s.project.code_digest(),
             hyperparameters=s.project.hyperparameters(),
             toolchain_version=__version__,
-            parent_release=parent,
+            parent_release=last or None,
         ),
         created=format_time(created),
         expires=format_time(created + timedelta(days=s.project.ttl_days)),
@@ -355,26 +408,72 @@ def _step_sign(s: BuildState) -> None:
     stem = manifest.bundle_filename().removesuffix(".edgeops")
     members = s.need("members")
     signature = sign_members(members, s.key, subject=stem)
-    data = pack_bundle({**members, "model.sig": signature}, mtime=int(datetime.now(UTC).timestamp()))
+    data = pack_bundle({**members, "model.sig": signature}, mtime=int(parse_time(manifest.created).timestamp()))
     # Verify with the device's code before anything leaves the build.
     verify_bundle(data, [s.trusted])
-    # Commit the release before writing: if the write then fails the number is skipped,
-    # which devices tolerate; handing the same number out twice they would not.
-    ReleaseCounter().commit(manifest.name, manifest.target, manifest.release)
-    try:
-        s.out_dir.mkdir(parents=True, exist_ok=True)
-        path = s.out_dir / manifest.bundle_filename()
-        write_atomically(path, data)
-    except OSError as exc:
-        raise BuildError(f"{s.out_dir}: cannot write the bundle: {exc.strerror or exc}") from exc
-    s.bundle_path = path
+    s.bundle = data
+
+
+def _step_report(s: BuildState) -> None:
+    from edgeops_toolchain.report import ReportInputs, render_report
+
+    ds = s.need("dataset")
+    s.report_html = render_report(
+        ReportInputs(
+            manifest=s.need("manifest"),
+            checks=s.need("checks"),
+            y_test=ds.y_test,
+            test_logits=s.need("test_logits"),
+            latency_ms=s.need("latency_samples"),
+            x_train=ds.x_train,
+            bundle_sha256=hashlib.sha256(s.need("bundle")).hexdigest(),
+            signer=s.trusted.fingerprint,
+        )
+    )
+
+
+# How outputs that are not plain data go into and come out of the cache.
+def _save_trained(s: BuildState) -> bytes:
+    import torch
+
+    t = s.need("trained")
+    buf = io.BytesIO()
+    torch.save({"state": t.model.state_dict(), "parameters": t.parameters, "loss": t.loss_per_epoch, "val": t.val_accuracy}, buf)
+    return buf.getvalue()
+
+
+def _load_trained(s: BuildState, data: bytes) -> Any:
+    import torch
+
+    from edgeops_toolchain.train import TrainResult
+
+    saved = torch.load(io.BytesIO(data), weights_only=True)
+    ds = s.need("dataset")
+    model = load_entry(s.project, s.project.model_entry)(len(ds.feature_names), len(ds.label_names), **s.project.model_params)
+    model.load_state_dict(saved["state"])
+    model.eval()
+    return TrainResult(model=model, parameters=saved["parameters"], loss_per_epoch=saved["loss"], val_accuracy=saved["val"])
+
+
+def _load_manifest(s: BuildState, data: bytes) -> Any:
+    return Manifest.from_json(data)
+
+
+def _save_manifest(s: BuildState) -> bytes:
+    return bytes(s.need("manifest").to_json())
+
+
+_CODECS: Mapping[str, tuple[Callable[[BuildState], bytes], Callable[[BuildState, bytes], Any]]] = {
+    "trained": (_save_trained, _load_trained),
+    "manifest": (_save_manifest, _load_manifest),
+}
 
 
 STEPS: tuple[Step, ...] = (
     Step(
         "data",
         "Check data",
-        inputs=("project.data", "project.checks", "project.preprocessing"),
+        inputs=("project.data", "project.code", "project.checks", "project.preprocessing"),
         outputs=("dataset", "report"),
         run=_step_data,
     ),
@@ -403,18 +502,41 @@ STEPS: tuple[Step, ...] = (
         "validate",
         "Validate budgets",
         inputs=("model", "fp32_model", "trained", "dataset", "report", "io_quant", "target", "project.bundle"),
-        outputs=("metrics", "checks", "self_test", "prediction_fractions", "test_logits"),
+        outputs=("metrics", "checks", "self_test", "prediction_fractions", "test_logits", "latency_samples"),
         run=_step_validate,
     ),
     Step(
         "package",
         "Package",
-        inputs=("model", "metrics", "self_test", "prediction_fractions", "io_quant", "dataset", "report", "project", "target"),
+        inputs=(
+            "model",
+            "metrics",
+            "self_test",
+            "prediction_fractions",
+            "io_quant",
+            "io_dtypes",
+            "dataset",
+            "report",
+            "project",
+            "target",
+            "key",
+        ),
         outputs=("manifest", "members"),
         run=_step_package,
+        deterministic=False,
     ),
-    Step("sign", "Sign", inputs=("manifest", "members", "key"), outputs=("bundle_path",), run=_step_sign),
+    Step("sign", "Sign", inputs=("manifest", "members", "key"), outputs=("bundle",), run=_step_sign),
+    Step(
+        "report",
+        "Report",
+        inputs=("manifest", "checks", "test_logits", "latency_samples", "dataset", "bundle", "key"),
+        outputs=("report_html",),
+        run=_step_report,
+    ),
 )
+
+#: What the end of a build needs, whatever was cached.
+_FINAL = ("manifest", "bundle", "report_html", "checks")
 
 
 @dataclass(frozen=True)
@@ -424,15 +546,127 @@ class BuildResult:
     Attributes:
         public_key: the public key that verifies the bundle, when the build knows its file
             (the development key); ``None`` when the user signed with ``--key``.
+        cached: the steps whose outputs came from the cache.
+        reused: the signed bundle itself came from the cache (no new release).
+        corrupted: cache entries that failed their digest check and were rebuilt.
     """
 
     bundle_path: Path
+    report_path: Path
     manifest: Manifest
     checks: Sequence[BudgetCheck]
     timings: dict[str, float]
     signer: str
     public_key: Path | None
     dev_key_created: bool
+    cached: tuple[str, ...] = ()
+    reused: bool = False
+    corrupted: tuple[CacheEntryCorrupted, ...] = ()
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """How a build uses the step cache.
+
+    Attributes:
+        root: the cache folder (``None``: no cache at all).
+        read: use existing entries; ``False`` (``--no-cache``) runs every step and
+            refreshes the entries with the new results.
+    """
+
+    root: Path | None
+    read: bool = True
+
+
+@lru_cache(maxsize=1)
+def environment_fingerprint() -> dict[str, str]:
+    """Versions of edgeops and of every library that shapes a built model (part of every key)."""
+    import importlib.metadata as md
+    import sys
+
+    names = ("torch", "onnx", "onnxscript", "onnxruntime", "litert-torch", "ai-edge-litert", "tflite-micro", "numpy", "torchao")
+    versions = {"edgeops": __version__, "python": sys.version.split()[0]}
+    for name in names:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def _external(name: str, s: BuildState) -> object:
+    """The value of an outside input (``project.*``, ``target*``, ``key``) for the cache key."""
+    p, prof = s.project, s.profile
+    values: dict[str, Callable[[], object]] = {
+        "project.data": lambda: {"entry": p.data_entry, "params": dict(p.data_params), "files": p.data_files_digest()},
+        "project.code": p.source_digest,
+        "project.checks": lambda: dataclasses.asdict(p.checks),
+        "project.preprocessing": lambda: p.preprocessing,
+        "project.model": lambda: {"entry": p.model_entry, "params": dict(p.model_params)},
+        "project.train": lambda: dataclasses.asdict(p.training),
+        "project.quantization": lambda: dataclasses.asdict(p.quantization),
+        "project.bundle": lambda: {"self_test_vectors": p.self_test_vectors, "ttl_days": p.ttl_days},
+        "project": lambda: {"name": p.name, "version": p.version, "description": p.description, "code": p.code_digest()},
+        "target": lambda: {k: v for k, v in dataclasses.asdict(prof).items() if k != "source"},
+        "target.format": lambda: prof.format,
+        "target.precision": lambda: prof.precision,
+        "key": lambda: s.trusted.fingerprint,
+    }
+    if name not in values:  # a step declared an input nobody knows: a bug
+        raise BuildError(f"internal: unknown step input {name!r}")
+    return values[name]()
+
+
+def step_keys(s: BuildState, steps: Sequence[Step] = STEPS) -> dict[str, str]:
+    """Each step's cache key, computed from declared inputs before anything runs."""
+    producer = {out: st.name for st in steps for out in st.outputs}
+    keys: dict[str, str] = {}
+    for st in steps:
+        inputs = {i: ("step:" + keys[producer[i]]) if i in producer else _external(i, s) for i in st.inputs}
+        keys[st.name] = digest_json({"step": st.name, "env": environment_fingerprint(), "inputs": inputs})
+    return keys
+
+
+def _encode(step: Step, s: BuildState) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    for name in step.outputs:
+        if name in _CODECS:
+            files[name] = _CODECS[name][0](s)
+        else:
+            value = getattr(s, name)
+            files[name] = value if isinstance(value, bytes) else pickle.dumps(value, protocol=5)
+    return files
+
+
+def _decode(step: Step, s: BuildState, files: Mapping[str, bytes]) -> None:
+    for name in step.outputs:
+        data = files[name]
+        if name in _CODECS:
+            setattr(s, name, _CODECS[name][1](s, data))
+        elif isinstance(getattr(BuildState, name, None), bytes) or name in _BYTES_FIELDS:
+            setattr(s, name, data)
+        else:
+            setattr(s, name, pickle.loads(data))  # noqa: S301  our own entry, digest-checked
+
+
+_BYTES_FIELDS = frozenset({"fp32_model", "model", "bundle", "report_html"})
+
+
+def _reusable_release(s: BuildState, entries: Mapping[str, Mapping[str, bytes]]) -> bool:
+    """Whether a cached package+sign may be handed out again (see the module docstring)."""
+    if "package" not in entries or "sign" not in entries or s.registry is None:
+        return False
+    try:
+        manifest = Manifest.from_json(entries["package"]["manifest"])
+    except EdgeopsError:
+        return False
+    latest = s.registry.latest(manifest.name, manifest.target)
+    if latest is None or latest.release != manifest.release:
+        return False
+    if latest.bundle_sha256 != hashlib.sha256(entries["sign"]["bundle"]).hexdigest():
+        return False
+    created, expires = parse_time(manifest.created), parse_time(manifest.expires)
+    return datetime.now(UTC) < created + (expires - created) / 2
 
 
 def run_build(
@@ -442,19 +676,24 @@ def run_build(
     *,
     key: Path | None = None,
     progress: BuildProgress | None = None,
+    cache: CacheOptions | None = None,
+    registry: Path | None = None,
 ) -> BuildResult:
     """Build, validate, package and sign ``project`` for ``profile`` into ``out_dir``.
 
     Args:
         key: private signing key; ``None`` uses (and on first use creates) the dev key.
         progress: receives step progress.
+        cache: the step cache to use (default: none).
+        registry: the registry file (default ``$EDGEOPS_HOME/registry.sqlite``).
 
     Raises:
         InputError: bad project, data, model or key (a subclass says which).
         BudgetExceededError: the model breaks a budget; ``checks`` holds every row.
-        UnsupportedTargetError: the target's format has no exporter yet.
+        UnsupportedTargetError: the target's runtime has no exporter.
         BuildError: anything else that stops the build.
     """
+    started = time.perf_counter()
     if profile.runtime not in _RUNTIMES:
         raise UnsupportedTargetError(
             f"target {profile.name!r} runs {profile.runtime}; this toolchain builds for {', '.join(_RUNTIMES)}"
@@ -465,25 +704,140 @@ def run_build(
         pair, created = dev_key()
         key, public = pair.private, pair.public
     trusted = load_signing_key(key)  # fail before an expensive build, not after it
-    state = BuildState(
-        project=project, profile=profile, out_dir=out_dir, key=key, trusted=trusted, progress=progress or _Silent()
-    )
-    for step in STEPS:
-        state.current = step
-        state.progress.step_started(step)
-        start = time.perf_counter()
-        step.run(state)
-        missing = [name for name in step.outputs if getattr(state, name) is None]
-        if missing:  # a step that does not keep its declaration is a bug
-            raise BuildError(f"internal: step {step.name!r} did not produce {', '.join(missing)}")
-        state.timings[step.name] = time.perf_counter() - start
-        state.progress.step_finished(step, state.timings[step.name])
+    cache = cache or CacheOptions(root=None)
+    store = StepCache(cache.root) if cache.root is not None else None
+    with Registry(registry) as reg:
+        state = BuildState(
+            project=project,
+            profile=profile,
+            out_dir=out_dir,
+            key=key,
+            trusted=trusted,
+            progress=progress or _Silent(),
+            registry=reg,
+        )
+        keys = step_keys(state)
+        entries, corrupted = _lookup(state, store, keys, read=cache.read)
+        run, load = _plan(entries)
+        for step in STEPS:
+            state.current = step
+            if step.name not in run:
+                if step.name in load:
+                    _decode(step, state, entries[step.name])
+                state.progress.step_cached(step)
+                continue
+            state.progress.step_started(step)
+            begin = time.perf_counter()
+            step.run(state)
+            missing = [name for name in step.outputs if getattr(state, name) is None]
+            if missing:  # a step that does not keep its declaration is a bug
+                raise BuildError(f"internal: step {step.name!r} did not produce {', '.join(missing)}")
+            if store is not None:
+                store.store(step.name, keys[step.name], _encode(step, state))
+            state.timings[step.name] = time.perf_counter() - begin
+            state.progress.step_finished(step, state.timings[step.name])
+        reused = "package" not in run
+        bundle_path, report_path = _publish(state, reused=reused)
+        manifest = state.need("manifest")
+        cached = tuple(st.name for st in STEPS if st.name not in run)
+        reg.record_build(
+            BuildRecord(
+                name=manifest.name,
+                target=manifest.target,
+                release=manifest.release,
+                bundle_sha256=hashlib.sha256(state.need("bundle")).hexdigest(),
+                finished=now_text(),
+                seconds=round(time.perf_counter() - started, 4),
+                reused=reused,
+                cached_steps=cached,
+                path=str(bundle_path),
+            )
+        )
     return BuildResult(
-        bundle_path=state.need("bundle_path"),
-        manifest=state.need("manifest"),
+        bundle_path=bundle_path,
+        report_path=report_path,
+        manifest=manifest,
         checks=state.need("checks"),
         timings=state.timings,
         signer=trusted.fingerprint,
         public_key=public,
         dev_key_created=created,
+        cached=cached,
+        reused=reused,
+        corrupted=tuple(corrupted),
     )
+
+
+def _lookup(
+    s: BuildState, store: StepCache | None, keys: Mapping[str, str], *, read: bool
+) -> tuple[dict[str, dict[str, bytes]], list[CacheEntryCorrupted]]:
+    """Digest-checked cache entries per step, and the corrupted ones (already deleted)."""
+    entries: dict[str, dict[str, bytes]] = {}
+    corrupted: list[CacheEntryCorrupted] = []
+    if store is None or not read:
+        return entries, corrupted
+    for step in STEPS:
+        found = store.load(step.name, keys[step.name])
+        if isinstance(found, CacheEntryCorrupted):
+            corrupted.append(found)
+            s.progress.cache_corrupted(step, found.reason)
+        elif found is not None and set(step.outputs) <= set(found):
+            entries[step.name] = found
+    if not _reusable_release(s, entries):
+        entries.pop("package", None)
+    return entries, corrupted
+
+
+def _plan(entries: Mapping[str, Any]) -> tuple[set[str], set[str]]:
+    """Which steps run and which cached steps must be loaded.
+
+    A step runs when it has no entry, or when it consumes new bytes: the output of a step
+    that runs and is not deterministic (``package``), or of a step that ran because of one.
+    A cached step is loaded only when a step that runs, or the end of the build, needs it.
+    """
+    producer = {out: st for st in STEPS for out in st.outputs}
+    run: set[str] = set()
+    fresh: set[str] = set()  # steps that run and whose outputs differ from any cached entry
+    for st in STEPS:
+        upstream = {producer[i].name for i in st.inputs if i in producer}
+        if st.name not in entries or upstream & fresh:
+            run.add(st.name)
+            if not st.deterministic or upstream & fresh:
+                fresh.add(st.name)
+    needed = set(_FINAL)
+    for st in reversed(STEPS):
+        if st.name in run:
+            needed |= {i for i in st.inputs if i in producer}
+    load = {st.name for st in STEPS if st.name not in run and needed & set(st.outputs)}
+    return run, load
+
+
+def _publish(s: BuildState, *, reused: bool) -> tuple[Path, Path]:
+    """Record the release and write the bundle and its report into the output folder."""
+    manifest = s.need("manifest")
+    data, report = s.need("bundle"), s.need("report_html")
+    path = s.out_dir / manifest.bundle_filename()
+    report_path = s.out_dir / (manifest.bundle_filename().removesuffix(".edgeops") + ".report.html")
+    registry = s.registry
+    if registry is not None:
+        if reused:
+            registry.update_location(manifest.name, manifest.target, manifest.release, path, report_path)
+        else:
+            # Record before writing: if the write then fails the number is skipped, which
+            # devices tolerate; handing the same number out twice they would not.
+            registry.record_release(
+                manifest,
+                bundle_sha256=hashlib.sha256(data).hexdigest(),
+                path=path,
+                report_path=report_path,
+                signer=s.trusted.fingerprint,
+            )
+    try:
+        s.out_dir.mkdir(parents=True, exist_ok=True)
+        for target, content in ((report_path, report), (path, data)):
+            if not (target.is_file() and target.read_bytes() == content):
+                write_atomically(target, content)
+    except OSError as exc:
+        raise BuildError(f"{s.out_dir}: cannot write the bundle: {exc.strerror or exc}") from exc
+    s.bundle_path = path
+    return path, report_path

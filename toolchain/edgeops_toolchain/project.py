@@ -68,6 +68,8 @@ class Project:
         model_entry / model_params: ``module:function`` building the ``torch.nn.Module``
             and the keyword arguments it gets besides ``n_features`` and ``n_classes``.
         data_entry / data_params: ``module:function`` returning the dataset mapping.
+        data_files: glob patterns (relative to the project folder) of the files the dataset
+            entry reads; their bytes are part of the data step's cache key.
         training, quantization, checks: the tables of the same names.
         preprocessing: ``standardize`` or ``none``.
         ttl_days: bundle lifetime in days.
@@ -88,6 +90,7 @@ class Project:
     checks: Checks
     ttl_days: int
     self_test_vectors: int
+    data_files: tuple[str, ...] = ()
 
     def hyperparameters(self) -> dict[str, Any]:
         """Everything that shapes the trained weights, for lineage and cache keys."""
@@ -99,21 +102,47 @@ class Project:
             "quantization": vars(self.quantization).copy(),
         }
 
+    def source_digest(self) -> str:
+        """sha256 over every ``.py`` file under the project folder (not the project file).
+
+        The cache keys use this rather than :meth:`code_digest`, so that changing one
+        hyperparameter in ``edgeops.toml`` re-runs only the steps that read it.
+        """
+        return _digest_files(self.root, sorted(p for p in self.root.rglob("*.py") if "__pycache__" not in p.parts))
+
+    def data_files_digest(self) -> str:
+        """sha256 over the files ``data.files`` matches (names and bytes).
+
+        Raises:
+            ProjectError: a pattern matches no file (most likely a typo).
+        """
+        files: set[Path] = set()
+        for pattern in self.data_files:
+            matched = [p for p in self.root.glob(pattern) if p.is_file()]
+            if not matched:
+                raise ProjectError(f"{self.root / PROJECT_FILE}: data.files pattern {pattern!r} matches no file")
+            files.update(matched)
+        return _digest_files(self.root, sorted(files))
+
     def code_digest(self) -> str:
         """sha256 over the project file and every ``.py`` file under the project folder."""
-        h = hashlib.sha256()
         files = [self.root / PROJECT_FILE, *sorted(p for p in self.root.rglob("*.py") if "__pycache__" not in p.parts)]
-        for path in files:
-            h.update(path.relative_to(self.root).as_posix().encode() + b"\0")
-            h.update(hashlib.sha256(path.read_bytes()).digest())
-        return h.hexdigest()
+        return _digest_files(self.root, files)
+
+
+def _digest_files(root: Path, files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
 
 
 _TABLES: Mapping[str, set[str]] = MappingProxyType(
     {
         "project": {"name", "version", "description"},
         "model": {"entry", "params"},
-        "data": {"entry", "params"},
+        "data": {"entry", "params", "files"},
         "train": {"epochs", "batch_size", "learning_rate", "weight_decay", "seed"},
         "preprocessing": {"kind"},
         "quantization": {"calibration_samples"},
@@ -183,7 +212,17 @@ def load_project(root: Path) -> Project:
         ),
         ttl_days=r.integer(bundle, "ttl_days", "bundle", minimum=1) if "ttl_days" in bundle else 365,
         self_test_vectors=r.integer(bundle, "self_test_vectors", "bundle", minimum=1) if "self_test_vectors" in bundle else 10,
+        data_files=_patterns(r, t["data"]),
     )
+
+
+def _patterns(r: FieldReader, table: Mapping[str, Any]) -> tuple[str, ...]:
+    value = table.get("files", [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v and not v.startswith("/") for v in value):
+        raise r.fail("data.files", "a list of relative glob patterns", value)
+    if any(".." in Path(v).parts for v in value):
+        raise r.fail("data.files", "patterns inside the project folder (no '..')", value)
+    return tuple(value)
 
 
 def _opt(r: FieldReader, table: Mapping[str, Any], key: str, default: float, *, maximum: float | None) -> float:

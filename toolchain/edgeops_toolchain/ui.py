@@ -16,9 +16,10 @@ from rich.table import Table
 
 from edgeops_core import TargetProfile
 from edgeops_toolchain.pipeline import Step
+from edgeops_toolchain.registry import ReleaseRecord
 from edgeops_toolchain.validate import BudgetCheck, format_value
 
-__all__ = ["Reporter", "budget_table", "profiles_table"]
+__all__ = ["Reporter", "budget_table", "profiles_table", "releases_table"]
 
 
 class Reporter:
@@ -57,6 +58,15 @@ class Reporter:
         task = self._tasks[step.name]
         self._progress.update(task, description=f"{step.title} [dim]({seconds:.1f} s)", completed=1, total=1)
 
+    def step_cached(self, step: Step) -> None:
+        """Show ``step`` as taken from the cache."""
+        self._progress.add_task(f"{step.title} [dim](cached)", total=1, completed=1)
+
+    def cache_corrupted(self, step: Step, reason: str) -> None:
+        """Say that ``step``'s cache entry was corrupted and is being rebuilt."""
+        if self._enabled:
+            self._console.print(f"[yellow]cache entry of {step.name!r} is corrupted ({reason}); rebuilding it")
+
 
 def _stdout() -> Console:
     # Piped output is read by people in logs and by grep: do not wrap it at 80 columns.
@@ -94,5 +104,26 @@ def profiles_table(profiles: Sequence[TargetProfile]) -> None:
             f"{b.latency_ms:g} ms",
             f"{b.min_accuracy:.0%}",
             p.description,
+        )
+    _stdout().print(table)
+
+
+def releases_table(rows: Sequence[ReleaseRecord]) -> None:
+    """Print registry releases: identity, key metrics, where the bundle is."""
+    table = Table(title="releases", title_justify="left")
+    for col in ("name", "target", "release", "version", "created", "size", "accuracy", "drop", "bundle"):
+        table.add_column(col, no_wrap=col != "bundle")
+    for r in rows:
+        m = r.metrics
+        table.add_row(
+            r.name,
+            r.target,
+            str(r.release),
+            r.version,
+            r.created,
+            format_value(m.get("model_bytes", 0.0), "bytes"),
+            format_value(m.get("accuracy_deployed", 0.0), "%"),
+            format_value(m.get("accuracy_drop_points", 0.0), "pt"),
+            r.path,
         )
     _stdout().print(table)

@@ -157,8 +157,8 @@ class Evaluator:
         """Float logits ``[n, outputs]`` for preprocessed rows ``[n, features]``, one inference per row."""
         return np.stack([self.runner.predict_preprocessed(x[i : i + 1]) for i in range(x.shape[0])]).astype(np.float32)
 
-    def latency_ms(self, x: np.ndarray) -> tuple[float, float]:
-        """``(p50, p99)`` of single-row latency in milliseconds (input conversion included)."""
+    def latency_ms(self, x: np.ndarray) -> np.ndarray:
+        """Single-row latencies in milliseconds (input conversion included), one per run."""
         r = self.runner
         for _ in range(LATENCY_WARMUP):
             r.predict_preprocessed(x[:1])
@@ -168,7 +168,7 @@ class Evaluator:
             start = time.perf_counter_ns()
             r.predict_preprocessed(row)
             samples.append((time.perf_counter_ns() - start) / 1e6)
-        return float(np.percentile(samples, 50)), float(np.percentile(samples, 99))
+        return np.asarray(samples, dtype=np.float64)
 
 
 @contextlib.contextmanager
@@ -235,7 +235,9 @@ print(json.dumps({"peak_bytes": after["VmHWM"] - before["VmRSS"] - file_growth, 
 """
 
 
-def measure_peak_memory(model: bytes, threads: int, n_features: int, *, runtime: str = "onnxruntime", dtype: str = "float32") -> int:
+def measure_peak_memory(
+    model: bytes, threads: int, n_features: int, *, runtime: str = "onnxruntime", dtype: str = "float32"
+) -> int:
     """Peak RAM (bytes) that loading and running ``model`` in ``runtime`` adds to a process.
 
     ``runtime`` is ``onnxruntime`` or ``litert``; ``dtype`` is the model's input dtype.
