@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up edgeops in ./.venv on a fresh machine.
 #   scripts/setup.sh         host toolchain (edgeops build/verify)
-#   scripts/setup.sh --dev   plus test and lint tools, and Mosquitto for the MQTT tests
+#   scripts/setup.sh --dev   plus test and lint tools, Mosquitto for the MQTT tests and
+#                            Chromium for the report rendering test
 # Safe to re-run: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,16 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   fi
 fi
 
+if [ "$dev" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing chromium (Debian packages; renders the build report in a test)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    say "warning: chromium is missing and cannot be installed here; the report rendering test will fail"
+  fi
+fi
+
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
   say "need Python >= 3.11, found $("$PY" --version 2>&1)"; exit 1
@@ -36,12 +47,21 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
 
-extras=host
-[ "$dev" = 1 ] && extras=host,dev
+extras=host,ort,litert,tflm
+[ "$dev" = 1 ] && extras=$extras,dev
 say "installing edgeops[$extras] (torch pinned to the CPU build)"
 # torch first, from the exact pin, so nothing else can choose another build.
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt "torch==2.13.0" 2>&1 | grep -v "is ignored" >&2 || true
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[$extras]" 2>&1 | grep -v "is ignored" >&2 || true
-.venv/bin/python -c 'import torch, onnxruntime, model_signing, edgeops_toolchain' \
+# litert-torch cannot be resolved together with model-signing (see the file's comment):
+# install it on its own, then put back what model-signing needs.
+if ! .venv/bin/python -c 'import importlib.metadata as m; assert m.version("litert-torch") == "0.10.0"' 2>/dev/null; then
+  say "installing litert-torch (TFLite export for mobile and wearable)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -r requirements-litert-torch.txt 2>&1 \
+    | grep -v -e "is ignored" -e "dependency resolver" -e "incompatible" -e "has requirement" >&2 || true
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt "pydantic>=2.12" "typing-extensions>=4.14.1" 2>&1 \
+  | grep -v -e "is ignored" -e "dependency resolver" -e "incompatible" -e "has requirement" >&2 || true
+.venv/bin/python -c 'import torch, onnxruntime, model_signing, litert_torch, ai_edge_litert, tflite_micro, edgeops_toolchain' \
   || { say "installation incomplete: see the pip output above"; exit 1; }
 say "ready: .venv/bin/edgeops"

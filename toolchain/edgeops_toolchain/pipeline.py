@@ -258,7 +258,7 @@ def _step_validate(s: BuildState) -> None:
     deployed = Evaluator(profile.runtime, model, profile.threads)
     logits = deployed.predict(x_test)
     pred_float, pred = float_logits.argmax(axis=1), logits.argmax(axis=1)
-    s.latency_samples = deployed.latency_ms(x_test)
+    s.latency_samples = deployed.latency_ms(x_test, budget_ms=profile.budgets.latency_ms)
     p50, p99 = float(np.percentile(s.latency_samples, 50)), float(np.percentile(s.latency_samples, 99))
     s.advance(2, 5)
     extra: dict[str, float] = {}

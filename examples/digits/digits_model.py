@@ -1,0 +1,35 @@
+"""Model entry point of the digits example: a two-layer CNN of a few thousand parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class DigitsCNN(nn.Module):
+    """[n, 64] pixel rows → [n, 1, 8, 8] image → 2 x (conv 3x3, ReLU, max-pool 2) → linear."""
+
+    def __init__(self, n_classes: int, channels: Sequence[int]) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Linear(c2 * 2 * 2, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x.reshape(-1, 1, 8, 8)).flatten(1))
+
+
+def build_model(n_features: int, n_classes: int, channels: Sequence[int] = (8, 16)) -> nn.Module:
+    """The project's model entry point."""
+    if n_features != 64:
+        raise ValueError(f"the digits CNN takes 8x8 images (64 features), got {n_features}")
+    return DigitsCNN(n_classes, channels)
