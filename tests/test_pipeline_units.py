@@ -1,7 +1,11 @@
-"""Pieces of the pipeline that need no full build: training determinism, release counters."""
+"""Pieces of the pipeline that need no full build: training determinism, cache keys and planning."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,9 +13,7 @@ import torch
 
 from conftest import make_small_project
 from edgeops_toolchain.data import check_data, load_dataset
-from edgeops_toolchain.errors import BuildError
 from edgeops_toolchain.project import load_project
-from edgeops_toolchain.releases import ReleaseCounter
 from edgeops_toolchain.train import train_model
 
 
@@ -30,24 +32,6 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
     assert a.loss_per_epoch[1] < a.loss_per_epoch[0]
 
 
-def test_release_counter(tmp_path: Path) -> None:
-    counter = ReleaseCounter(tmp_path)
-    assert counter.last("m", "ecu") is None
-    counter.commit("m", "ecu", 1)
-    counter.commit("m", "ecu", 2)
-    counter.commit("m", "mobile", 1)
-    assert counter.last("m", "ecu") == 2 and counter.last("m", "mobile") == 1
-    with pytest.raises(BuildError, match="release 2 of m/ecu is not newer than the recorded 2"):
-        counter.commit("m", "ecu", 2)
-    assert ReleaseCounter(tmp_path).last("m", "ecu") == 2  # persisted
-
-
-def test_release_counter_corrupt_file(tmp_path: Path) -> None:
-    (tmp_path / "releases.json").write_text("{not json")
-    with pytest.raises(BuildError, match="release counters are unreadable"):
-        ReleaseCounter(tmp_path).last("m", "ecu")
-
-
 def test_step_declarations_are_consistent() -> None:
     """Every state input is produced by an earlier step; every output is a state field."""
     import dataclasses
@@ -63,4 +47,68 @@ def test_step_declarations_are_consistent() -> None:
             assert name in produced, f"{step.name} reads {name!r} before any step produces it"
         assert set(step.outputs) <= fields, step.name
         produced |= set(step.outputs)
-    assert [s.name for s in STEPS] == ["data", "train", "export", "quantize", "validate", "package", "sign"]
+    assert [s.name for s in STEPS] == ["data", "train", "export", "quantize", "validate", "package", "sign", "report"]
+
+
+def test_mkl_reproducibility_mode_is_set_on_import() -> None:
+    """MKL reads MKL_CBWR once, at its first call: importing the toolchain must set it first."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    code = "import os, edgeops_toolchain; print(os.environ['MKL_CBWR'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "AUTO,STRICT"
+    env["MKL_CBWR"] = "COMPATIBLE"  # the user's own choice wins
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "COMPATIBLE"
+
+
+_KEYS = """
+import json, sys
+from pathlib import Path
+from edgeops_core import find_profile
+from edgeops_toolchain.pipeline import BuildState, step_keys, _Silent
+from edgeops_toolchain.project import load_project
+from edgeops_toolchain.resources import builtin_targets_dir
+from edgeops_toolchain.signing import generate_keypair, load_signing_key
+key = Path(sys.argv[2]) / "edgeops-signing.pem"
+if not key.exists():
+    generate_keypair(key.parent)
+state = BuildState(project=load_project(Path(sys.argv[1])), profile=find_profile(sys.argv[3], [builtin_targets_dir()]),
+                   out_dir=Path("."), key=key, trusted=load_signing_key(key), progress=_Silent())
+print(json.dumps(step_keys(state)))
+"""
+
+
+def _keys(project: Path, keydir: Path, target: str, seed: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    proc = subprocess.run([sys.executable, "-c", _KEYS, str(project), str(keydir), target], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_cache_keys_are_stable_across_processes_and_follow_inputs(tmp_path: Path) -> None:
+    """Keys must not depend on the hash seed (profiles hold sets); they change exactly with their inputs."""
+    project = make_small_project(tmp_path / "p")
+    a = _keys(project, tmp_path / "k", "ecu", "1")
+    assert a == _keys(project, tmp_path / "k", "ecu", "2")
+    mobile = _keys(project, tmp_path / "k", "mobile", "3")
+    assert [s for s in a if a[s] == mobile[s]] == ["data", "train"]  # a target switch reuses the trained model
+    toml = project / "edgeops.toml"
+    toml.write_text(toml.read_text().replace("learning_rate = 0.001", "learning_rate = 0.002"))
+    lr = _keys(project, tmp_path / "k", "ecu", "1")
+    assert lr["data"] == a["data"] and all(lr[s] != a[s] for s in a if s != "data")
+    (project / "vibration_model.py").write_text((project / "vibration_model.py").read_text() + "\n# a comment\n")
+    code = _keys(project, tmp_path / "k", "ecu", "1")
+    assert all(code[s] != lr[s] for s in a)  # any code change re-runs everything
+
+
+def test_plan_runs_what_misses_and_everything_after_package() -> None:
+    from edgeops_toolchain.pipeline import STEPS, _plan
+
+    names = [s.name for s in STEPS]
+    everything = dict.fromkeys(names, {})
+    run, load = _plan(everything)
+    assert run == set() and load == {"validate", "package", "sign", "report"}  # only what the end needs
+    run, load = _plan({n: {} for n in names if n != "train"})
+    assert run == {"train"} and "data" in load  # train needs the data; export's entry still stands
+    run, _ = _plan({n: {} for n in names if n != "package"})
+    assert run == {"package", "sign", "report"}  # a new manifest makes new bytes downstream

@@ -50,6 +50,9 @@ RUNTIMES = {"onnxruntime": "ort", "litert": "litert", "tflite-micro": "tflm"}
 
 #: Arena offered to TFLite Micro when the caller does not know the model's need (bytes).
 DEFAULT_TFLM_ARENA = 1 << 20
+#: Smallest arena handed to TFLite Micro: below a few hundred bytes its allocator crashes
+#: the process (seen: 64 and 256 bytes segfault) instead of reporting the shortage.
+MIN_TFLM_ARENA = 1024
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class LiteRtRuntime:
             ModelLoadError: the interpreter rejects the model.
         """
         interpreter = _import("ai_edge_litert.interpreter", self.name)
+        self._model = model  # the interpreter may read the flatbuffer in place
         try:
             self._it = interpreter.Interpreter(model_content=model, num_threads=threads)
             self._it.allocate_tensors()
@@ -193,7 +197,12 @@ class TflmRuntime:
             RuntimeUnavailableError: tflite-micro is not installed.
             ModelLoadError: the interpreter rejects the model or the arena is too small.
         """
+        if arena_size < MIN_TFLM_ARENA:
+            raise ModelLoadError(f"TFLite Micro arena of {arena_size} bytes is below the minimum of {MIN_TFLM_ARENA} bytes")
         runtime = _import("tflite_micro.python.tflite_micro.runtime", self.name)
+        # The interpreter reads the flatbuffer in place without owning it (as on an MCU,
+        # where the model sits in flash): keep the bytes alive as long as the interpreter.
+        self._model = model
         try:
             with _captured_stdout():  # the interpreter logs its errors on C stdout
                 self._it = runtime.Interpreter.from_bytes(model, arena_size=arena_size)

@@ -404,7 +404,7 @@ def registry_show(ctx: click.Context, name: str, target: str, number: int | None
         with Registry(registry) as reg:
             record = reg.latest(name, target) if number is None else reg.release(name, target, number)
             if record is None:
-                which = "any release" if number is None else f"release {number}"
+                which = "release" if number is None else f"release {number}"
                 raise InputError(f"the registry has no {which} of {name!r} for target {target!r}; see `edgeops registry list`")
             builds = [b for b in reg.builds(name=name, target=target) if b.release == record.release]
         if as_json:

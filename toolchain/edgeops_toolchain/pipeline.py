@@ -61,7 +61,7 @@ from edgeops_toolchain.errors import BudgetExceededError, BuildError, Unsupporte
 from edgeops_toolchain.project import Project, load_entry
 from edgeops_toolchain.registry import BuildRecord, Registry, now_text
 from edgeops_toolchain.signing import dev_key, load_signing_key, sign_members
-from edgeops_toolchain.validate import BudgetCheck, Evaluator, budget_checks, measure_peak_memory
+from edgeops_toolchain.validate import BudgetCheck, Evaluator, budget_checks, measure_peak_memory, minimum_tflm_arena
 
 if TYPE_CHECKING:
     from edgeops_toolchain.train import TrainResult
@@ -266,8 +266,9 @@ def _step_validate(s: BuildState) -> None:
         extra.update(_runtime_agreement(profile, model, deployed, x_test))
     s.advance(3, 5)
     if deployed.arena_bytes is not None:
-        peak = deployed.arena_bytes
+        peak = minimum_tflm_arena(model, deployed.arena_bytes)
         extra["arena_bytes"] = float(peak)
+        extra["arena_recorded_bytes"] = float(deployed.arena_bytes)
     else:
         peak = measure_peak_memory(model, profile.threads, x_test.shape[1], runtime=profile.runtime, dtype=deployed.spec[0].dtype)
     s.advance(4, 5)

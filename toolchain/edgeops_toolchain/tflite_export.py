@@ -75,7 +75,7 @@ def quantize_tflite(model: nn.Module, calibration: np.ndarray, n_classes: int) -
         import litert_torch
         from litert_torch.quantize import pt2e_quantizer as pq
         from litert_torch.quantize.quant_config import QuantConfig
-        from torchao.quantization.pt2e import quantize_pt2e
+        from torchao.quantization.pt2e import allow_exported_model_train_eval, quantize_pt2e
 
         quantizer = pq.PT2EQuantizer().set_global(pq.get_symmetric_quantization_config(is_per_channel=True))
         exported = torch.export.export(m.eval(), args).module()
@@ -87,7 +87,8 @@ def quantize_tflite(model: nn.Module, calibration: np.ndarray, n_classes: int) -
             else:
                 for i in range(rows.shape[0]):
                     prepared(torch.from_numpy(np.ascontiguousarray(rows[i : i + 1], dtype=np.float32)))
-        converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
+        converted = allow_exported_model_train_eval(quantize_pt2e.convert_pt2e(prepared, fold_quantize=False))
+        converted.eval()  # inference behaviour for dropout/batch-norm, and litert-torch checks the flag
         return _serialize(litert_torch.convert(converted, args, quant_config=QuantConfig(pt2e_quantizer=quantizer)))
 
     data = _guarded(model, example, convert, "litert-torch int8 quantization")
@@ -123,7 +124,10 @@ def _guarded(
 def _failing_module(
     model: nn.Module, example: tuple[torch.Tensor, ...], convert: Callable[[nn.Module, tuple[torch.Tensor, ...]], bytes]
 ) -> str | None:
-    """The first leaf module (in call order) that fails to convert on its own, as ``name (Type)``."""
+    """The first leaf module (in call order) that fails to convert on its own, as ``name (Type)``.
+
+    ``None`` when no leaf fails alone (the failure is in how they are combined) or all do.
+    """
     import torch
 
     inputs: dict[str, tuple[Any, ...]] = {}
@@ -140,15 +144,18 @@ def _failing_module(
         for hook in hooks:
             hook.remove()
     modules = dict(model.named_modules())
+    failing = []
     for name, args in inputs.items():
         if not all(isinstance(a, torch.Tensor) for a in args):
             continue
         try:
             with _quiet():
                 convert(modules[name], tuple(args))
-        except Exception:  # noqa: BLE001  any failure marks the culprit
-            return f"{name} ({type(modules[name]).__name__})"
-    return None
+        except Exception:  # noqa: BLE001  any failure marks a suspect
+            failing.append(f"{name} ({type(modules[name]).__name__})")
+    # When every module fails on its own, the fault is not in one of them (the converter
+    # or the environment is): name none rather than blame the first.
+    return failing[0] if failing and len(failing) < len(inputs) else None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -35,7 +35,17 @@ import numpy as np
 from edgeops_core import TargetProfile, TensorSpec
 from edgeops_toolchain.errors import BuildError
 
-__all__ = ["PARITY_ATOL", "BudgetCheck", "Evaluator", "budget_checks", "format_value", "measure_peak_memory", "quiet_fds"]
+__all__ = [
+    "PARITY_ATOL",
+    "BudgetCheck",
+    "Evaluator",
+    "budget_checks",
+    "format_value",
+    "measure_peak_memory",
+    "minimum_tflm_arena",
+    "tflm_arena_fits",
+    "quiet_fds",
+]
 
 #: Largest accepted |torch - ONNX| logit difference of the float export.
 PARITY_ATOL = 1e-3
@@ -289,6 +299,81 @@ def measure_peak_memory(
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
         raise BuildError(f"peak-memory probe failed: {tail[0]}")
     return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+_ARENA_PROBE = r"""
+import os, sys
+import numpy as np
+from tflite_micro.python.tflite_micro import runtime
+with open(sys.argv[1], "rb") as fh:
+    model = fh.read()
+try:
+    it = runtime.Interpreter.from_bytes(model, arena_size=int(sys.argv[2]))
+    detail = it.get_input_details(0)
+    it.set_input(np.zeros(detail["shape"], dtype=detail["dtype"]), 0)
+    it.invoke()
+except Exception:
+    # A failed allocation leaves the interpreter unable to clean up (it aborts in its
+    # destructor): leave without running any.
+    os._exit(3)
+os._exit(0)
+"""
+
+#: Resolution of the arena search (TFLite Micro aligns its allocations to 16 bytes).
+ARENA_STEP = 16
+
+
+def tflm_arena_fits(model: bytes, size: int) -> bool:
+    """Whether TFLite Micro loads and runs ``model`` in a ``size``-byte arena, tried in a fresh process.
+
+    A fresh process each time, because a failed allocation can abort the process or leave
+    the interpreter unable to try again.
+
+    Raises:
+        BuildError: the probe itself cannot run (tflite-micro missing...).
+    """
+    with tempfile.TemporaryDirectory(prefix="edgeops-arena-") as tmp:
+        path = Path(tmp) / "model.tflite"
+        path.write_bytes(model)
+        proc = subprocess.run([sys.executable, "-c", _ARENA_PROBE, str(path), str(size)], capture_output=True, timeout=60, check=False)
+    # 3: allocation failed cleanly; a signal (TFLite Micro aborts on some failed
+    # allocations): too small as well; any other code is the probe's own failure.
+    if proc.returncode == 0:
+        return True
+    if proc.returncode == 3 or proc.returncode < 0:
+        return False
+    tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+    raise BuildError(f"TFLite Micro arena probe failed: {tail[0]}")
+
+
+def minimum_tflm_arena(model: bytes, recorded: int, *, limit: int = 16 << 20) -> int:
+    """The smallest tensor arena (bytes, to :data:`ARENA_STEP`) in which TFLite Micro loads and runs ``model``.
+
+    ``recorded`` is the recording allocator's figure (``print_allocations()``). It counts
+    what stays allocated, not the temporary space that allocation itself needs, so it
+    undershoots: a model recorded at 1 424 bytes needs about 1 900. Each candidate is tried
+    with :func:`tflm_arena_fits`.
+
+    Raises:
+        BuildError: even ``limit`` bytes are not enough, or the probe cannot run.
+    """
+    from edgeops_agent.runtime import MIN_TFLM_ARENA
+
+    lo = max(MIN_TFLM_ARENA, recorded) - ARENA_STEP  # known (or assumed) too small
+    hi = max(2 * recorded, lo + 1024)
+    while not tflm_arena_fits(model, hi):
+        lo, hi = hi, hi * 2
+        if hi > limit:
+            raise BuildError(f"TFLite Micro cannot run the model even with a {limit}-byte arena")
+    while hi - lo > ARENA_STEP:
+        mid = (lo + hi) // 2 // ARENA_STEP * ARENA_STEP
+        if mid <= lo:
+            break
+        if tflm_arena_fits(model, mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def budget_checks(profile: TargetProfile, metrics: Mapping[str, float], unsupported_ops: Sequence[str]) -> list[BudgetCheck]:
