@@ -53,7 +53,7 @@ def test_registry_releases_are_monotonic_and_conflicts_refused(tmp_path: Path, b
         reg.record_release(manifest, bundle_sha256="aa", path=tmp_path / "b1", report_path=None, signer="s")
         second = _manifest(manifest, release=2)
         reg.record_release(second, bundle_sha256="bb", path=tmp_path / "b2", report_path=None, signer="s")  # type: ignore[arg-type]
-        with pytest.raises(RegistryError, match="release 2 of .* is not newer than the recorded 2"):
+        with pytest.raises(RegistryError, match=r"release 2 of .* is not newer than the recorded 2"):
             reg.record_release(second, bundle_sha256="cc", path=tmp_path / "b3", report_path=None, signer="s")  # type: ignore[arg-type]
         latest = reg.latest(manifest.name, "ecu")
         assert latest is not None and latest.release == 2 and latest.bundle_sha256 == "bb"

@@ -10,7 +10,12 @@ import pytest
 
 from conftest import REPO
 
-HOST_ONLY = ("torch", "tensorflow", "onnx", "onnxruntime", "model_signing", "onnxscript", "edgeops_toolchain", "litert_torch")
+HOST_ONLY = (
+    "torch", "tensorflow", "onnx", "model_signing", "onnxscript", "edgeops_toolchain", "litert_torch", "torchao", "jax",
+    "matplotlib", "sklearn",
+)  # fmt: skip
+#: Device runtimes: the agent may use them, but only once a bundle needs one (never at import).
+RUNTIMES = ("onnxruntime", "ai_edge_litert", "tflite_micro")
 
 
 def _loaded_after_import(module: str) -> set[str]:
@@ -19,11 +24,12 @@ def _loaded_after_import(module: str) -> set[str]:
     return {name.split(".")[0] for name in out.split()}
 
 
-@pytest.mark.parametrize("module", ["edgeops_core", "edgeops_agent", "edgeops_agent.cli"])
+@pytest.mark.parametrize("module", ["edgeops_core", "edgeops_agent", "edgeops_agent.cli", "edgeops_agent.runtime"])
 def test_device_packages_import_no_host_library(module: str) -> None:
     loaded = _loaded_after_import(module)
     assert module.split(".")[0] in loaded
     assert not loaded & set(HOST_ONLY), f"{module} pulled in {sorted(loaded & set(HOST_ONLY))}"
+    assert not loaded & set(RUNTIMES), f"{module} loaded a runtime at import: {sorted(loaded & set(RUNTIMES))}"
 
 
 def test_cli_entry_stays_light() -> None:

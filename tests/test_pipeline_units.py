@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import make_small_project
@@ -80,7 +79,9 @@ print(json.dumps(step_keys(state)))
 
 def _keys(project: Path, keydir: Path, target: str, seed: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONHASHSEED": seed}
-    proc = subprocess.run([sys.executable, "-c", _KEYS, str(project), str(keydir), target], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KEYS, str(project), str(keydir), target], capture_output=True, text=True, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
@@ -105,7 +106,7 @@ def test_plan_runs_what_misses_and_everything_after_package() -> None:
     from edgeops_toolchain.pipeline import STEPS, _plan
 
     names = [s.name for s in STEPS]
-    everything = dict.fromkeys(names, {})
+    everything: dict[str, dict[str, bytes]] = {n: {} for n in names}
     run, load = _plan(everything)
     assert run == set() and load == {"validate", "package", "sign", "report"}  # only what the end needs
     run, load = _plan({n: {} for n in names if n != "train"})

@@ -159,7 +159,7 @@ class LiteRtRuntime:
         try:
             self._it = interpreter.Interpreter(model_content=model, num_threads=threads)
             self._it.allocate_tensors()
-        except (ValueError, RuntimeError) as exc:
+        except Exception as exc:  # the interpreter raises ValueError, RuntimeError and parser errors
             raise ModelLoadError(f"LiteRT cannot load the model: {exc}") from exc
         i, o = self._it.get_input_details()[0], self._it.get_output_details()[0]
         self._in, self._out = i["index"], o["index"]
@@ -206,7 +206,7 @@ class TflmRuntime:
         try:
             with _captured_stdout():  # the interpreter logs its errors on C stdout
                 self._it = runtime.Interpreter.from_bytes(model, arena_size=arena_size)
-        except (ValueError, RuntimeError) as exc:
+        except Exception as exc:  # RuntimeError from C++, struct.error from its flatbuffer parser
             raise ModelLoadError(f"TFLite Micro cannot load the model (arena {arena_size} bytes): {exc}") from exc
         i, o = self._it.get_input_details(0), self._it.get_output_details(0)
         self.input = TensorInfo(

@@ -25,6 +25,7 @@ class DigitsCNN(nn.Module):
         self.classifier = nn.Linear(c2 * 2 * 2, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[n, classes]`` for pixel rows ``[n, 64]``."""
         return self.classifier(self.features(x.reshape(-1, 1, 8, 8)).flatten(1))
 
 

@@ -43,8 +43,8 @@ __all__ = [
     "format_value",
     "measure_peak_memory",
     "minimum_tflm_arena",
-    "tflm_arena_fits",
     "quiet_fds",
+    "tflm_arena_fits",
 ]
 
 #: Largest accepted |torch - ONNX| logit difference of the float export.
@@ -335,7 +335,9 @@ def tflm_arena_fits(model: bytes, size: int) -> bool:
     with tempfile.TemporaryDirectory(prefix="edgeops-arena-") as tmp:
         path = Path(tmp) / "model.tflite"
         path.write_bytes(model)
-        proc = subprocess.run([sys.executable, "-c", _ARENA_PROBE, str(path), str(size)], capture_output=True, timeout=60, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-c", _ARENA_PROBE, str(path), str(size)], capture_output=True, timeout=60, check=False
+        )
     # 3: allocation failed cleanly; a signal (TFLite Micro aborts on some failed
     # allocations): too small as well; any other code is the probe's own failure.
     if proc.returncode == 0:
