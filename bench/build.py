@@ -1,6 +1,12 @@
-"""Cold-build benchmark: time per pipeline step, against raw library calls in the same run.
+"""Build benchmarks: cold-build time per step against raw library calls, and the step cache.
 
     .venv/bin/python bench/build.py [--target ecu] [--project DIR] [--repeat N]
+    .venv/bin/python bench/build.py --cache [--target ecu] [--switch-to mobile]
+
+``--cache`` measures, in one run and one fresh cache: a cold build, a rebuild with nothing
+changed (warm / cold must be <= 0.05), and a switch to another target that reuses the
+trained model (against that target's own cold build). Each is timed both in-process
+(``run_build``) and end to end through the CLI in a fresh interpreter.
 
 A cold build runs every step from nothing (fresh EDGEOPS_HOME, fresh output folder). Next
 to each step it times the bare library work the step wraps, in the same process and on the
@@ -135,6 +141,56 @@ def _cold_build(project_dir: Path, target: str) -> dict[str, float]:
     return timings
 
 
+def _cache_bench(project_dir: Path, target: str, switch: str) -> None:
+    from edgeops_core import find_profile
+    from edgeops_toolchain.pipeline import CacheOptions, run_build
+    from edgeops_toolchain.project import load_project
+    from edgeops_toolchain.resources import builtin_targets_dir
+
+    def build(home: Path, tgt: str) -> tuple[float, tuple[str, ...]]:
+        os.environ["EDGEOPS_HOME"] = str(home)
+        start = time.perf_counter()
+        result = run_build(
+            load_project(project_dir),
+            find_profile(tgt, [builtin_targets_dir()]),
+            home / "dist",
+            cache=CacheOptions(root=home / "cache"),
+        )
+        return time.perf_counter() - start, result.cached
+
+    def cli(home: Path, tgt: str) -> float:
+        env = {**os.environ, "EDGEOPS_HOME": str(home)}
+        start = time.perf_counter()
+        args = ["build", "-t", tgt, "-p", str(project_dir), "-o", str(home / "dist"), "--json"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgeops_toolchain", *args], capture_output=True, text=True, env=env, check=False
+        )
+        if proc.returncode != 0:
+            raise SystemExit(f"CLI build failed: {proc.stderr[-2000:]}")
+        return time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory(prefix="edgeops-bench-cache-") as tmp:
+        home, other = Path(tmp) / "home", Path(tmp) / "other"
+        t_cli_cold = cli(Path(tmp) / "cli", target)
+        t_cli_warm = cli(Path(tmp) / "cli", target)
+        t_cold, _ = build(home, target)
+        t_warm, warm_cached = build(home, target)
+        t_switch, switch_cached = build(home, switch)
+        t_switch_cold, _ = build(other, switch)
+    print(f"step cache, {project_dir.name}: one fresh cache, builds in this order")
+    print(f"{'build':<44}{'seconds':>9}{'ratio':>9}")
+    print(f"{'cold ' + target + ' (in-process, run_build)':<44}{t_cold:9.3f}{'':>9}")
+    print(f"{'rebuild, nothing changed (in-process)':<44}{t_warm:9.3f}{t_warm / t_cold:9.4f}   warm / cold")
+    print(f"{'cold ' + target + ' (CLI, fresh interpreter)':<44}{t_cli_cold:9.3f}{'':>9}")
+    print(f"{'rebuild, nothing changed (CLI)':<44}{t_cli_warm:9.3f}{t_cli_warm / t_cli_cold:9.4f}   warm / cold")
+    print(f"{'switch to ' + switch + ' (same cache)':<44}{t_switch:9.3f}{t_switch / t_switch_cold:9.4f}   vs its own cold build")
+    print(f"{'cold ' + switch + ' (empty cache)':<44}{t_switch_cold:9.3f}")
+    print(f"rebuild reused: {', '.join(warm_cached)}")
+    print(f"switch reused:  {', '.join(switch_cached)}")
+    verdict = "PASS" if t_warm / t_cold <= 0.05 and t_cli_warm / t_cli_cold <= 0.05 else "FAIL"
+    print(f"warm / cold <= 0.05: {verdict}")
+
+
 def _worker(kind: str, project_dir: Path, target: str) -> dict[str, float]:
     """Run one side in a fresh interpreter, so both pay the same cold imports."""
     proc = subprocess.run(
@@ -154,7 +210,12 @@ def main() -> None:
     parser.add_argument("--project", type=Path, default=REPO / "examples" / "vibration")
     parser.add_argument("--repeat", type=int, default=1, help="cold builds (and raw runs) to take the median of")
     parser.add_argument("--worker", choices=["build", "raw"], help=argparse.SUPPRESS)
+    parser.add_argument("--cache", action="store_true", help="benchmark the step cache instead of a cold build")
+    parser.add_argument("--switch-to", default="mobile", help="target switched to in --cache")
     args = parser.parse_args()
+    if args.cache:
+        _cache_bench(args.project, args.target, args.switch_to)
+        return
     if args.worker == "build":
         print(json.dumps(_cold_build(args.project, args.target)))
         return
