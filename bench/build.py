@@ -89,8 +89,14 @@ def _baselines(project_dir: Path, profile_name: str, tmp: Path) -> dict[str, flo
                 model, (torch.zeros(1, x.shape[1]),), str(onnx_path), dynamo=True, external_data=False, verbose=False
             )
 
-    t_export, _ = _timed(export)
+    from edgeops_core import find_profile
+    from edgeops_toolchain.resources import builtin_targets_dir
+
     calib = apply_preprocessing(pre, ds.x_train[: project.quantization.calibration_samples])
+    if find_profile(profile_name, [builtin_targets_dir()]).format == "tflite":
+        t_export, t_quant = _tflite_baselines(model, calib)
+        return {"data": t_data, "train": t_train, "export": t_export, "quantize": t_quant, "import_torch": t_import}
+    t_export, _ = _timed(export)
     input_name = _input_name(onnx_path)
 
     class Reader:
@@ -115,6 +121,34 @@ def _baselines(project_dir: Path, profile_name: str, tmp: Path) -> dict[str, flo
 
     t_quant, _ = _timed(quantize)
     return {"data": t_data, "train": t_train, "export": t_export, "quantize": t_quant, "import_torch": t_import}
+
+
+def _tflite_baselines(model: object, calib: object) -> tuple[float, float]:
+    """Bare litert-torch: float conversion, and PT2E prepare/calibrate/convert + conversion."""
+    import litert_torch
+    import numpy as np
+    import torch
+    from litert_torch.quantize import pt2e_quantizer as pq
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e import quantize_pt2e
+
+    rows = np.asarray(calib, dtype=np.float32)
+    args = (torch.from_numpy(rows[:1]),)
+
+    def export() -> None:
+        litert_torch.convert(model, args).export(os.devnull)
+
+    def quantize() -> None:
+        quantizer = pq.PT2EQuantizer().set_global(pq.get_symmetric_quantization_config(is_per_channel=True))
+        prepared = quantize_pt2e.prepare_pt2e(torch.export.export(model, args).module(), quantizer)
+        for i in range(rows.shape[0]):
+            prepared(torch.from_numpy(rows[i : i + 1]))
+        converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
+        litert_torch.convert(converted, args, quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(os.devnull)
+
+    t_export, _ = _timed(export)
+    t_quant, _ = _timed(quantize)
+    return t_export, t_quant
 
 
 def _input_name(path: Path) -> str:
