@@ -1,25 +1,78 @@
 """The ``edgeops-agent`` command (device side).
 
-Exit codes: 0 success, 2 bad input (usage, unreadable key), 4 bundle rejected.
+::
+
+    edgeops-agent verify BUNDLE --key PUB.pem            offline check, as install does
+    edgeops-agent trust add KEY.pem --data-dir D          add a release key to the trust store
+    edgeops-agent install BUNDLE --data-dir D [--target T] [--json]
+    edgeops-agent status --data-dir D [--json]
+    edgeops-agent predict --data-dir D [FEATURES_JSON]    one JSON array, or JSON lines on stdin
+    edgeops-agent run --config agent.toml                 the daemon (MQTT, socket, telemetry)
+
+Exit codes: 0 success; 1 internal error; 2 bad input (usage, config, key, tensor);
+3 install refused (wrong target, not newer, self-test failed); 4 bundle rejected
+(tampered, untrusted, expired, malformed); 5 the agent cannot work (damaged state,
+runtime missing). Every error is one line on stderr starting with ``error:``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from edgeops_agent import __version__
-from edgeops_core import BundleError, EdgeopsError, load_public_key, verify_bundle
+from edgeops_core import BundleError, EdgeopsError, InputError, load_public_key, verify_bundle
 
 __all__ = ["main"]
+
+EXIT_INTERNAL, EXIT_INPUT, EXIT_REFUSED, EXIT_BUNDLE, EXIT_AGENT = 1, 2, 3, 4, 5
+
+
+def _code(exc: EdgeopsError) -> int:
+    from edgeops_agent.errors import InstallRejectedError
+
+    if isinstance(exc, InputError):
+        return EXIT_INPUT
+    if isinstance(exc, BundleError):
+        return EXIT_BUNDLE
+    if isinstance(exc, InstallRejectedError):
+        return EXIT_REFUSED
+    return EXIT_AGENT
+
+
+def _run(as_json: bool, body: Callable[[], None]) -> None:
+    try:
+        body()
+    except EdgeopsError as exc:
+        if as_json:
+            click.echo(
+                json.dumps({"ok": False, "exit_code": _code(exc), "error": {"type": type(exc).__name__, "message": str(exc)}})
+            )
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(_code(exc))
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback, for anything unexpected
+        if "--debug" in sys.argv:
+            traceback.print_exception(exc)
+        click.echo(f"error: internal error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(EXIT_INTERNAL)
+
+
+_data_dir = click.option(
+    "--data-dir", "-d", required=True, type=click.Path(path_type=Path, file_okay=False), help="The agent's data directory."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeops-agent")
 def main() -> None:
-    """edgeops-agent: verify and run edgeops bundles on a device."""
+    """edgeops-agent: verify, install and run edgeops bundles on a device."""
 
 
 @main.command()
@@ -35,10 +88,147 @@ def main() -> None:
 )
 def verify(bundle: Path, keys: tuple[Path, ...]) -> None:
     """Check BUNDLE's signature, digests, members, manifest and expiry, offline."""
-    try:
-        verified = verify_bundle(bundle, [load_public_key(k) for k in keys])
-    except EdgeopsError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(4 if isinstance(exc, BundleError) else 2)
-    m = verified.manifest
-    click.echo(f"OK {m.name} {m.version} release {m.release} for {m.target}")
+
+    def body() -> None:
+        m = verify_bundle(bundle, [load_public_key(k) for k in keys]).manifest
+        click.echo(f"OK {m.name} {m.version} release {m.release} for {m.target}")
+
+    _run(False, body)
+
+
+@main.group()
+def trust() -> None:
+    """Manage the trust store of release keys."""
+
+
+@trust.command("add")
+@click.argument("key", type=click.Path(path_type=Path, dir_okay=False))
+@_data_dir
+def trust_add(key: Path, data_dir: Path) -> None:
+    """Trust KEY (an ECDSA P-256 public key, PEM) for bundle signatures."""
+    from edgeops_agent.store import DataDir
+
+    def body() -> None:
+        trusted = DataDir(data_dir).add_trusted_key(key)
+        click.echo(f"trusted key sha256:{trusted.fingerprint[:16]}… ({key})")
+
+    _run(False, body)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
+@_data_dir
+@click.option("--target", "-t", default=None, help="This device's target (recorded on first use).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def install(bundle: Path, data_dir: Path, target: str | None, as_json: bool) -> None:
+    """Verify BUNDLE, stage it in the inactive slot, self-test it, and make it active."""
+    from edgeops_agent.agent import Agent
+    from edgeops_agent.store import DataDir
+
+    def body() -> None:
+        agent = Agent(DataDir(data_dir))
+        result = agent.install(bundle, target=target)
+        info = {
+            "ok": True,
+            "name": result.name,
+            "version": result.version,
+            "release": result.release,
+            "previous_release": result.previous_release,
+            "slot": result.slot,
+            "self_tests": result.self_tests,
+        }
+        if as_json:
+            click.echo(json.dumps(info))
+        else:
+            click.echo(
+                f"installed {result.name} {result.version} release {result.release} in slot {result.slot} "
+                f"({result.self_tests} self-test vectors passed); it is now active"
+            )
+
+    _run(as_json, body)
+
+
+@main.command()
+@_data_dir
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(data_dir: Path, as_json: bool) -> None:
+    """Show the active bundle, both slots, the anti-rollback floor and the last error."""
+    from edgeops_agent.store import DataDir
+
+    def body() -> None:
+        data = DataDir(data_dir)
+        state = data.load_state()
+        doc = {"ok": True, **state.to_dict(), "trusted_keys": [k.fingerprint for k in data.trusted_keys()]}
+        if as_json:
+            click.echo(json.dumps(doc))
+            return
+        active = state.slots.get(state.active) if state.active else None
+        click.echo(f"target:   {state.target or '(not set)'}")
+        if active:
+            click.echo(
+                f"active:   slot {state.active}: {active.name} {active.version} release {active.release} ({active.runtime})"
+            )
+        else:
+            click.echo("active:   none (install a bundle)")
+        for slot, info in sorted(state.slots.items()):
+            text = (
+                f"{info.name} release {info.release}, sha256 {info.sha256[:16]}…, installed {info.installed}" if info else "empty"
+            )
+            click.echo(f"slot {slot}:   {text}")
+        floor = ", ".join(f"{k} {v}" for k, v in sorted(state.highest_release.items())) or "none"
+        click.echo(f"highest:  {floor}")
+        click.echo(f"trusted:  {len(doc['trusted_keys'])} key(s)")
+        click.echo(f"last error: {state.last_error or 'none'}")
+
+    _run(as_json, body)
+
+
+@main.command()
+@_data_dir
+@click.argument("features", required=False)
+def predict(data_dir: Path, features: str | None) -> None:
+    """Predict with the active model: FEATURES is one JSON array; without it, JSON arrays are read from stdin, one per line.
+
+    Prints one JSON object per input; a bad line prints {"ok": false, "error": ...} and the
+    rest go on (the exit code is then 2).
+    """
+    import numpy as np
+
+    from edgeops_agent.agent import Agent
+    from edgeops_agent.store import DataDir
+
+    def body() -> None:
+        agent = Agent(DataDir(data_dir))
+        lines = [features] if features is not None else (line for line in sys.stdin if line.strip())
+        bad = 0
+        for line in lines:
+            try:
+                values: Any = json.loads(line)
+                if not isinstance(values, list):
+                    raise InputError(f"expected a JSON array of numbers, got {type(values).__name__}")
+                out = {"ok": True, **agent.predict(np.asarray(values, dtype=np.float32)).to_dict()}
+            except (ValueError, TypeError, EdgeopsError) as exc:
+                bad += 1
+                out = {"ok": False, "error": {"type": type(exc).__name__, "message": str(exc)}}
+            click.echo(json.dumps(out))
+        if bad:
+            sys.exit(EXIT_INPUT)
+
+    _run(False, body)
+
+
+@main.command()
+@click.option("--config", "-c", "config_path", required=True, type=click.Path(path_type=Path, dir_okay=False), help="agent.toml")
+@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), show_default=True)
+def run(config_path: Path, log_level: str) -> None:
+    """Run the agent daemon: MQTT state/telemetry/events, the local socket, drift detection."""
+    from edgeops_agent.config import load_config
+    from edgeops_agent.daemon import Daemon
+
+    def body() -> None:
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        daemon = Daemon(load_config(config_path))
+        click.echo(f"edgeops-agent {__version__}: device {daemon.config.device_id}, socket {daemon.server.path}", err=True)
+        daemon.run()
+
+    _run(False, body)

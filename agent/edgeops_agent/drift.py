@@ -49,6 +49,7 @@ from edgeops_core import DriftReference
 
 __all__ = ["DriftConfig", "DriftDetector", "DriftStatus"]
 
+
 @dataclass(frozen=True)
 class DriftConfig:
     """Detector settings (``[drift]`` in agent.toml).
@@ -125,7 +126,7 @@ class DriftDetector:
         self._quiet = 0  # consecutive inputs below the clearing level
         self.alarm = False
         self._reservoir: list[list[float]] = []
-        self._rng = random.Random(seed)
+        self._rng = random.Random(seed)  # noqa: S311  sampling, not security
         self._pred_alarm = False
 
     def update_batch(self, rows: np.ndarray, predicted: np.ndarray) -> list[tuple[int, bool]]:

@@ -1,18 +1,18 @@
 """Errors of the device agent, under the shared tree of :mod:`edgeops_core`::
 
-    EdgeopsError
-    ├── InputError
-    │   ├── TensorInputError     an inference input has the wrong shape, dtype or NaN/inf
-    │   └── ConfigError          agent.toml is missing, malformed or invalid
-    ├── BundleError              (edgeops_core) tampered, untrusted, expired, malformed bundle
-    └── AgentError               the agent cannot do what was asked
-        ├── RuntimeUnavailableError  the bundle's runtime is not installed (names the extra)
-        ├── ModelLoadError           the runtime refuses the model bytes
-        ├── StateCorruptedError      state.json is damaged (never reset silently)
-        └── InstallRejectedError     a verified bundle is not acceptable here
-            ├── WrongTargetError     built for another target
-            ├── RollbackError        release not newer than the highest ever installed
-            └── SelfTestError        the model does not reproduce its self-test vectors
+EdgeopsError
+├── InputError
+│   ├── TensorInputError     an inference input has the wrong shape, dtype or NaN/inf
+│   └── ConfigError          agent.toml is missing, malformed or invalid
+├── BundleError              (edgeops_core) tampered, untrusted, expired, malformed bundle
+└── AgentError               the agent cannot do what was asked
+    ├── RuntimeUnavailableError  the bundle's runtime is not installed (names the extra)
+    ├── ModelLoadError           the runtime refuses the model bytes
+    ├── StateCorruptedError      state.json is damaged (never reset silently)
+    └── InstallRejectedError     a verified bundle is not acceptable here
+        ├── WrongTargetError     built for another target
+        ├── RollbackError        release not newer than the highest ever installed
+        └── SelfTestError        the model does not reproduce its self-test vectors
 """
 
 from __future__ import annotations

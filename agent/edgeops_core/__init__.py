@@ -47,19 +47,35 @@ from edgeops_core.manifest import (
 from edgeops_core.preprocess import apply_preprocessing
 from edgeops_core.profile import FORMATS_BY_RUNTIME, Budgets, TargetProfile, find_profile, list_profiles, load_profile
 from edgeops_core.signature import SIGNATURE_MEMBER, TrustedKey, load_public_key, verify_signature
+from edgeops_core.topics import (
+    COMMAND_TYPES,
+    DEFAULT_PREFIX,
+    MESSAGE_SCHEMA,
+    Command,
+    CommandError,
+    check_device_id,
+    device_topic,
+    parse_command,
+    utc_now_text,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "COMMAND_TYPES",
+    "DEFAULT_PREFIX",
     "FORMATS_BY_RUNTIME",
     "MANIFEST_MEMBER",
     "MAX_BUNDLE_BYTES",
+    "MESSAGE_SCHEMA",
     "MODEL_MEMBERS",
     "SCHEMA_VERSION",
     "SIGNATURE_MEMBER",
     "Budgets",
     "BundleError",
     "BundleFormatError",
+    "Command",
+    "CommandError",
     "DigestMismatchError",
     "DriftReference",
     "EdgeopsError",
@@ -84,6 +100,8 @@ __all__ = [
     "VerifiedBundle",
     "__version__",
     "apply_preprocessing",
+    "check_device_id",
+    "device_topic",
     "find_profile",
     "format_time",
     "list_profiles",
@@ -91,8 +109,10 @@ __all__ = [
     "load_public_key",
     "load_toml",
     "pack_bundle",
+    "parse_command",
     "parse_time",
     "read_members",
+    "utc_now_text",
     "verify_bundle",
     "verify_members",
     "verify_signature",

@@ -60,7 +60,9 @@ class CommandError(InputError):
 def check_device_id(device_id: str) -> str:
     """``device_id`` if it is usable as one topic level (no ``/``, ``+``, ``#``), else :class:`InputError`."""
     if not _DEVICE_ID.match(device_id):
-        raise InputError(f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise InputError(
+            f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     return device_id
 
 

@@ -1,0 +1,289 @@
+"""The agent: serves the active model, watches it, reports over MQTT.
+
+:class:`Agent` is the Python API (``Agent.predict``); ``edgeops-agent run`` wraps it with
+the MQTT link (:mod:`edgeops_agent.mqtt`), the local socket endpoint
+(:mod:`edgeops_agent.server`) and a telemetry timer.
+
+The prediction path is kept short because it is the product: check and convert the input
+(:meth:`LoadedModel.prepare`), run the model, record the latency and the input. Drift
+detection does not run per prediction: inputs are copied into a buffer that a monitor
+thread feeds to the detector in batches (numpy releases the GIL for the batch work, so
+on a multi-core device it overlaps with inference). Bad input raises
+:class:`TensorInputError`, is counted by type in telemetry, and never disturbs serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from edgeops_agent import __version__
+from edgeops_agent.drift import DriftConfig, DriftDetector
+from edgeops_agent.errors import AgentError, TensorInputError
+from edgeops_agent.model import LoadedModel, Prediction
+from edgeops_agent.store import DataDir
+from edgeops_core import MESSAGE_SCHEMA, EdgeopsError, utc_now_text
+
+__all__ = ["Agent", "process_resources"]
+
+log = logging.getLogger(__name__)
+
+#: Latencies kept for the telemetry percentiles (the most recent, per interval).
+LATENCY_RING = 8192
+#: Inputs buffered before the monitor thread runs the drift detector on them.
+DRIFT_BATCH = 256
+
+
+def process_resources(prev: tuple[float, float] | None = None) -> tuple[dict[str, float], tuple[float, float]]:
+    """``({"rss_bytes", "cpu_percent"}, sample)``: resident memory, and CPU use since ``prev``'s sample."""
+    rss = 0.0
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    rss = float(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    t = os.times()
+    sample = (t.user + t.system, time.monotonic())
+    cpu = 0.0
+    if prev is not None and sample[1] > prev[1]:
+        cpu = 100.0 * (sample[0] - prev[0]) / (sample[1] - prev[1])
+    return {"rss_bytes": rss, "cpu_percent": round(cpu, 2)}, sample
+
+
+class Agent:
+    """The active model of one data directory, served with telemetry and drift detection."""
+
+    def __init__(
+        self,
+        data_dir: DataDir,
+        *,
+        device_id: str = "local",
+        drift: DriftConfig | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        """Load and verify the active bundle (if any) from ``data_dir``.
+
+        Raises:
+            StateCorruptedError: the state file is damaged.
+            BundleError: the active slot no longer verifies against the trust store.
+            AgentError: its runtime cannot load it.
+        """
+        self.data_dir = data_dir
+        self.device_id = device_id
+        self.drift_config = drift or DriftConfig()
+        self._on_event = on_event
+        self._threads = threads
+        self._lock = threading.Lock()
+        self._latency = np.zeros(LATENCY_RING, dtype=np.float64)
+        self._lat_n = 0
+        self._count = 0
+        self._errors: dict[str, int] = {}
+        self._window = (0, 0)  # (count, lat_n) at the last telemetry snapshot
+        self._resources: tuple[float, float] | None = None
+        self.model: LoadedModel | None = None
+        self.detector: DriftDetector | None = None
+        self._buf = np.zeros((0, 0), dtype=np.float32)
+        self._pred = np.zeros(0, dtype=np.int64)
+        self._fill = 0
+        self._monitor_lock = threading.Lock()
+        self.state = data_dir.load_state()
+        if self.state.active is not None:
+            self._activate(
+                LoadedModel.from_bundle(
+                    data_dir.slot_path(self.state.active).read_bytes(),
+                    data_dir.trusted_keys(),
+                    allow_expired=True,
+                    threads=threads,
+                )
+            )
+
+    def _activate(self, model: LoadedModel) -> None:
+        detector = DriftDetector(model.manifest.drift_reference, len(model.labels), self.drift_config)
+        with self._lock:
+            self.model, self.detector = model, detector
+            self._buf = np.zeros((DRIFT_BATCH, model.n_features), dtype=np.float32)
+            self._pred = np.zeros(DRIFT_BATCH, dtype=np.int64)
+            self._fill = 0
+
+    def install(self, source: Any, *, target: str | None = None) -> Any:
+        """Install a bundle (see :func:`edgeops_agent.install.install_bundle`) and serve it.
+
+        Events ``install_started``, then ``install_activated`` or ``install_rejected``.
+        On rejection the active model is unchanged and still serving.
+        """
+        from edgeops_agent.install import install_bundle, record_error
+
+        self.event("install_started", {})
+        try:
+            result = install_bundle(self.data_dir, source, target=target)
+        except EdgeopsError as exc:
+            self.state = self.data_dir.load_state()
+            record_error(self.data_dir, self.state, f"install rejected: {exc}")
+            self.event("install_rejected", {"error": type(exc).__name__, "message": str(exc)})
+            raise
+        self.flush_drift()
+        self._activate(result.model)
+        self.state = self.data_dir.load_state()
+        self.event(
+            "install_activated",
+            {
+                "name": result.name,
+                "version": result.version,
+                "release": result.release,
+                "slot": result.slot,
+                "self_tests": result.self_tests,
+            },
+        )
+        return result
+
+    def predict(self, features: Any) -> Prediction:
+        """Run the active model on one raw feature vector.
+
+        Raises:
+            TensorInputError: wrong shape, non-numeric, NaN or inf (counted in telemetry).
+            AgentError: no model is installed.
+        """
+        start = time.perf_counter_ns()
+        model = self.model
+        if model is None:
+            self._count_error("NoModel")
+            raise AgentError("no model is installed: edgeops-agent install BUNDLE")
+        try:
+            row, tensor = model.prepare(features)
+        except TensorInputError:
+            self._count_error("TensorInputError")
+            raise
+        logits = model.logits(model.runtime.invoke(tensor))
+        index = int(logits.argmax())
+        elapsed = time.perf_counter_ns() - start
+        full = False
+        with self._lock:
+            self._count += 1
+            self._latency[self._lat_n % LATENCY_RING] = elapsed
+            self._lat_n += 1
+            if self.model is model:
+                self._buf[self._fill] = row
+                self._pred[self._fill] = index
+                self._fill += 1
+                full = self._fill == DRIFT_BATCH
+        if full:
+            self.flush_drift()
+        return Prediction(label=model.labels[index], index=index, logits=logits.tolist(), latency_ms=elapsed / 1e6)
+
+    def _count_error(self, kind: str) -> None:
+        with self._lock:
+            self._errors[kind] = self._errors.get(kind, 0) + 1
+
+    def flush_drift(self) -> None:
+        """Feed the buffered inputs to the drift detector now (raises/clears events as due)."""
+        with self._monitor_lock:
+            with self._lock:
+                n, detector = self._fill, self.detector
+                rows, preds = self._buf[:n].copy(), self._pred[:n].copy()
+                self._fill = 0
+            if detector is None or n == 0:
+                return
+            changes = detector.update_batch(rows, preds)
+        for sample, raised in changes:
+            status = detector.status()
+            self.event(
+                "drift_alarm" if raised else "drift_cleared",
+                {"sample": sample, "features": status.features_over, "max_cusum": status.max_cusum, "max_psi": status.max_psi},
+            )
+
+    def event(self, kind: str, detail: dict[str, Any]) -> None:
+        """Report an event (to the MQTT outbox when running as a daemon)."""
+        log.info("event %s %s", kind, detail)
+        if self._on_event is not None:
+            self._on_event(kind, detail)
+
+    def telemetry(self, interval_s: float) -> dict[str, Any]:
+        """One telemetry record (see docs/asyncapi.json); counters since the previous call."""
+        with self._lock:
+            count, lat_n = self._count, self._lat_n
+            prev_count, prev_lat = self._window
+            self._window = (count, lat_n)
+            fresh = min(lat_n - prev_lat, LATENCY_RING)
+            idx = (np.arange(lat_n - fresh, lat_n) % LATENCY_RING) if fresh else np.zeros(0, dtype=np.int64)
+            lat = self._latency[idx] / 1e6
+            errors = dict(self._errors)
+        resources, self._resources = process_resources(self._resources)
+        pct = (lambda q: round(float(np.percentile(lat, q)), 4)) if lat.size else (lambda q: None)
+        status = self.detector.status() if self.detector else None
+        model = self.model
+        return {
+            "schema": MESSAGE_SCHEMA,
+            "device_id": self.device_id,
+            "ts": utc_now_text(),
+            "interval_s": interval_s,
+            "model": {"name": model.manifest.name, "release": model.manifest.release} if model else None,
+            "inference": {
+                "count": count,
+                "window_count": count - prev_count,
+                "errors": errors,
+                "error_count": sum(errors.values()),
+            },
+            "latency_ms": {
+                "p50": pct(50),
+                "p95": pct(95),
+                "p99": pct(99),
+                "max": round(float(lat.max()), 4) if lat.size else None,
+            },
+            "drift": {
+                "alarm": status.alarm,
+                "samples": status.samples,
+                "max_psi": status.max_psi,
+                "max_feature": status.max_feature,
+                "max_cusum": status.max_cusum,
+                "prediction_psi": status.prediction_psi,
+            }
+            if status
+            else None,
+            "resources": resources,
+        }
+
+    def state_message(self, *, online: bool) -> dict[str, Any]:
+        """The retained ``state`` message."""
+        model, st = self.model, self.state
+        bundle = None
+        if model is not None:
+            m = model.manifest
+            bundle = {
+                "name": m.name,
+                "version": m.version,
+                "release": m.release,
+                "sha256": model.digest,
+                "slot": st.active,
+                "expires": m.expires,
+                "expired": model.expired,
+            }
+        health = "no_model" if model is None else ("expired" if model.expired else "ok")
+        if self.detector is not None and self.detector.alarm and health == "ok":
+            health = "drift"
+        return {
+            "schema": MESSAGE_SCHEMA,
+            "device_id": self.device_id,
+            "ts": utc_now_text(),
+            "online": online,
+            "agent_version": __version__,
+            "target": st.target,
+            "runtime": model.manifest.runtime if model else None,
+            "bundle": bundle,
+            "health": health,
+            "last_error": st.last_error,
+        }
+
+    def samples(self) -> list[list[float]]:
+        """The drift reservoir: a uniform sample of recent raw inputs."""
+        self.flush_drift()
+        return self.detector.reservoir() if self.detector else []

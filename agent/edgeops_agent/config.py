@@ -1,0 +1,134 @@
+"""``agent.toml``: the daemon's configuration, validated into frozen dataclasses.
+
+::
+
+    device_id = "ecu-0042"            # one MQTT topic level: letters, digits, . _ -
+    target = "ecu"                    # the device's target profile name
+    data_dir = "data"                 # relative paths are relative to this file's folder
+
+    [mqtt]
+    host = "127.0.0.1"
+    port = 1883
+    prefix = "edgeops/v1"
+    keepalive_s = 10
+    reconnect_min_s = 0.5             # backoff doubles from here...
+    reconnect_max_s = 30.0            # ...up to here
+    # username = "ecu-0042"  password = "..."
+
+    [telemetry]
+    interval_s = 10.0
+
+    [outbox]
+    max_messages = 10000              # the cap; past it the oldest are dropped and counted
+
+    [drift]
+    window = 500  cusum_k = 0.25  cusum_h = 40.0  reservoir = 256  prediction_psi_alarm = 0.25
+
+    [endpoint]
+    socket = "agent.sock"             # the local inference socket, relative to data_dir
+
+Unknown keys are errors; every error names the file, the field, what was expected and
+what was found (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeops_agent.drift import DriftConfig
+from edgeops_agent.errors import ConfigError
+from edgeops_agent.mqtt import MqttSettings
+from edgeops_core import FieldReader, InputError, check_device_id, load_toml
+
+__all__ = ["AgentConfig", "load_config"]
+
+_TOP = {"device_id", "target", "data_dir", "mqtt", "telemetry", "outbox", "drift", "endpoint"}
+_MQTT = {"host", "port", "prefix", "keepalive_s", "username", "password", "reconnect_min_s", "reconnect_max_s", "inflight"}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """A validated agent configuration."""
+
+    device_id: str
+    target: str
+    data_dir: Path
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    telemetry_interval_s: float = 10.0
+    outbox_max_messages: int = 10_000
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    socket: Path | None = None
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Load and validate ``agent.toml``.
+
+    Raises:
+        ConfigError: missing or malformed file, unknown key, invalid value.
+    """
+    data = load_toml(path, ConfigError, "agent config")
+    r = FieldReader(ConfigError, str(path))
+    r.only(data, _TOP, "")
+    base = path.resolve().parent
+    try:
+        device_id = check_device_id(r.string(data, "device_id"))
+    except InputError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    target = r.string(data, "target")
+    data_dir = base / r.string(data, "data_dir")
+    m = r.mapping(data.get("mqtt", {}), "mqtt")
+    r.only(m, _MQTT, "mqtt")
+    defaults = MqttSettings()
+    port = r.integer(m, "port", "mqtt", minimum=1) if "port" in m else defaults.port
+    if port > 65535:
+        raise r.fail("mqtt.port", "a port number <= 65535", port)
+    prefix = r.string(m, "prefix", "mqtt") if "prefix" in m else defaults.prefix
+    if any(c in prefix for c in "+#") or prefix.startswith("/") or prefix.endswith("/"):
+        raise r.fail("mqtt.prefix", "topic levels without '+', '#' or a leading/trailing '/'", prefix)
+    mqtt = MqttSettings(
+        host=r.string(m, "host", "mqtt") if "host" in m else defaults.host,
+        port=port,
+        prefix=prefix,
+        keepalive_s=r.integer(m, "keepalive_s", "mqtt", minimum=1) if "keepalive_s" in m else defaults.keepalive_s,
+        username=r.string(m, "username", "mqtt") if "username" in m else None,
+        password=r.string(m, "password", "mqtt", nonempty=False) if "password" in m else None,
+        reconnect_min_s=r.number(m, "reconnect_min_s", "mqtt", minimum=0, exclusive_minimum=True)
+        if "reconnect_min_s" in m
+        else defaults.reconnect_min_s,
+        reconnect_max_s=r.number(m, "reconnect_max_s", "mqtt", minimum=0, exclusive_minimum=True)
+        if "reconnect_max_s" in m
+        else defaults.reconnect_max_s,
+        inflight=r.integer(m, "inflight", "mqtt", minimum=1) if "inflight" in m else defaults.inflight,
+    )
+    t = r.mapping(data.get("telemetry", {}), "telemetry")
+    r.only(t, {"interval_s"}, "telemetry")
+    o = r.mapping(data.get("outbox", {}), "outbox")
+    r.only(o, {"max_messages"}, "outbox")
+    d = r.mapping(data.get("drift", {}), "drift")
+    r.only(d, {"window", "cusum_k", "cusum_h", "reservoir", "prediction_psi_alarm"}, "drift")
+    dd = DriftConfig()
+    drift = DriftConfig(
+        window=r.integer(d, "window", "drift", minimum=10) if "window" in d else dd.window,
+        cusum_k=r.number(d, "cusum_k", "drift", minimum=0, exclusive_minimum=True) if "cusum_k" in d else dd.cusum_k,
+        cusum_h=r.number(d, "cusum_h", "drift", minimum=0, exclusive_minimum=True) if "cusum_h" in d else dd.cusum_h,
+        reservoir=r.integer(d, "reservoir", "drift", minimum=0) if "reservoir" in d else dd.reservoir,
+        prediction_psi_alarm=r.number(d, "prediction_psi_alarm", "drift", minimum=0, exclusive_minimum=True)
+        if "prediction_psi_alarm" in d
+        else dd.prediction_psi_alarm,
+    )
+    e = r.mapping(data.get("endpoint", {}), "endpoint")
+    r.only(e, {"socket"}, "endpoint")
+    socket = data_dir / r.string(e, "socket", "endpoint") if "socket" in e else data_dir / "agent.sock"
+    return AgentConfig(
+        device_id=device_id,
+        target=target,
+        data_dir=data_dir,
+        mqtt=mqtt,
+        telemetry_interval_s=r.number(t, "interval_s", "telemetry", minimum=0, exclusive_minimum=True)
+        if "interval_s" in t
+        else 10.0,
+        outbox_max_messages=r.integer(o, "max_messages", "outbox", minimum=1) if "max_messages" in o else 10_000,
+        drift=drift,
+        socket=socket,
+    )
