@@ -156,12 +156,12 @@ class Agent:
         start = time.perf_counter_ns()
         model = self.model
         if model is None:
-            self._count_error("NoModel")
+            self.count_error("NoModel")
             raise AgentError("no model is installed: edgeops-agent install BUNDLE")
         try:
             row, tensor = model.prepare(features)
         except TensorInputError:
-            self._count_error("TensorInputError")
+            self.count_error("TensorInputError")
             raise
         logits = model.logits(model.runtime.invoke(tensor))
         index = int(logits.argmax())
@@ -180,7 +180,8 @@ class Agent:
             self.flush_drift()
         return Prediction(label=model.labels[index], index=index, logits=logits.tolist(), latency_ms=elapsed / 1e6)
 
-    def _count_error(self, kind: str) -> None:
+    def count_error(self, kind: str) -> None:
+        """Count a rejected inference request of type ``kind`` (telemetry ``inference.errors``)."""
         with self._lock:
             self._errors[kind] = self._errors.get(kind, 0) + 1
 

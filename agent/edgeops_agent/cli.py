@@ -226,6 +226,10 @@ def run(config_path: Path, log_level: str) -> None:
     from edgeops_agent.daemon import Daemon
 
     def body() -> None:
+        import faulthandler
+        import signal
+
+        faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` dumps every thread's stack to stderr
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         daemon = Daemon(load_config(config_path))
         click.echo(f"edgeops-agent {__version__}: device {daemon.config.device_id}, socket {daemon.server.path}", err=True)

@@ -19,7 +19,7 @@ from typing import Any
 from edgeops_agent.agent import Agent
 from edgeops_agent.config import AgentConfig
 from edgeops_agent.mqtt import MqttLink
-from edgeops_agent.outbox import Outbox
+from edgeops_agent.outbox import Outbox, Pending
 from edgeops_agent.server import EndpointServer
 from edgeops_agent.store import DataDir
 from edgeops_core import MESSAGE_SCHEMA, CommandError, device_topic, parse_command, utc_now_text
@@ -54,7 +54,8 @@ class Daemon:
         self.agent = Agent(self.data, device_id=config.device_id, drift=config.drift, on_event=self._event)
         prefix, dev = config.mqtt.prefix, config.device_id
         self.topics = {leaf: device_topic(prefix, dev, leaf) for leaf in ("state", "telemetry", "events", "samples")}
-        offline = {**self.agent.state_message(online=False), "ts": None}
+        # The Last Will is composed now and published by the broker later: no time, no seq.
+        offline = {**self.agent.state_message(online=False), "ts": None, "seq": None}
         self.link = MqttLink(
             config.mqtt,
             dev,
@@ -79,8 +80,12 @@ class Daemon:
         if kind in ("install_activated", "drift_alarm", "drift_cleared"):
             self.publish_state()
 
-    def _quarantined(self, seq: int, code: int, reason: str) -> None:
-        self._event("outbox_quarantined", {"seq": seq, "reason_code": code, "reason": reason})
+    def _quarantined(self, message: Pending, code: int, reason: str) -> None:
+        # A refused report of a refusal would be refused again: count it, do not re-report.
+        if message.topic == self.topics["events"] and b'"type":"outbox_quarantined"' in message.payload:
+            return
+        detail = {"seq": message.seq, "topic": message.topic, "reason_code": code, "reason": reason}
+        self._event("outbox_quarantined", detail)
 
     def publish_state(self, *, online: bool = True) -> None:
         """Queue the retained state message."""

@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgeops_agent.outbox import Outbox
+from edgeops_agent.outbox import Outbox, Pending
 from edgeops_core import device_topic
 
 __all__ = ["MqttLink", "MqttSettings"]
@@ -61,7 +61,7 @@ class MqttLink:
         *,
         offline_state: dict[str, Any],
         on_command: Callable[[bytes], None],
-        on_quarantine: Callable[[int, int, str], None] | None = None,
+        on_quarantine: Callable[[Pending, int, str], None] | None = None,
         on_connected: Callable[[], None] | None = None,
     ) -> None:
         """Prepare the client (nothing connects until :meth:`start`)."""
@@ -75,6 +75,7 @@ class MqttLink:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._mids: dict[int, int] = {}  # paho message id -> outbox seq
+        self._early: dict[int, Any] = {}  # acks that arrived before publish() returned their mid
         self._last_sent = 0
         self.connects = 0
         self.cmd_topic = device_topic(settings.prefix, device_id, "cmd")
@@ -127,15 +128,21 @@ class MqttLink:
         self.connected.clear()
 
     def _published(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        # Never call into paho while holding self._lock: paho may hold its own message lock
+        # while it runs this callback, and the sender takes them in the other order.
         with self._lock:
             seq = self._mids.pop(mid, None)
-        if seq is None:
-            return
+            if seq is None:
+                self._early[mid] = reason_code
+                return
+        self._settle(seq, reason_code)
+
+    def _settle(self, seq: int, reason_code: Any) -> None:
         if reason_code.is_failure:
             pending = self.outbox.quarantine(seq, int(reason_code.value), str(reason_code))
             log.warning("broker refused message seq %d (%s); quarantined", seq, reason_code)
             if pending is not None and self._on_quarantine is not None:
-                self._on_quarantine(seq, int(reason_code.value), str(reason_code))
+                self._on_quarantine(pending, int(reason_code.value), str(reason_code))
         else:
             self.outbox.ack(seq)
 
@@ -169,7 +176,11 @@ class MqttLink:
                 props.UserProperty = ("seq", str(msg.seq))
                 props.PayloadFormatIndicator = 1
                 props.ContentType = "application/json"
-                with self._lock:  # hold it so on_publish cannot look the mid up before it is stored
-                    info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=props)
-                    self._mids[info.mid] = msg.seq
+                info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=props)
+                with self._lock:
+                    early = self._early.pop(info.mid, None)
+                    if early is None:
+                        self._mids[info.mid] = msg.seq
                 self._last_sent = msg.seq
+                if early is not None:  # the PUBACK beat us to it
+                    self._settle(msg.seq, early)

@@ -139,6 +139,7 @@ class EndpointServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
             return _error(rid, "RequestError", f"'op' must be 'predict' or 'status', got {op!r}")
         features = request.get("features")
         if not isinstance(features, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in features):
+            self.agent.count_error("TensorInputError")
             return _error(rid, "TensorInputError", "'features' must be a list of numbers")
         import numpy as np
 

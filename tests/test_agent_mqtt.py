@@ -1,0 +1,345 @@
+"""The agent daemon against a real Mosquitto on a free loopback port.
+
+The agent runs as its own process (``edgeops-agent run``), exactly as on a device; the
+tests talk to it through the broker and its Unix socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+
+from broker import Broker
+from conftest import REPO, Built
+from edgeops_agent.server import recv_frame, send_frame
+from edgeops_core import Manifest, read_members
+
+AGENT = [sys.executable, "-c", "from edgeops_agent.cli import main; main()"]
+SCHEMAS = json.loads((REPO / "docs" / "asyncapi.json").read_text())
+
+
+def _validate(kind: str, payload: dict[str, Any]) -> None:
+    # The component schema, with the document's components beside it so its $refs resolve.
+    schema = {**SCHEMAS["components"]["schemas"][kind], "components": SCHEMAS["components"]}
+    jsonschema.validate(payload, schema)
+
+
+@dataclass
+class Collector:
+    """A console-side subscriber to one device's subtree."""
+
+    broker: Broker
+    device: str
+    persistent: bool = False
+    username: str | None = None
+    messages: list[tuple[str, dict[str, Any], bool]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"console-{self.device}-{id(self)}", protocol=mqtt.MQTTv5
+        )
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, u, f, rc, p: (
+            c.subscribe(f"edgeops/v1/{self.device}/#", qos=1) if not f.session_present else None
+        )
+        self.client.reconnect_delay_set(1, 1)
+        if self.username:
+            self.client.username_pw_set(self.username)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        leaf = msg.topic.rsplit("/", 1)[-1]
+        if leaf == "cmd":  # our own commands, some deliberately malformed
+            return
+        with self._lock:
+            self.messages.append((leaf, json.loads(msg.payload), bool(msg.retain)))
+
+    def start(self) -> Collector:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 600 if self.persistent else 0
+        self.client.connect("127.0.0.1", self.broker.port, keepalive=5, clean_start=not self.persistent, properties=props)
+        self.client.loop_start()
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def of(self, leaf: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [m for t, m, _ in self.messages if t == leaf]
+
+    def wait(self, predicate: Callable[[Collector], bool], timeout: float = 20.0, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; got {[(t, m.get('type')) for t, m, _ in self.messages][-20:]}")
+
+
+@dataclass
+class Device:
+    data: Path
+    config: Path
+    device_id: str
+    proc: subprocess.Popen[str] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.config.with_suffix(".log")
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:  # a file, not a pipe: a long run cannot block on a full pipe
+            self.proc = subprocess.Popen([*AGENT, "run", "--config", str(self.config)], stdout=subprocess.DEVNULL, stderr=log)
+
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        """Signal the agent, wait for it, and return what it logged."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=15)
+        finally:
+            self.proc = None
+        return self.log.read_text()
+
+    def socket(self) -> socket.socket:
+        path = self.data / "agent.sock"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(path))
+                return s
+            except OSError:
+                s.close()
+                time.sleep(0.05)
+        raise AssertionError(f"agent socket {path} did not appear")
+
+
+def _ask(sock: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
+    send_frame(sock, request)
+    payload = recv_frame(sock)
+    assert payload is not None
+    return dict(json.loads(payload))
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+def _device(tmp_path: Path, built: Built, broker: Broker, name: str, *, interval: float = 0.5, extra: str = "") -> Device:
+    data = tmp_path / name
+    for args in (
+        ("trust", "add", str(built.public_key), "-d", str(data)),
+        ("install", str(built.bundle), "-d", str(data), "-t", "ecu"),
+    ):
+        proc = subprocess.run([*AGENT, *args], capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+    config = tmp_path / f"{name}.toml"
+    config.write_text(
+        f'device_id = "{name}"\ntarget = "ecu"\ndata_dir = "{name}"\n'
+        f"[mqtt]\nport = {broker.port}\nkeepalive_s = 2\nreconnect_min_s = 0.5\nreconnect_max_s = 1.0\n"
+        f"[telemetry]\ninterval_s = {interval}\n{extra}"
+    )
+    return Device(data=data, config=config, device_id=name)
+
+
+def _inputs(built: Built) -> list[list[float]]:
+    m = Manifest.from_json(read_members(built.bundle.read_bytes())["manifest.json"])
+    return [list(v.input) for v in m.self_test.vectors]
+
+
+def test_retained_state_telemetry_schema_and_last_will(tmp_path: Path, built: Built, broker: Broker) -> None:
+    dev = _device(tmp_path, built, broker, "ecu-1")
+    dev.start()
+    try:
+        sock = dev.socket()
+        rows = _inputs(built)
+        for row in rows:
+            reply = _ask(sock, {"op": "predict", "features": row, "id": 7})
+            assert reply["ok"] and reply["id"] == 7 and isinstance(reply["label"], str)
+        bad = _ask(sock, {"op": "predict", "features": rows[0][:3]})
+        assert not bad["ok"] and bad["error"]["type"] == "TensorInputError" and "106 features" in bad["error"]["message"]
+        assert not _ask(sock, {"op": "predict", "features": "x"})["ok"]
+        send_frame(sock, {"op": "nope"})
+        assert json.loads(recv_frame(sock) or b"{}")["error"]["type"] == "RequestError"
+        sock.sendall(b"\x00\x00\x00\x05{bad}")  # malformed JSON: an error reply, the connection stays up
+        assert json.loads(recv_frame(sock) or b"{}")["ok"] is False
+        assert _ask(sock, {"op": "status"})["status"]["bundle"]["release"] == 1
+        sock.close()
+
+        console = Collector(broker, "ecu-1").start()
+        console.wait(lambda c: any(s["online"] for s in c.of("state")), what="retained online state")
+        state = [s for s in console.of("state") if s["online"]][-1]
+        _validate("State", state)
+        assert state["bundle"]["release"] == 1 and state["health"] == "ok" and state["target"] == "ecu"
+        console.wait(lambda c: any(t["inference"]["count"] >= len(rows) for t in c.of("telemetry")), what="telemetry counts")
+        telemetry = [t for t in console.of("telemetry") if t["inference"]["count"] >= len(rows)][0]
+        _validate("Telemetry", telemetry)
+        assert telemetry["inference"]["errors"]["TensorInputError"] == 2
+        assert telemetry["latency_ms"]["p50"] is not None or telemetry["inference"]["window_count"] == 0
+        assert telemetry["resources"]["rss_bytes"] > 10_000_000 and telemetry["drift"]["samples"] == len(rows)
+        for event in console.of("events"):
+            _validate("Event", event)
+        console.stop()
+
+        dev.stop(signal.SIGKILL)  # kill -9: no goodbye, the broker must publish the Last Will
+        late = Collector(broker, "ecu-1").start()  # a console that connects afterwards sees it retained
+        late.wait(lambda c: any(not s["online"] for s in c.of("state")), what="Last Will offline state")
+        offline = [s for s in late.of("state") if not s["online"]][-1]
+        assert offline["bundle"]["release"] == 1 and offline["device_id"] == "ecu-1"
+        late.stop()
+    finally:
+        if dev.proc is not None:
+            dev.stop()
+
+
+def test_commands_malformed_duplicate_and_sample_upload(tmp_path: Path, built: Built, broker: Broker) -> None:
+    dev = _device(tmp_path, built, broker, "ecu-2", interval=5.0)
+    dev.start()
+    console = Collector(broker, "ecu-2").start()
+    try:
+        console.wait(lambda c: any(s["online"] for s in c.of("state")), what="online")
+        sock = dev.socket()
+        for row in _inputs(built):
+            assert _ask(sock, {"op": "predict", "features": row})["ok"]
+        sock.close()
+        topic = "edgeops/v1/ecu-2/cmd"
+        for payload in (
+            b"\xff\xfe not json",
+            b"[1,2]",
+            json.dumps({"id": "a b", "type": "ping"}).encode(),
+            json.dumps({"id": "x", "type": "reboot"}).encode(),
+        ):
+            console.client.publish(topic, payload, qos=1)
+        console.client.publish(topic, json.dumps({"id": "c-1", "type": "sample_upload", "args": {"max_rows": 4}}), qos=1)
+        console.client.publish(topic, json.dumps({"id": "c-1", "type": "sample_upload", "args": {"max_rows": 4}}), qos=1)
+        console.client.publish(topic, json.dumps({"id": "c-2", "type": "ping"}), qos=1)
+        console.wait(
+            lambda c: any(e["type"] == "command_done" and e["detail"]["id"] == "c-2" for e in c.of("events")), what="ping done"
+        )
+        rejected = [e for e in console.of("events") if e["type"] == "command_rejected"]
+        assert len(rejected) == 4 and all(e["detail"]["error"] == "CommandError" for e in rejected)
+        assert "not UTF-8 JSON" in rejected[0]["detail"]["message"] and "'reboot'" in rejected[3]["detail"]["message"]
+        samples = console.of("samples")
+        assert len(samples) == 1  # the duplicate id was acted on once
+        _validate("Samples", samples[0])
+        assert len(samples[0]["rows"]) == 4 and len(samples[0]["rows"][0]) == 106 and samples[0]["command_id"] == "c-1"
+        assert dev.proc is not None and dev.proc.poll() is None  # still running
+    finally:
+        console.stop()
+        err = dev.stop()
+        assert "Traceback" not in err
+
+
+def test_refused_messages_are_quarantined_not_retried(tmp_path: Path, built: Built) -> None:
+    """The broker's ACL refuses the device's telemetry: each refusal is quarantined and reported once."""
+    acl = (
+        "pattern write edgeops/v1/%c/state\npattern write edgeops/v1/%c/events\npattern read edgeops/v1/%c/cmd\n"
+        "user console\ntopic read edgeops/v1/#\n"
+    )
+    broker = Broker(tmp_path / "broker", acl=acl)
+    broker.start()
+    dev = _device(tmp_path, built, broker, "ecu-3", interval=0.3)
+    try:
+        console = Collector(broker, "ecu-3", username="console").start()
+        dev.start()
+        console.wait(
+            lambda c: len([e for e in c.of("events") if e["type"] == "outbox_quarantined"]) >= 3, what="quarantine events"
+        )
+        quarantined = [e for e in console.of("events") if e["type"] == "outbox_quarantined"]
+        assert all(e["detail"]["topic"].endswith("/telemetry") and e["detail"]["reason_code"] >= 0x80 for e in quarantined)
+        assert len({e["detail"]["seq"] for e in quarantined}) == len(quarantined)  # each refused once, never retried
+        assert not console.of("telemetry")
+        console.stop()
+    finally:
+        if dev.proc is not None:
+            dev.stop()
+        broker.stop()
+    import sqlite3
+
+    db = sqlite3.connect(dev.data / "outbox.sqlite")
+    (count,) = db.execute("SELECT count(*) FROM quarantine").fetchone()
+    (pending_telemetry,) = db.execute("SELECT count(*) FROM outbox WHERE topic LIKE '%/telemetry'").fetchone()
+    assert count >= 3 and pending_telemetry <= 1  # nothing refused is waiting to be re-sent
+
+
+@pytest.mark.slow
+def test_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path, built: Built, broker: Broker) -> None:
+    """Broker down 30 s while the agent keeps inferring: afterwards every record arrives exactly once, in order."""
+    dev = _device(tmp_path, built, broker, "ecu-4", interval=0.5)
+    console = Collector(broker, "ecu-4", persistent=True).start()
+    dev.start()
+    rows = _inputs(built)
+    stop = threading.Event()
+    served = [0]
+
+    def feed() -> None:
+        sock = dev.socket()
+        while not stop.is_set():
+            assert _ask(sock, {"op": "predict", "features": rows[served[0] % len(rows)]})["ok"]
+            served[0] += 1
+            time.sleep(0.01)
+        sock.close()
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        console.wait(lambda c: len(c.of("telemetry")) >= 3, what="telemetry before the outage")
+        broker.stop()
+        before = served[0]
+        time.sleep(30)
+        assert served[0] - before > 500  # inference went on during the outage
+        broker.start()
+        console.wait(lambda c: len(c.of("telemetry")) >= 70, timeout=60, what="the backlog after the outage")
+        time.sleep(2)
+    finally:
+        stop.set()
+        feeder.join()
+        dev.stop()
+        console.stop()
+    # Everything the outbox sent; the Last Will (seq null) is the broker's, not the device's.
+    seqs = [m["seq"] for _, m, retained in console.messages if not retained and m["seq"] is not None]
+    assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))  # in order, exactly once
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # and nothing missing
+    telemetry = console.of("telemetry")
+    counts = [t["inference"]["count"] for t in telemetry]
+    assert counts == sorted(counts) and counts[-1] >= served[0] - 100
+    gap = max(b["outbox"]["pending"] for b in telemetry)
+    assert gap >= 50  # the records written during the outage waited in the outbox
+
+
+def test_agent_refuses_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "agent.toml"
+    bad.write_text('device_id = "a/b"\ntarget = "ecu"\ndata_dir = "d"\n')
+    proc = subprocess.run([*AGENT, "run", "--config", str(bad)], capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "device id 'a/b'" in proc.stderr
+    bad.write_text('device_id = "a"\ntarget = "ecu"\ndata_dir = "d"\n[mqtt]\nport = 70000\n')
+    proc = subprocess.run([*AGENT, "run", "--config", str(bad)], capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 2 and "'mqtt.port' must be a port number <= 65535" in proc.stderr
+    bad.write_text("device_id = \n")
+    proc = subprocess.run([*AGENT, "run", "--config", str(bad)], capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 2 and "malformed TOML" in proc.stderr and "line" in proc.stderr
+    assert os.environ.get("EDGEOPS_HOME")  # the autouse fixture keeps the user's home out of it
