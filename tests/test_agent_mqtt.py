@@ -23,8 +23,8 @@ import jsonschema
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from broker import Broker
 from conftest import REPO, Built
@@ -196,7 +196,7 @@ def test_retained_state_telemetry_schema_and_last_will(tmp_path: Path, built: Bu
         _validate("State", state)
         assert state["bundle"]["release"] == 1 and state["health"] == "ok" and state["target"] == "ecu"
         console.wait(lambda c: any(t["inference"]["count"] >= len(rows) for t in c.of("telemetry")), what="telemetry counts")
-        telemetry = [t for t in console.of("telemetry") if t["inference"]["count"] >= len(rows)][0]
+        telemetry = next(t for t in console.of("telemetry") if t["inference"]["count"] >= len(rows))
         _validate("Telemetry", telemetry)
         assert telemetry["inference"]["errors"]["TensorInputError"] == 2
         assert telemetry["latency_ms"]["p50"] is not None or telemetry["inference"]["window_count"] == 0

@@ -24,7 +24,17 @@ def _loaded_after_import(module: str) -> set[str]:
     return {name.split(".")[0] for name in out.split()}
 
 
-@pytest.mark.parametrize("module", ["edgeops_core", "edgeops_agent", "edgeops_agent.cli", "edgeops_agent.runtime"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "edgeops_core",
+        "edgeops_agent",
+        "edgeops_agent.cli",
+        "edgeops_agent.runtime",
+        "edgeops_agent.agent",
+        "edgeops_agent.daemon",
+    ],
+)
 def test_device_packages_import_no_host_library(module: str) -> None:
     loaded = _loaded_after_import(module)
     assert module.split(".")[0] in loaded

@@ -6,9 +6,11 @@ the MQTT link (:mod:`edgeops_agent.mqtt`), the local socket endpoint
 
 The prediction path is kept short because it is the product: check and convert the input
 (:meth:`LoadedModel.prepare`), run the model, record the latency and the input. Drift
-detection does not run per prediction: inputs are copied into a buffer that a monitor
-thread feeds to the detector in batches (numpy releases the GIL for the batch work, so
-on a multi-core device it overlaps with inference). Bad input raises
+detection does not run per prediction: inputs are copied into a buffer, and every
+``DRIFT_BATCH`` inputs the caller that fills it runs the detector on the whole batch,
+vectorized (about 1 ms for 256 inputs of 106 features), after its own prediction was
+timed. A background thread was tried and measured worse: on a two-core device it competed
+with LiteRT's two worker threads on every inference, not once per 256. Bad input raises
 :class:`TensorInputError`, is counted by type in telemetry, and never disturbs serving.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -95,17 +98,17 @@ class Agent:
         self._buf = np.zeros((0, 0), dtype=np.float32)
         self._pred = np.zeros(0, dtype=np.int64)
         self._fill = 0
-        self._monitor_lock = threading.Lock()
+        self._drift_jobs: queue.SimpleQueue[tuple[DriftDetector, np.ndarray, np.ndarray]] = queue.SimpleQueue()
+        self._drift_lock = threading.Lock()
         self.state = data_dir.load_state()
-        if self.state.active is not None:
-            self._activate(
-                LoadedModel.from_bundle(
-                    data_dir.slot_path(self.state.active).read_bytes(),
-                    data_dir.trusted_keys(),
-                    allow_expired=True,
-                    threads=threads,
-                )
-            )
+        slot = self.state.slots.get(self.state.active) if self.state.active else None
+        if self.state.active is not None and slot is not None:
+            path = data_dir.slot_path(self.state.active)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise AgentError(f"{path}: cannot read the active bundle: {exc.strerror or exc}") from exc
+            self._activate(LoadedModel.from_installed(data, slot.sha256, source=str(path), threads=threads))
 
     def _activate(self, model: LoadedModel) -> None:
         detector = DriftDetector(model.manifest.drift_reference, len(model.labels), self.drift_config)
@@ -166,7 +169,6 @@ class Agent:
         logits = model.logits(model.runtime.invoke(tensor))
         index = int(logits.argmax())
         elapsed = time.perf_counter_ns() - start
-        full = False
         with self._lock:
             self._count += 1
             self._latency[self._lat_n % LATENCY_RING] = elapsed
@@ -176,31 +178,51 @@ class Agent:
                 self._pred[self._fill] = index
                 self._fill += 1
                 full = self._fill == DRIFT_BATCH
+                if full:
+                    self._hand_over()
         if full:
-            self.flush_drift()
-        return Prediction(label=model.labels[index], index=index, logits=logits.tolist(), latency_ms=elapsed / 1e6)
+            self._drain()
+        return Prediction(model.labels[index], index, logits.tolist(), elapsed / 1e6)
 
     def count_error(self, kind: str) -> None:
         """Count a rejected inference request of type ``kind`` (telemetry ``inference.errors``)."""
         with self._lock:
             self._errors[kind] = self._errors.get(kind, 0) + 1
 
+    def _hand_over(self) -> None:
+        """Queue the buffered inputs for the detector (caller holds ``self._lock``)."""
+        if self._fill and self.detector is not None:
+            self._drift_jobs.put((self.detector, self._buf[: self._fill].copy(), self._pred[: self._fill].copy()))
+        self._fill = 0
+
+    def _drain(self) -> None:
+        """Run the drift detector on every queued batch, in this thread, one thread at a time."""
+        with self._drift_lock:
+            while True:
+                try:
+                    detector, rows, preds = self._drift_jobs.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    changes = detector.update_batch(rows, preds)
+                except Exception:  # a detector bug must not stop serving
+                    log.exception("drift detector failed")
+                    continue
+                for sample, raised in changes:
+                    status = detector.status()
+                    detail = {
+                        "sample": sample,
+                        "features": status.features_over,
+                        "max_cusum": status.max_cusum,
+                        "max_psi": status.max_psi,
+                    }
+                    self.event("drift_alarm" if raised else "drift_cleared", detail)
+
     def flush_drift(self) -> None:
-        """Feed the buffered inputs to the drift detector now (raises/clears events as due)."""
-        with self._monitor_lock:
-            with self._lock:
-                n, detector = self._fill, self.detector
-                rows, preds = self._buf[:n].copy(), self._pred[:n].copy()
-                self._fill = 0
-            if detector is None or n == 0:
-                return
-            changes = detector.update_batch(rows, preds)
-        for sample, raised in changes:
-            status = detector.status()
-            self.event(
-                "drift_alarm" if raised else "drift_cleared",
-                {"sample": sample, "features": status.features_over, "max_cusum": status.max_cusum, "max_psi": status.max_psi},
-            )
+        """Feed the buffered inputs to the drift detector now."""
+        with self._lock:
+            self._hand_over()
+        self._drain()
 
     def event(self, kind: str, detail: dict[str, Any]) -> None:
         """Report an event (to the MQTT outbox when running as a daemon)."""

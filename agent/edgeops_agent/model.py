@@ -14,15 +14,14 @@ output steps) covers it, and every install runs the self-test through this same 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from edgeops_agent.errors import SelfTestError, TensorInputError
 from edgeops_agent.runtime import ModelRunner, Runtime, open_runtime
-from edgeops_core import ExpiredBundleError, Manifest, TrustedKey, read_members, verify_members
+from edgeops_core import BundleError, ExpiredBundleError, Manifest, TrustedKey, read_members, verify_members
 
 __all__ = ["LoadedModel", "Prediction"]
 
@@ -31,18 +30,17 @@ _F32 = np.dtype(np.float32)
 ARENA_HEADROOM = 256
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """One inference result."""
+class Prediction(NamedTuple):
+    """One inference result (a tuple: cheap to make on the serving path)."""
 
     label: str
-    index: int
+    class_index: int
     logits: list[float]
     latency_ms: float
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the local endpoint's reply)."""
-        return {"label": self.label, "index": self.index, "logits": self.logits, "latency_ms": self.latency_ms}
+        return {"label": self.label, "index": self.class_index, "logits": self.logits, "latency_ms": self.latency_ms}
 
 
 class LoadedModel:
@@ -84,6 +82,7 @@ class LoadedModel:
         self._out_q = spec_out.quantization if spec_out.dtype in ("int8", "uint8") else None
         self._ones = np.ones(self.n_features, dtype=np.float32)
         self._shape = self.runtime.input.shape
+        self._flat, self._row = (self.n_features,), (1, self.n_features)
 
     @classmethod
     def from_bundle(
@@ -118,6 +117,29 @@ class LoadedModel:
             threads=threads,
         )
 
+    @classmethod
+    def from_installed(cls, data: bytes, sha256: str, *, source: str, threads: int | None = None) -> LoadedModel:
+        """Load an installed slot: its bytes must hash to the ``sha256`` recorded at install.
+
+        The signature was checked when the bundle was installed and the whole file's digest
+        stored in the (checksummed) state, so start-up needs only the hash, not the
+        signature stack (``cryptography`` stays out of a serving agent's memory).
+
+        Raises:
+            BundleError: the slot's bytes changed since the install.
+        """
+        import hashlib
+
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != sha256:
+            raise BundleError(
+                f"{source}: sha256 {digest[:16]}… differs from the {sha256[:16]}… recorded at install; reinstall the bundle"
+            )
+        members = read_members(data)
+        manifest = Manifest.from_json(members["manifest.json"])
+        expired = manifest.expires_at <= datetime.now(UTC)
+        return cls(manifest, members[manifest.model_file], digest=digest, signer="", expired=expired, threads=threads)
+
     def prepare(self, features: Any) -> tuple[np.ndarray, np.ndarray]:
         """``(raw row as float32 [features], runtime input tensor)``.
 
@@ -125,7 +147,7 @@ class LoadedModel:
             TensorInputError: wrong size or shape, not numeric, NaN or inf.
         """
         x = features
-        if x.__class__ is not np.ndarray or x.dtype != _F32 or x.size != self.n_features or x.ndim > 2:
+        if x.__class__ is not np.ndarray or x.dtype != _F32 or (x.shape != self._flat and x.shape != self._row):
             x = self.runner.check(x)
         t = x.reshape(self._shape) * self._a
         t += self._b

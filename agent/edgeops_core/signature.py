@@ -22,14 +22,10 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from typing import TYPE_CHECKING, Any
 
 from edgeops_core.errors import KeyFileError, SignatureError
 
@@ -40,11 +36,19 @@ _BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 _PAYLOAD_TYPE = "application/vnd.in-toto+json"
 _STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 _PREDICATE_TYPE = "https://model_signing/signature/v1.0"
-_HASHES: Mapping[str, type[hashes.HashAlgorithm]] = {
-    "secp256r1": hashes.SHA256,
-    "secp384r1": hashes.SHA384,
-    "secp521r1": hashes.SHA512,
-}
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+# cryptography (with OpenSSL) costs a device ~14 MiB of RAM; it is imported only when a
+# key is loaded or a signature checked, so an agent serving an already-installed bundle
+# does not carry it.
+
+
+def _hash_for(curve: str) -> type[hashes.HashAlgorithm] | None:
+    from cryptography.hazmat.primitives import hashes
+
+    return {"secp256r1": hashes.SHA256, "secp384r1": hashes.SHA384, "secp521r1": hashes.SHA512}.get(curve)
 
 
 @dataclass(frozen=True)
@@ -67,11 +71,14 @@ class TrustedKey:
         Raises:
             KeyFileError: not a PEM public key, or not on a supported curve.
         """
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         try:
             key = serialization.load_pem_public_key(pem)
         except ValueError as exc:
             raise KeyFileError(f"{source}: not a PEM public key ({exc})") from exc
-        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _HASHES:
+        if not isinstance(key, ec.EllipticCurvePublicKey) or _hash_for(key.curve.name) is None:
             raise KeyFileError(f"{source}: expected an ECDSA P-256/P-384/P-521 public key, got {type(key).__name__}")
         canonical = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         return cls(key=key, fingerprint=hashlib.sha256(canonical).hexdigest())
@@ -155,10 +162,16 @@ def _check_ecdsa(payload: bytes, signature: bytes, hint: str, keys: Iterable[Tru
         candidates = [k for k in candidates if k.fingerprint == hint]
         if not candidates:
             raise _fail(f"signed by key sha256:{hint[:16]}…, which is not a trusted key")
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     message = _pae(payload)
     for k in candidates:
+        algorithm = _hash_for(k.key.curve.name)
+        if algorithm is None:
+            continue
         try:
-            k.key.verify(signature, message, ec.ECDSA(_HASHES[k.key.curve.name]()))
+            k.key.verify(signature, message, ec.ECDSA(algorithm()))
         except InvalidSignature:
             continue
         return k

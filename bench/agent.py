@@ -1,0 +1,211 @@
+"""Agent benchmark: prediction latency, memory and start-up against the bare runtime, in one run.
+
+    .venv/bin/python bench/agent.py [--bundle B --key PUB.pem]...
+
+Without ``--bundle`` it builds the example for ``ecu`` and ``mobile`` (in a temporary
+EDGEOPS_HOME) first. For each bundle, every side runs in its own fresh interpreter:
+
+* **agent** — ``Agent.predict`` (input checks, preprocessing, int8 conversion, the
+  runtime, latency and drift bookkeeping) on the installed bundle;
+* **raw, same job** — bare Python with only numpy and the runtime, the model loaded from
+  the same bytes, doing what any caller must: standardize, quantize (int8 models), the
+  runtime's documented call (``session.run`` / ``set_tensor``-``invoke``-``get_tensor``),
+  dequantize, argmax;
+* **raw, runtime call only** — just the runtime call on a ready input tensor.
+
+Latency: one fresh interpreter holds both the agent and a bare runtime session on the same
+model bytes and times them in alternating blocks of 250 calls (20 rounds), so a change in
+the shared machine's speed hits every side alike (separate processes measured minutes
+apart differed by 1.5x on this host). Memory and start-up: each side alone in its own fresh
+interpreter (resident memory after the runs: agent vs bare Python + runtime + the same
+model; start-up: process start to the first prediction).
+Targets: agent / raw-same-job p50 <= 1.10, agent / raw RSS <= 1.30.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+_RAW_SETUP = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+runtime, model_path, threads, spec = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+model = open(model_path, "rb").read()
+mean = np.asarray(spec["mean"], dtype=np.float32); std = np.asarray(spec["std"], dtype=np.float32)
+rows = [np.asarray(r, dtype=np.float32).reshape(1, -1) for r in spec["rows"]]
+qin, qout = spec["qin"], spec["qout"]
+if runtime == "onnxruntime":
+    import onnxruntime as ort
+    o = ort.SessionOptions(); o.intra_op_num_threads = threads; o.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model, o, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    def call(t):
+        return sess.run(None, {name: t})[0]
+else:
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_content=model, num_threads=threads); it.allocate_tensors()
+    i_in, i_out = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
+    def call(t):
+        it.set_tensor(i_in, t); it.invoke(); return it.get_tensor(i_out)
+def job(x):
+    t = (x - mean) / std
+    if qin:
+        t = np.clip(np.rint(t / qin[0]) + qin[1], -128, 127).astype(np.int8)
+    out = call(t)
+    if qout:
+        out = (out.astype(np.float32) - qout[1]) * qout[0]
+    return int(out.argmax())
+ready = [((r - mean) / std) if not qin else np.clip(np.rint(((r - mean) / std) / qin[0]) + qin[1], -128, 127).astype(np.int8) for r in rows]
+job(rows[0])
+startup = time.perf_counter() - t0
+"""
+
+_RAW_ALONE = (
+    _RAW_SETUP
+    + r"""
+for i in range(1000):
+    job(rows[i % len(rows)])
+rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) * 1024
+print(json.dumps({"rss": rss, "startup_s": startup}))
+"""
+)
+
+_AGENT_ALONE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+from pathlib import Path
+from edgeops_agent.agent import Agent
+from edgeops_agent.store import DataDir
+agent = Agent(DataDir(Path(sys.argv[1])))
+rows = [np.asarray(v.input, dtype=np.float32) for v in agent.model.manifest.self_test.vectors]
+agent.predict(rows[0])
+startup = time.perf_counter() - t0
+for i in range(1000):
+    agent.predict(rows[i % len(rows)])
+agent.flush_drift()
+rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) * 1024
+print(json.dumps({"rss": rss, "startup_s": startup}))
+"""
+
+_INTERLEAVED = (
+    _RAW_SETUP
+    + r"""
+from pathlib import Path
+from edgeops_agent.agent import Agent
+from edgeops_agent.store import DataDir
+agent = Agent(DataDir(Path(sys.argv[5])))
+arows = [r.reshape(-1) for r in rows]
+n_rounds, block = 20, 250
+sides = {"agent": (agent.predict, arows), "job": (job, rows), "call": (call, ready)}
+samples = {k: [] for k in sides}
+for f, args in sides.values():
+    for i in range(300):
+        f(args[i % len(args)])
+for _ in range(n_rounds):
+    for key, (f, args) in sides.items():
+        lat = samples[key]
+        for i in range(block):
+            a = args[i % len(args)]
+            s = time.perf_counter_ns(); f(a); lat.append(time.perf_counter_ns() - s)
+print(json.dumps({k: float(np.percentile(v, 50)) / 1000 for k, v in samples.items()}))
+"""
+)
+
+
+def _py(code: str, *args: str) -> dict[str, float]:
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker failed:\n{proc.stderr[-3000:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _build(target: str, home: Path) -> tuple[Path, Path]:
+    env = {**os.environ, "EDGEOPS_HOME": str(home)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeops_toolchain", "build", "-t", target, "-o", str(home / "dist"), "--json"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"building {target} failed: {proc.stderr}")
+    return Path(json.loads(proc.stdout)["bundle"]), home / "keys" / "dev-signing.pub.pem"
+
+
+def _bench(bundle: Path, key: Path, tmp: Path) -> dict[str, float | str]:
+    from edgeops_agent.install import install_bundle
+    from edgeops_agent.store import DataDir
+    from edgeops_core import Manifest, read_members
+
+    members = read_members(bundle.read_bytes())
+    m = Manifest.from_json(members["manifest.json"])
+    data = DataDir(tmp / f"device-{m.target}")
+    data.add_trusted_key(key)
+    install_bundle(data, bundle, target=m.target)
+    model_path = tmp / f"model-{m.target}"
+    model_path.write_bytes(members[m.model_file])
+    pre = m.preprocessing
+    q_in, q_out = m.inputs[0].quantization, m.outputs[0].quantization
+    spec = {
+        "mean": list(pre.mean) if pre.kind == "standardize" else [0.0] * len(m.feature_names),
+        "std": list(pre.std) if pre.kind == "standardize" else [1.0] * len(m.feature_names),
+        "rows": [list(v.input) for v in m.self_test.vectors],
+        "qin": [q_in.scale, q_in.zero_point] if q_in and m.inputs[0].dtype == "int8" else None,
+        "qout": [q_out.scale, q_out.zero_point] if q_out and m.outputs[0].dtype == "int8" else None,
+    }
+    threads = str(int(m.metrics.get("threads", 1)))
+    raw_args = (m.runtime, str(model_path), threads, json.dumps(spec))
+    lat = _py(_INTERLEAVED, *raw_args, str(data.root))
+    agent = _py(_AGENT_ALONE, str(data.root))
+    raw = _py(_RAW_ALONE, *raw_args)
+    return {
+        "target": m.target,
+        "runtime": m.runtime,
+        "agent_p50_us": lat["agent"],
+        "raw_job_p50_us": lat["job"],
+        "raw_call_p50_us": lat["call"],
+        "p50_ratio_job": lat["agent"] / lat["job"],
+        "p50_ratio_call": lat["agent"] / lat["call"],
+        "agent_rss_mib": agent["rss"] / 2**20,
+        "raw_rss_mib": raw["rss"] / 2**20,
+        "rss_ratio": agent["rss"] / raw["rss"],
+        "agent_startup_s": agent["startup_s"],
+        "raw_startup_s": raw["startup_s"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, action="append", default=[], help="bundle to measure (repeatable)")
+    parser.add_argument("--key", type=Path, action="append", default=[], help="public key for each --bundle")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="edgeops-bench-agent-") as tmp_name:
+        tmp = Path(tmp_name)
+        pairs = list(zip(args.bundle, args.key, strict=True))
+        if not pairs:
+            pairs = [_build(t, tmp / "home") for t in ("ecu", "mobile")]
+        results = [_bench(b, k, tmp) for b, k in pairs]
+    print("agent vs bare runtime: p50 of 5000 single-row predictions per side, interleaved in one interpreter;")
+    print("RSS after 1000 predictions and start-up (process start to first prediction), each side in a fresh interpreter")
+    print(f"{'target':<9}{'runtime':<13}{'agent p50':>10}{'raw job':>9}{'ratio':>7}{'raw call':>10}{'ratio':>7}"
+          f"{'agent RSS':>11}{'raw RSS':>9}{'ratio':>7}{'start agent':>13}{'start raw':>11}")  # fmt: skip
+    for r in results:
+        print(
+            f"{r['target']:<9}{r['runtime']:<13}{r['agent_p50_us']:>8.1f}us{r['raw_job_p50_us']:>7.1f}us{r['p50_ratio_job']:>7.2f}"
+            f"{r['raw_call_p50_us']:>8.1f}us{r['p50_ratio_call']:>7.2f}{r['agent_rss_mib']:>8.1f}MiB{r['raw_rss_mib']:>6.1f}MiB"
+            f"{r['rss_ratio']:>7.2f}{r['agent_startup_s']:>12.3f}s{r['raw_startup_s']:>10.3f}s"
+        )
+    ok = all(float(r["p50_ratio_job"]) <= 1.10 and float(r["rss_ratio"]) <= 1.30 for r in results)
+    print(f"targets (p50 vs raw same job <= 1.10, RSS <= 1.30): {'PASS' if ok else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
