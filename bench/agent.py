@@ -64,7 +64,10 @@ def job(x):
     if qout:
         out = (out.astype(np.float32) - qout[1]) * qout[0]
     return int(out.argmax())
-ready = [((r - mean) / std) if not qin else np.clip(np.rint(((r - mean) / std) / qin[0]) + qin[1], -128, 127).astype(np.int8) for r in rows]
+def convert(r):
+    t = (r - mean) / std
+    return t if not qin else np.clip(np.rint(t / qin[0]) + qin[1], -128, 127).astype(np.int8)
+ready = [convert(r) for r in rows]
 job(rows[0])
 startup = time.perf_counter() - t0
 """

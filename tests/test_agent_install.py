@@ -205,5 +205,5 @@ def test_serving_agent_does_not_load_the_signature_stack(built: Built, device: D
     data = bytearray(slot.read_bytes())
     data[-10] ^= 0x01  # a slot changed on disk after the install is refused at start-up
     slot.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="differs from the .* recorded at install"):
+    with pytest.raises(BundleError, match=r"differs from the .* recorded at install"):
         Agent(device)
