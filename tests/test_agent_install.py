@@ -207,3 +207,12 @@ def test_serving_agent_does_not_load_the_signature_stack(built: Built, device: D
     slot.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=r"differs from the .* recorded at install"):
         Agent(device)
+
+
+def test_example_agent_config_is_valid() -> None:
+    from conftest import REPO
+    from edgeops_agent.config import load_config
+
+    cfg = load_config(REPO / "examples" / "agent" / "agent.toml")
+    assert cfg.device_id == "ecu-demo-1" and cfg.target == "ecu" and cfg.data_dir == REPO / "examples" / "agent" / "data"
+    assert cfg.mqtt.reconnect_max_s == 30.0 and cfg.drift.window == 500 and cfg.outbox_max_messages == 10_000
