@@ -40,6 +40,7 @@ which the console can ask for as field samples.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,7 +126,9 @@ class DriftDetector:
         self._quiet = 0  # consecutive inputs below the clearing level
         self.alarm = False
         self._reservoir: list[list[float]] = []
-        self._rng = np.random.default_rng(seed)
+        # The standard library's generator, not numpy's: numpy.random pulls in OpenSSL
+        # (secrets -> hmac -> hashlib), 3.6 MiB of RSS a device does not need.
+        self._rng = random.Random(seed)  # noqa: S311  sampling, not security
         self._pred_alarm = False
 
     def update_batch(self, rows: np.ndarray, predicted: np.ndarray) -> list[tuple[int, bool]]:
@@ -206,10 +209,11 @@ class DriftDetector:
             start += 1
         if start == rows.shape[0]:
             return
-        seen = self._samples + np.arange(start, rows.shape[0]) + 1  # each row's 1-based input number
-        slots = self._rng.integers(0, seen)  # uniform in [0, seen)
-        for i in np.flatnonzero(slots < cap):
-            self._reservoir[int(slots[i])] = rows[start + i].tolist()
+        draw = self._rng.random
+        for i in range(start, rows.shape[0]):
+            j = int(draw() * (self._samples + i + 1))  # uniform over the inputs seen so far
+            if j < cap:
+                self._reservoir[j] = rows[i].tolist()
 
     def _prediction_alarm(self) -> bool:
         if self._samples < self.config.window:

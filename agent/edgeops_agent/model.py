@@ -22,6 +22,7 @@ import numpy as np
 from edgeops_agent.errors import SelfTestError, TensorInputError
 from edgeops_agent.runtime import ModelRunner, Runtime, open_runtime
 from edgeops_core import BundleError, ExpiredBundleError, Manifest, TrustedKey, read_members, verify_members
+from edgeops_core.digest import sha256_hex
 
 __all__ = ["LoadedModel", "Prediction"]
 
@@ -97,7 +98,6 @@ class LoadedModel:
             BundleError: the bundle does not verify (tampered, untrusted, malformed, expired).
             RuntimeUnavailableError, ModelLoadError: its model cannot be loaded here.
         """
-        import hashlib
 
         members = read_members(data)
         expired = False
@@ -111,7 +111,7 @@ class LoadedModel:
         return cls(
             manifest,
             members[manifest.model_file],
-            digest=hashlib.sha256(data).hexdigest(),
+            digest=sha256_hex(data),
             signer=key.fingerprint,
             expired=expired,
             threads=threads,
@@ -128,9 +128,8 @@ class LoadedModel:
         Raises:
             BundleError: the slot's bytes changed since the install.
         """
-        import hashlib
 
-        digest = hashlib.sha256(data).hexdigest()
+        digest = sha256_hex(data)
         if digest != sha256:
             raise BundleError(
                 f"{source}: sha256 {digest[:16]}… differs from the {sha256[:16]}… recorded at install; reinstall the bundle"

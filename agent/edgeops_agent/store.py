@@ -23,7 +23,6 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any
 
 from edgeops_agent.errors import AgentError, StateCorruptedError
 from edgeops_core import KeyFileError, TrustedKey, load_public_key
+from edgeops_core.digest import sha256_hex
 
 __all__ = ["SLOTS", "AgentState", "DataDir", "SlotInfo", "fsync_dir", "write_durably"]
 
@@ -200,4 +200,4 @@ class DataDir:
 
 
 def _digest(body: Any) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return sha256_hex(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())

@@ -17,7 +17,6 @@ Device-only checks (target, anti-rollback, self-test) belong to the agent.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tarfile
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from edgeops_core.digest import sha256_hex
 from edgeops_core.errors import (
     BundleFormatError,
     DigestMismatchError,
@@ -132,7 +132,7 @@ def verify_members(
             raise DigestMismatchError(f"member {name!r} is not covered by the signature", member=name)
         if name not in present:
             raise DigestMismatchError(f"signed member {name!r} is missing from the bundle", member=name)
-        actual = hashlib.sha256(members[name]).hexdigest()
+        actual = sha256_hex(members[name])
         if actual != signed[name]:
             raise DigestMismatchError(
                 f"member {name!r} was modified: sha256 {actual[:16]}… does not match the signed {signed[name][:16]}…",
@@ -165,9 +165,7 @@ def verify_bundle(source: Path | bytes, trusted: Iterable[TrustedKey], *, now: d
         data = source
     members = read_members(data)
     manifest, key = verify_members(members, trusted, now=now)
-    return VerifiedBundle(
-        manifest=manifest, model=members[manifest.model_file], digest=hashlib.sha256(data).hexdigest(), signer=key.fingerprint
-    )
+    return VerifiedBundle(manifest=manifest, model=members[manifest.model_file], digest=sha256_hex(data), signer=key.fingerprint)
 
 
 def pack_bundle(members: Mapping[str, bytes], *, mtime: int = 0) -> bytes:

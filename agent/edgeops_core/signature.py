@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeops_core.digest import sha256_hex, sha256_new
 from edgeops_core.errors import KeyFileError, SignatureError
 
 __all__ = ["SIGNATURE_MEMBER", "TrustedKey", "load_public_key", "verify_signature"]
@@ -81,7 +81,7 @@ class TrustedKey:
         if not isinstance(key, ec.EllipticCurvePublicKey) or _hash_for(key.curve.name) is None:
             raise KeyFileError(f"{source}: expected an ECDSA P-256/P-384/P-521 public key, got {type(key).__name__}")
         canonical = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        return cls(key=key, fingerprint=hashlib.sha256(canonical).hexdigest())
+        return cls(key=key, fingerprint=sha256_hex(canonical))
 
 
 def load_public_key(path: Path) -> TrustedKey:
@@ -202,7 +202,7 @@ def _parse_statement(payload: bytes) -> dict[str, str]:
     if not isinstance(resources, list):
         raise _fail("statement predicate has no resource list")
     digests: dict[str, str] = {}
-    root = hashlib.sha256()
+    root = sha256_new()
     for i, res in enumerate(resources):
         if not isinstance(res, dict) or res.get("algorithm") != "sha256":
             raise _fail(f"resource {i} must be a sha256 resource descriptor")
