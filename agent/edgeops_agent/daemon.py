@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
 from edgeops_agent.agent import Agent
 from edgeops_agent.config import AgentConfig
+from edgeops_agent.errors import ConfigError
 from edgeops_agent.mqtt import MqttLink
 from edgeops_agent.outbox import Outbox, Pending
 from edgeops_agent.server import EndpointServer
@@ -45,8 +47,6 @@ class Daemon:
             state.target = config.target
             self.data.save_state(state)
         elif state.target != config.target:
-            from edgeops_agent.errors import ConfigError
-
             raise ConfigError(
                 f"agent config says target {config.target!r}, but {config.data_dir} belongs to a {state.target!r} device"
             )
@@ -150,11 +150,10 @@ class Daemon:
         self.server.stop()
         self.publish_state(online=False)
         if self.link.connected.is_set():
-            deadline = threading.Event()
             for _ in range(40):  # up to 2 s for the outbox to drain
                 if self.outbox.stats().pending == 0:
                     break
-                deadline.wait(0.05)
+                time.sleep(0.05)
         self.link.stop()
         self.outbox.close()
 

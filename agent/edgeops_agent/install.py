@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from edgeops_agent.errors import RollbackError, WrongTargetError
+from edgeops_agent.errors import AgentError, RollbackError, WrongTargetError
 from edgeops_agent.model import LoadedModel
 from edgeops_agent.store import AgentState, DataDir, SlotInfo, write_durably
-from edgeops_core import MAX_BUNDLE_BYTES, BundleError, BundleFormatError, format_time, read_members, verify_members
+from edgeops_core import MAX_BUNDLE_BYTES, BundleError, BundleFormatError, InputError, format_time, read_members, verify_members
 
 __all__ = ["InstallResult", "install_bundle", "read_bundle"]
 
@@ -78,8 +78,6 @@ def install_bundle(data_dir: DataDir, source: Path | bytes, *, target: str | Non
         InputError: no target known.
         AgentError: the slot or the state cannot be written.
     """
-    from edgeops_core import InputError
-
     state = data_dir.load_state()
     device_target = target or state.target
     if device_target is None:
@@ -103,8 +101,6 @@ def install_bundle(data_dir: DataDir, source: Path | bytes, *, target: str | Non
     try:
         write_durably(path, data)
     except OSError as exc:
-        from edgeops_agent.errors import AgentError
-
         raise AgentError(f"{path}: cannot write the bundle: {exc.strerror or exc}") from exc
     # Verify what is on disk, not what is in memory: the slot is what the agent will run.
     model = LoadedModel.from_bundle(read_bundle(path), trusted)
@@ -139,8 +135,6 @@ def install_bundle(data_dir: DataDir, source: Path | bytes, *, target: str | Non
 
 def record_error(data_dir: DataDir, state: AgentState, message: str) -> None:
     """Remember the last error in the state (best effort: a failure to write is ignored)."""
-    from edgeops_agent.errors import AgentError
-
     state.last_error = message[:500]
     with contextlib.suppress(AgentError):
         data_dir.save_state(state)

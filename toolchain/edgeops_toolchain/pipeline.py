@@ -61,7 +61,14 @@ from edgeops_toolchain.errors import BudgetExceededError, BuildError, Unsupporte
 from edgeops_toolchain.project import Project, load_entry
 from edgeops_toolchain.registry import BuildRecord, Registry, now_text
 from edgeops_toolchain.signing import dev_key, load_signing_key, sign_members
-from edgeops_toolchain.validate import BudgetCheck, Evaluator, budget_checks, measure_peak_memory, minimum_tflm_arena
+from edgeops_toolchain.validate import (
+    BudgetCheck,
+    Evaluator,
+    budget_checks,
+    measure_peak_memory,
+    minimum_tflm_arena,
+    operator_check,
+)
 
 if TYPE_CHECKING:
     from edgeops_toolchain.train import TrainResult
@@ -249,7 +256,7 @@ def _step_validate(s: BuildState) -> None:
     unsupported = sorted(ops - profile.supported_ops)
     if unsupported and profile.runtime == "tflite-micro":
         # TFLite Micro's op resolver would refuse the model: nothing more can be measured.
-        raise BudgetExceededError([c for c in budget_checks(profile, _UNMEASURED, unsupported) if c.name == "operator set"])
+        raise BudgetExceededError([operator_check(unsupported)])
     x_test = apply_preprocessing(report.preprocessing, ds.x_test)
     with torch.no_grad():
         torch_logits = trained.model(torch.from_numpy(x_test)).numpy()
@@ -303,26 +310,6 @@ def _step_validate(s: BuildState) -> None:
     s.advance(5, 5)
     if any(not c.passed for c in checks):
         raise BudgetExceededError(checks)
-
-
-#: Placeholder metrics for the operator-set row alone (nothing else was measured).
-_UNMEASURED: dict[str, float] = dict.fromkeys(
-    (
-        "model_bytes",
-        "size_ratio",
-        "peak_memory_bytes",
-        "latency_p50_ms",
-        "latency_p99_ms",
-        "latency_estimate_ms",
-        "mac_count",
-        "accuracy_float",
-        "accuracy_deployed",
-        "accuracy_drop_points",
-        "top1_agreement",
-        "parity_max_abs_diff",
-    ),
-    0.0,
-)
 
 
 def _runtime_agreement(profile: TargetProfile, model: bytes, deployed: Evaluator, x: np.ndarray) -> dict[str, float]:
@@ -644,7 +631,7 @@ def _decode(step: Step, s: BuildState, files: Mapping[str, bytes]) -> None:
         data = files[name]
         if name in _CODECS:
             setattr(s, name, _CODECS[name][1](s, data))
-        elif isinstance(getattr(BuildState, name, None), bytes) or name in _BYTES_FIELDS:
+        elif name in _BYTES_FIELDS:
             setattr(s, name, data)
         else:
             setattr(s, name, pickle.loads(data))  # noqa: S301  our own entry, digest-checked

@@ -169,22 +169,14 @@ def _first_line(exc: BaseException) -> str:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the converter's progress lines, logs and warnings (Python and C level)."""
+    from edgeops_toolchain.validate import quiet_fds
+
     chatter = io.StringIO()
     for name in ("litert_torch", "absl", "torch._dynamo", "torch.export", "torch._export", "torchao", "jax"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile() as sink:
-        try:
-            os.dup2(sink.fileno(), 1)
-            os.dup2(sink.fileno(), 2)
-            with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-                warnings.simplefilter("ignore")
-                yield
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
+    with quiet_fds(), warnings.catch_warnings(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _schema() -> Any:
@@ -201,10 +193,13 @@ def _root(data: bytes) -> Any:
         raise ExportError(f"not a TFLite flatbuffer: {exc}") from exc
 
 
+def _op_names() -> dict[int, str]:
+    return {v: k for k, v in vars(_schema().BuiltinOperator).items() if not k.startswith("_")}
+
+
 def tflite_ops(data: bytes) -> set[str]:
     """Builtin operator names the model uses (``FULLY_CONNECTED``…); custom ops as ``CUSTOM:<name>``."""
-    s = _schema()
-    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
+    names = _op_names()
     model = _root(data)
     ops: set[str] = set()
     for i in range(model.OperatorCodesLength()):
@@ -220,8 +215,7 @@ def tflite_ops(data: bytes) -> set[str]:
 
 def tflite_mac_count(data: bytes) -> int:
     """Multiply-accumulates of one inference, from the fully-connected and convolution layers."""
-    s = _schema()
-    names = {v: k for k, v in vars(s.BuiltinOperator).items() if not k.startswith("_")}
+    names = _op_names()
     model = _root(data)
     graph = model.Subgraphs(0)
 

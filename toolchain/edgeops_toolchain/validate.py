@@ -43,6 +43,7 @@ __all__ = [
     "format_value",
     "measure_peak_memory",
     "minimum_tflm_arena",
+    "operator_check",
     "quiet_fds",
     "tflm_arena_fits",
 ]
@@ -428,15 +429,18 @@ def budget_checks(profile: TargetProfile, metrics: Mapping[str, float], unsuppor
                 limit_detail=f"<= {RUNTIME_MAX_LSB} LSB",
             )
         )
-    rows.append(
-        BudgetCheck(
-            "operator set",
-            float(len(unsupported_ops)),
-            0,
-            "ops",
-            "max",
-            detail="all supported" if not unsupported_ops else "unsupported: " + ", ".join(sorted(unsupported_ops)),
-            limit_detail="profile's list",
-        )
-    )
+    rows.append(operator_check(unsupported_ops))
     return rows
+
+
+def operator_check(unsupported_ops: Sequence[str]) -> BudgetCheck:
+    """The operator-set row: fails when any operator is not in the profile's list."""
+    return BudgetCheck(
+        "operator set",
+        float(len(unsupported_ops)),
+        0,
+        "ops",
+        "max",
+        detail="all supported" if not unsupported_ops else "unsupported: " + ", ".join(sorted(unsupported_ops)),
+        limit_detail="profile's list",
+    )
