@@ -40,6 +40,29 @@ def test_cache_roundtrip_and_corruption_is_detected_deleted_never_used(tmp_path:
     assert cache.stats().per_step == {"data": 1} and cache.clear() == 1
 
 
+def test_cache_clear_deletes_only_cache_entries(tmp_path: Path) -> None:
+    """`cache clear` on a folder that also holds the user's files removes the entries and nothing else."""
+    root = tmp_path / "shared"
+    (root / "notes").mkdir(parents=True)
+    (root / "notes" / "todo.txt").write_text("mine")
+    (root / "report.pdf").write_bytes(b"%PDF")
+    (root / "train" / "zz").mkdir(parents=True)  # not a key folder: left alone
+    (root / "train" / "zz" / "keep.txt").write_text("mine too")
+    cache = StepCache(root)
+    cache.store("train", "ab" * 32, {"model": b"w"})
+    cache.store("data", "cd" * 32, {"d": b"1"})
+    stray = root / "data" / "cd" / ".cdcdcdcdcdcd-crashed"  # a crashed store's temporary folder
+    stray.mkdir()
+    (stray / "d").write_bytes(b"partial")
+    assert cache.clear() == 2
+    assert cache.stats().entries == 0
+    assert (root / "notes" / "todo.txt").read_text() == "mine"
+    assert (root / "report.pdf").read_bytes() == b"%PDF"
+    assert (root / "train" / "zz" / "keep.txt").read_text() == "mine too"
+    assert not (root / "data").exists() and not stray.exists()  # emptied step folders go too
+    assert not (root / "train" / "ab").exists()
+
+
 def _manifest(built_manifest: object, **changes: object) -> object:
     import dataclasses
 

@@ -71,10 +71,90 @@ def test_agent_sources_never_import_host_code() -> None:
         assert "edgeops_agent" not in _imports(path), f"{path}: edgeops_core must not depend on edgeops_agent"
 
 
+#: The contract's public names. Changing them is a decision: update this list with the docs.
+CORE_API = [
+    "Budgets",
+    "BundleError",
+    "BundleFormatError",
+    "COMMAND_TYPES",
+    "Command",
+    "CommandError",
+    "DEFAULT_PREFIX",
+    "DigestMismatchError",
+    "DriftReference",
+    "EdgeopsError",
+    "ExpiredBundleError",
+    "FORMATS_BY_RUNTIME",
+    "FeatureReference",
+    "FieldReader",
+    "InputError",
+    "KeyFileError",
+    "Lineage",
+    "MANIFEST_MEMBER",
+    "MAX_BUNDLE_BYTES",
+    "MESSAGE_SCHEMA",
+    "MODEL_MEMBERS",
+    "Manifest",
+    "ManifestError",
+    "Preprocessing",
+    "ProfileError",
+    "QuantParams",
+    "SCHEMA_VERSION",
+    "SIGNATURE_MEMBER",
+    "SelfTest",
+    "SelfTestVector",
+    "SignatureError",
+    "TargetProfile",
+    "TensorSpec",
+    "TrustedKey",
+    "UnknownTargetError",
+    "VerifiedBundle",
+    "__version__",
+    "apply_preprocessing",
+    "check_device_id",
+    "device_topic",
+    "find_profile",
+    "format_time",
+    "list_profiles",
+    "load_profile",
+    "load_public_key",
+    "load_toml",
+    "pack_bundle",
+    "parse_command",
+    "parse_time",
+    "read_members",
+    "utc_now_text",
+    "verify_bundle",
+    "verify_members",
+    "verify_signature",
+    "write_atomically",
+]
+
+#: The agent's public API (docs/agent.md). Changing it is a decision: update this list with the docs.
+AGENT_API = [
+    "Agent", "AgentConfig", "AgentError", "ConfigError", "Daemon", "DataDir", "InstallRejectedError", "InstallResult",
+    "LoadedModel", "ModelLoadError", "Prediction", "RollbackError", "RuntimeUnavailableError", "SelfTestError",
+    "StateCorruptedError", "TensorInputError", "WrongTargetError", "__version__", "install_bundle", "load_config",
+]  # fmt: skip
+
+
 def test_public_surface_is_pinned() -> None:
+    """Each package's ``__all__`` is exactly the pinned list, and every name in it resolves."""
+    import edgeops_agent
     import edgeops_core
 
-    assert sorted(edgeops_core.__all__) == sorted(set(edgeops_core.__all__))
-    for name in edgeops_core.__all__:
-        assert hasattr(edgeops_core, name), name
-    assert {"verify_bundle", "Manifest", "TargetProfile", "load_profile", "BundleError"} <= set(edgeops_core.__all__)
+    assert sorted(edgeops_core.__all__) == sorted(CORE_API)
+    assert sorted(edgeops_agent.__all__) == sorted(AGENT_API)
+    for package in (edgeops_core, edgeops_agent):
+        for name in package.__all__:
+            assert getattr(package, name) is not None, f"{package.__name__}.{name}"
+
+
+def test_agent_api_resolves_lazily() -> None:
+    """``import edgeops_agent`` stays light; a public name loads its module on first use."""
+    code = (
+        "import sys, edgeops_agent; light = 'numpy' not in sys.modules; "
+        "from edgeops_agent import Agent, install_bundle; print(light, Agent.__module__, install_bundle.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "edgeops_agent.agent", "edgeops_agent.install"]

@@ -113,7 +113,7 @@ def test_tflite_targets_leave_verified_bundles(built: Built, built_tflite: dict[
     assert m.inputs[0].dtype == "int8" and m.outputs[0].dtype == "int8"
     assert m.inputs[0].quantization is not None and m.outputs[0].quantization is not None
     assert m.metrics["accuracy_drop_points"] <= 1.0 and m.metrics["runtime_max_lsb"] <= 2
-    assert 0.0 <= m.metrics["top1_agreement"] <= 1.0
+    assert m.metrics["top1_agreement"] >= 0.97  # int8 and float agree on almost every test row (measured 0.9985)
     rows = {r["name"]: r for r in result["budgets"]}  # type: ignore[attr-defined]
     assert rows["TFLM vs LiteRT"]["passed"] and rows["operator set"]["measured_text"] == "all supported"
     if target == "wearable":

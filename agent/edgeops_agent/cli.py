@@ -64,6 +64,13 @@ def _run(as_json: bool, body: Callable[[], None]) -> None:
         sys.exit(EXIT_INTERNAL)
 
 
+def _bundle_path(path: Path) -> Path:
+    """``path`` if something is there; a missing bundle is the caller's input error (exit 2), not a rejected bundle."""
+    if not path.exists() and not path.is_symlink():
+        raise InputError(f"{path}: no such bundle file")
+    return path
+
+
 _data_dir = click.option(
     "--data-dir", "-d", required=True, type=click.Path(path_type=Path, file_okay=False), help="The agent's data directory."
 )
@@ -76,7 +83,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("bundle", type=click.Path(path_type=Path))
 @click.option(
     "--key",
     "-k",
@@ -90,7 +97,8 @@ def verify(bundle: Path, keys: tuple[Path, ...]) -> None:
     """Check BUNDLE's signature, digests, members, manifest and expiry, offline."""
 
     def body() -> None:
-        m = verify_bundle(bundle, [load_public_key(k) for k in keys]).manifest
+        trusted = [load_public_key(k) for k in keys]
+        m = verify_bundle(_bundle_path(bundle), trusted).manifest
         click.echo(f"OK {m.name} {m.version} release {m.release} for {m.target}")
 
     _run(False, body)
@@ -116,7 +124,7 @@ def trust_add(key: Path, data_dir: Path) -> None:
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("bundle", type=click.Path(path_type=Path))
 @_data_dir
 @click.option("--target", "-t", default=None, help="This device's target (recorded on first use).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -127,7 +135,7 @@ def install(bundle: Path, data_dir: Path, target: str | None, as_json: bool) -> 
 
     def body() -> None:
         agent = Agent(DataDir(data_dir))
-        result = agent.install(bundle, target=target)
+        result = agent.install(_bundle_path(bundle), target=target)
         info = {
             "ok": True,
             "name": result.name,
@@ -218,7 +226,7 @@ def predict(data_dir: Path, features: str | None) -> None:
 
 
 @main.command()
-@click.option("--config", "-c", "config_path", required=True, type=click.Path(path_type=Path, dir_okay=False), help="agent.toml")
+@click.option("--config", "-c", "config_path", required=True, type=click.Path(path_type=Path), help="agent.toml")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), show_default=True)
 def run(config_path: Path, log_level: str) -> None:
     """Run the agent daemon: MQTT state/telemetry/events, the local socket, drift detection."""

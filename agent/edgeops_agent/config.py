@@ -25,14 +25,18 @@
     window = 500  cusum_k = 0.25  cusum_h = 40.0  reservoir = 256  prediction_psi_alarm = 0.25
 
     [endpoint]
-    socket = "agent.sock"             # the local inference socket, relative to data_dir
+    socket = "agent.sock"             # the local inference socket: a name in data_dir, or an
+                                      # absolute path; either way it ends in ".sock"
 
-Unknown keys are errors; every error names the file, the field, what was expected and
+``data_dir`` must exist (a typo must not start an agent on a new, empty device), and the
+socket path is one the agent may replace at start-up, so it can never name the state, a
+slot or a file outside the data directory. Unknown keys are errors; every error names the file, the field, what was expected and
 what was found (:class:`ConfigError`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +48,9 @@ from edgeops_core import FieldReader, InputError, check_device_id, load_toml
 __all__ = ["AgentConfig", "load_config"]
 
 _TOP = {"device_id", "target", "data_dir", "mqtt", "telemetry", "outbox", "drift", "endpoint"}
+#: Telemetry more often than this is a flood, not monitoring.
+MIN_TELEMETRY_INTERVAL_S = 0.5
+_SOCKET_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.sock")
 _MQTT = {"host", "port", "prefix", "keepalive_s", "username", "password", "reconnect_min_s", "reconnect_max_s", "inflight"}
 
 
@@ -76,7 +83,7 @@ def load_config(path: Path) -> AgentConfig:
     except InputError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     target = r.string(data, "target")
-    data_dir = base / r.string(data, "data_dir")
+    data_dir = (base / r.string(data, "data_dir")).resolve()
     m = r.mapping(data.get("mqtt", {}), "mqtt")
     r.only(m, _MQTT, "mqtt")
     defaults = MqttSettings()
@@ -119,16 +126,37 @@ def load_config(path: Path) -> AgentConfig:
     )
     e = r.mapping(data.get("endpoint", {}), "endpoint")
     r.only(e, {"socket"}, "endpoint")
-    socket = data_dir / r.string(e, "socket", "endpoint") if "socket" in e else data_dir / "agent.sock"
+    socket = _socket_path(r, r.string(e, "socket", "endpoint") if "socket" in e else "agent.sock", data_dir)
+    if not data_dir.exists():
+        raise ConfigError(f"{path}: data_dir {data_dir} does not exist; create it (edgeops-agent trust add ... --data-dir) first")
+    if not data_dir.is_dir():
+        raise ConfigError(f"{path}: data_dir {data_dir} is not a directory")
     return AgentConfig(
         device_id=device_id,
         target=target,
         data_dir=data_dir,
         mqtt=mqtt,
-        telemetry_interval_s=r.number(t, "interval_s", "telemetry", minimum=0, exclusive_minimum=True)
+        telemetry_interval_s=r.number(t, "interval_s", "telemetry", minimum=MIN_TELEMETRY_INTERVAL_S)
         if "interval_s" in t
         else 10.0,
         outbox_max_messages=r.integer(o, "max_messages", "outbox", minimum=1) if "max_messages" in o else 10_000,
         drift=drift,
         socket=socket,
     )
+
+
+def _socket_path(r: FieldReader, text: str, data_dir: Path) -> Path:
+    """The endpoint socket: ``NAME.sock`` inside ``data_dir``, or an absolute ``/…/NAME.sock``.
+
+    Start-up replaces a stale socket there, so the rule keeps that from ever naming the
+    state file, a slot, the outbox or a file outside the data directory by accident.
+    """
+    candidate = Path(text)
+    ok = _SOCKET_NAME.fullmatch(candidate.name) is not None and ".." not in candidate.parts
+    if not candidate.is_absolute():
+        ok = ok and len(candidate.parts) == 1
+    if not ok:
+        raise r.fail(
+            "endpoint.socket", "a file name ending in '.sock' (inside data_dir) or an absolute path ending in '.sock'", text
+        )
+    return candidate if candidate.is_absolute() else data_dir / candidate

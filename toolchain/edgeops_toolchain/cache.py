@@ -27,10 +27,12 @@ attacker who can write to it (see docs/adr/0006-step-cache.md).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -44,6 +46,9 @@ __all__ = ["CacheEntryCorrupted", "CacheStats", "StepCache", "default_cache_dir"
 log = logging.getLogger(__name__)
 
 _ENTRY = "entry.json"
+_FAN = re.compile(r"[0-9a-f]{2}")
+_KEY = re.compile(r"[0-9a-f]{64}")
+_TMP = re.compile(r"\.[0-9a-f]{12}-.+")
 
 
 def default_cache_dir() -> Path:
@@ -166,15 +171,34 @@ class StepCache:
         return CacheStats(root=self.root, entries=sum(per_step.values()), bytes=total, per_step=per_step)
 
     def clear(self) -> int:
-        """Delete every entry; the number deleted.
+        """Delete every entry (and a crashed store's temporary folders); the number of entries deleted.
+
+        Only what the cache wrote is removed: ``<step>/<kk>/<key>`` entry folders and
+        ``.<key>-*`` temporaries beside them, then the step folders they leave empty. The
+        folder may be shared with other files (``--cache-dir`` is the user's choice), so
+        nothing else in it is touched.
 
         Raises:
-            BuildError: the folder cannot be removed.
+            BuildError: an entry cannot be removed.
         """
-        count = self.stats().entries
+        count = 0
+        if not self.root.is_dir():
+            return 0
         try:
-            if self.root.exists():
-                shutil.rmtree(self.root)
+            for step_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.is_symlink()):
+                for fan in sorted(p for p in step_dir.iterdir() if _FAN.fullmatch(p.name) and p.is_dir()):
+                    for entry in sorted(fan.iterdir()):
+                        if entry.is_symlink() or not entry.is_dir():
+                            continue
+                        if _KEY.fullmatch(entry.name) and entry.name.startswith(fan.name):
+                            count += (entry / _ENTRY).is_file()
+                            shutil.rmtree(entry)
+                        elif _TMP.fullmatch(entry.name):
+                            shutil.rmtree(entry)
+                    with contextlib.suppress(OSError):
+                        fan.rmdir()  # only when empty
+                with contextlib.suppress(OSError):
+                    step_dir.rmdir()
         except OSError as exc:
             raise BuildError(f"{self.root}: cannot clear the cache: {exc.strerror or exc}") from exc
         return count
