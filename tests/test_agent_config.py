@@ -85,3 +85,48 @@ def test_missing_bundle_file_is_bad_input_exit_2(tmp_path: Path, command: str) -
     proc = _agent(command, tmp_path / "missing.edgeops", *args)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "missing.edgeops" in proc.stderr and "Usage" not in proc.stderr
+
+
+def test_host_verify_missing_bundle_is_exit_2_like_the_agent(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from conftest import run_edgeops
+
+    key = tmp_path / "k.pem"
+    public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    key.write_bytes(public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    proc = run_edgeops("verify", tmp_path / "missing.edgeops", "--key", key)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "missing.edgeops" in proc.stderr
+
+
+def test_session_expiry_stays_under_the_command_id_window(tmp_path: Path) -> None:
+    """A command kept by the broker longer than ids are remembered could be acted on twice."""
+    assert load_config(_config(tmp_path, "[mqtt]\nsession_expiry_s = 3600\n")).mqtt.session_expiry_s == 3600
+    with pytest.raises(ConfigError, match=r"'mqtt\.session_expiry_s' must be an integer < 2592000"):
+        load_config(_config(tmp_path, "[mqtt]\nsession_expiry_s = 2592000\n"))
+
+
+def test_endpoint_replaces_only_a_stale_socket(tmp_path: Path) -> None:
+    """Start-up removes a crashed run's socket, and refuses to delete anything else at that path."""
+    import socket as socketlib
+
+    from edgeops_agent.agent import Agent
+    from edgeops_agent.server import EndpointServer
+    from edgeops_agent.store import DataDir
+
+    agent = Agent(DataDir(tmp_path / "dev"))
+    victim = tmp_path / "victim.sock"
+    victim.write_text("precious")
+    with pytest.raises(ConfigError, match="is not a socket"):
+        EndpointServer(victim, agent)
+    assert victim.read_text() == "precious"
+    stale = tmp_path / "stale.sock"
+    leftover = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    leftover.bind(str(stale))
+    leftover.close()  # the file stays, as after a kill -9
+    server = EndpointServer(stale, agent)
+    try:
+        assert stale.is_socket()
+    finally:
+        server.server_close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,14 @@ import pytest
 
 from conftest import Built
 from edgeops_agent.agent import Agent
-from edgeops_agent.errors import RollbackError, SelfTestError, StateCorruptedError, TensorInputError, WrongTargetError
+from edgeops_agent.errors import (
+    ActiveSlotDamagedError,
+    RollbackError,
+    SelfTestError,
+    StateCorruptedError,
+    TensorInputError,
+    WrongTargetError,
+)
 from edgeops_agent.install import install_bundle
 from edgeops_agent.outbox import Outbox
 from edgeops_agent.store import DataDir
@@ -203,16 +211,21 @@ def test_serving_agent_does_not_load_the_signature_stack(built: Built, device: D
     assert proc.stdout.strip() == "[]"
     slot = device.slot_path("a")
     data = bytearray(slot.read_bytes())
-    data[-10] ^= 0x01  # a slot changed on disk after the install is refused at start-up
+    data[-10] ^= 0x01  # a slot changed on disk after the install is not served after a restart
     slot.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=r"differs from the .* recorded at install"):
-        Agent(device)
+    damaged = Agent(device)  # ...but the agent starts, so that an install can repair it
+    assert damaged.model is None and re.search(r"differs from the .* recorded at install", damaged.fault or "")
+    with pytest.raises(ActiveSlotDamagedError, match="install a bundle to repair"):
+        damaged.predict(np.zeros(106, dtype=np.float32))
 
 
-def test_example_agent_config_is_valid() -> None:
+def test_example_agent_config_is_valid(tmp_path: Path) -> None:
     from conftest import REPO
     from edgeops_agent.config import load_config
 
-    cfg = load_config(REPO / "examples" / "agent" / "agent.toml")
-    assert cfg.device_id == "ecu-demo-1" and cfg.target == "ecu" and cfg.data_dir == REPO / "examples" / "agent" / "data"
+    config = tmp_path / "agent.toml"  # beside a data directory, as on a provisioned device
+    config.write_bytes((REPO / "examples" / "agent" / "agent.toml").read_bytes())
+    (tmp_path / "data").mkdir()
+    cfg = load_config(config)
+    assert cfg.device_id == "ecu-demo-1" and cfg.target == "ecu" and cfg.data_dir == (tmp_path / "data").resolve()
     assert cfg.mqtt.reconnect_max_s == 30.0 and cfg.drift.window == 500 and cfg.outbox_max_messages == 10_000

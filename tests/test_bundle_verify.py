@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import random
+import subprocess
+import sys
 import tarfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -175,8 +177,26 @@ def test_cli_verify_ok_and_tampered(tmp_path: Path, built: Built, members: dict[
         assert proc.returncode == 4, proc.stderr
         assert member in proc.stderr
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
-    agent = run_edgeops("verify", path, "--key", built.public_key)
-    assert agent.returncode == 4
+    # The device's own command runs the same verifier and refuses the same bundle.
+    agent = subprocess.run(
+        [sys.executable, "-c", "from edgeops_agent.cli import main; main()", "verify", path, "--key", built.public_key],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert agent.returncode == 4, agent.stderr
+    assert agent.stderr.startswith("error: ") and "model.sig" in agent.stderr
+    accepted = subprocess.run(
+        [sys.executable, "-c", "from edgeops_agent.cli import main; main()", "verify", built.bundle, "--key", built.public_key],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert accepted.returncode == 0, accepted.stderr
+    # The agent's own output format (the host's adds the runtime and signer): not the host CLI.
+    assert accepted.stdout.startswith("OK vibration-classifier ") and accepted.stdout.rstrip().endswith("release 1 for ecu")
 
 
 def test_cli_verify_bad_key_file_is_input_error(tmp_path: Path, built: Built) -> None:

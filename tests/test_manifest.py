@@ -105,6 +105,6 @@ def test_not_json_or_not_an_object(raw: bytes) -> None:
 
 
 def test_nan_metric_cannot_be_written() -> None:
-    m = make_manifest(metrics={"accuracy_deployed": float("nan")})
-    with pytest.raises(ValueError, match="Out of range float"):
-        m.to_json()
+    # Issue 7: the constructor refuses it, so no such manifest exists to be written.
+    with pytest.raises(ManifestError, match=r"metrics\.accuracy_deployed' must be a finite number"):
+        make_manifest(metrics={"accuracy_deployed": float("nan")})

@@ -127,15 +127,16 @@ def trust_add(key: Path, data_dir: Path) -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @_data_dir
 @click.option("--target", "-t", default=None, help="This device's target (recorded on first use).")
+@click.option("--switch-model", default=None, metavar="NAME", help="Allow installing model NAME over another model (ADR 0009).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def install(bundle: Path, data_dir: Path, target: str | None, as_json: bool) -> None:
+def install(bundle: Path, data_dir: Path, target: str | None, switch_model: str | None, as_json: bool) -> None:
     """Verify BUNDLE, stage it in the inactive slot, self-test it, and make it active."""
-    from edgeops_agent.agent import Agent
+    from edgeops_agent.install import install_bundle
     from edgeops_agent.store import DataDir
 
     def body() -> None:
-        agent = Agent(DataDir(data_dir))
-        result = agent.install(_bundle_path(bundle), target=target)
+        # Not through Agent: installing must not need the active slot to load (it may be the repair).
+        result = install_bundle(DataDir(data_dir), _bundle_path(bundle), target=target, switch_model=switch_model)
         info = {
             "ok": True,
             "name": result.name,
@@ -207,15 +208,28 @@ def predict(data_dir: Path, features: str | None) -> None:
 
     def body() -> None:
         agent = Agent(DataDir(data_dir))
-        lines = [features] if features is not None else (line for line in sys.stdin if line.strip())
+        # Bytes, decoded per line: a line that is not UTF-8 is one bad line, not the end.
+        lines = [features.encode()] if features is not None else (line for line in sys.stdin.buffer if line.strip())
         bad = 0
         for line in lines:
             try:
-                values: Any = json.loads(line)
-                if not isinstance(values, list):
-                    raise InputError(f"expected a JSON array of numbers, got {type(values).__name__}")
-                out = {"ok": True, **agent.predict(np.asarray(values, dtype=np.float32)).to_dict()}
-            except (ValueError, TypeError, EdgeopsError) as exc:
+                try:
+                    values: Any = json.loads(line.decode("utf-8"))
+                except RecursionError:
+                    raise InputError("the JSON is nested too deeply") from None
+                except ValueError as exc:  # includes UnicodeDecodeError and JSONDecodeError
+                    raise InputError(f"not UTF-8 JSON: {str(exc)[:200]}") from None
+                if not isinstance(values, list) or not set(map(type, values)) <= {int, float}:
+                    raise InputError(f"expected a flat JSON array of numbers, got {type(values).__name__}")
+                try:
+                    with np.errstate(over="raise"):
+                        row = np.asarray(values, dtype=np.float32)
+                except (OverflowError, FloatingPointError) as exc:
+                    raise InputError(f"a number does not fit a float32: {str(exc)[:200]}") from None
+                out = {"ok": True, **agent.predict(row).to_dict()}
+            except EdgeopsError as exc:
+                if not isinstance(exc, InputError):
+                    raise  # no model, a runtime failure: the agent cannot answer any line
                 bad += 1
                 out = {"ok": False, "error": {"type": type(exc).__name__, "message": str(exc)}}
             click.echo(json.dumps(out))

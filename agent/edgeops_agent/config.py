@@ -14,6 +14,8 @@
     reconnect_min_s = 0.5             # backoff doubles from here...
     reconnect_max_s = 30.0            # ...up to here
     # username = "ecu-0042"  password = "..."
+    session_expiry_s = 604800         # the broker keeps commands for an absent device this long
+                                      # (7 days; below the 30-day window of command ids)
 
     [telemetry]
     interval_s = 10.0
@@ -37,13 +39,15 @@ what was found (:class:`ConfigError`).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edgeops_agent.drift import DriftConfig
 from edgeops_agent.errors import ConfigError
 from edgeops_agent.mqtt import MqttSettings
-from edgeops_core import FieldReader, InputError, check_device_id, load_toml
+from edgeops_core import COMMAND_WINDOW_S, FieldReader, InputError, check_device_id, load_toml
 
 __all__ = ["AgentConfig", "load_config"]
 
@@ -51,7 +55,10 @@ _TOP = {"device_id", "target", "data_dir", "mqtt", "telemetry", "outbox", "drift
 #: Telemetry more often than this is a flood, not monitoring.
 MIN_TELEMETRY_INTERVAL_S = 0.5
 _SOCKET_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.sock")
-_MQTT = {"host", "port", "prefix", "keepalive_s", "username", "password", "reconnect_min_s", "reconnect_max_s", "inflight"}
+_MQTT = {
+    "host", "port", "prefix", "keepalive_s", "username", "password",
+    "reconnect_min_s", "reconnect_max_s", "inflight", "session_expiry_s",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ def load_config(path: Path) -> AgentConfig:
         if "reconnect_max_s" in m
         else defaults.reconnect_max_s,
         inflight=r.integer(m, "inflight", "mqtt", minimum=1) if "inflight" in m else defaults.inflight,
+        session_expiry_s=_session_expiry(r, m, defaults.session_expiry_s),
     )
     t = r.mapping(data.get("telemetry", {}), "telemetry")
     r.only(t, {"interval_s"}, "telemetry")
@@ -160,3 +168,13 @@ def _socket_path(r: FieldReader, text: str, data_dir: Path) -> Path:
             "endpoint.socket", "a file name ending in '.sock' (inside data_dir) or an absolute path ending in '.sock'", text
         )
     return candidate if candidate.is_absolute() else data_dir / candidate
+
+
+def _session_expiry(r: FieldReader, m: Mapping[str, Any], default: int) -> int:
+    """``mqtt.session_expiry_s``: under the command-id window, so a command the broker kept is still known as seen."""
+    if "session_expiry_s" not in m:
+        return default
+    value = r.integer(m, "session_expiry_s", "mqtt", minimum=0)
+    if value >= COMMAND_WINDOW_S:
+        raise r.fail("mqtt.session_expiry_s", f"an integer < {COMMAND_WINDOW_S} (the command-id window of 30 days)", value)
+    return value

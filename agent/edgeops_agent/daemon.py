@@ -1,47 +1,129 @@
 """``edgeops-agent run``: the agent as a long-running process.
 
 Wires the pieces: the :class:`Agent` (model, drift), the outbox, the MQTT link, the local
-socket endpoint and a telemetry timer. Everything the device says goes through the outbox:
-the retained ``state`` (on every (re)connect and after every change), ``telemetry`` every
+socket endpoint, a telemetry timer and the command worker. Everything the device says goes
+through the outbox, built by the wire types of :mod:`edgeops_core.messages`: the retained
+``state`` (on every (re)connect and after every change), ``telemetry`` every
 ``interval_s``, ``events`` as they happen, ``samples`` on request.
 
-SIGTERM/SIGINT stop it cleanly: a final ``online: false`` state is queued and given a moment
-to leave, then the client disconnects. A kill -9 leaves the broker to publish the Last Will.
+Commands: paho's network thread parses nothing; it only enqueues the raw payload into a
+bounded queue (:data:`COMMAND_QUEUE`); one worker thread parses, de-duplicates (the
+:class:`~edgeops_agent.commands.CommandJournal`), runs the handler registered for the
+command's type and records its progress (received → running → done/failed) in
+``<data>/commands.sqlite``. A payload that finds the queue full is refused unprocessed and
+counted. Malformed commands get a ``command_rejected`` event each, at most
+:data:`REJECT_EVENTS_PER_S` per second; the refused and the unreported are summed into one
+``commands_overloaded`` event per second, so a flood of bad commands cannot flood the
+outbox in turn.
+
+The daemon holds the data directory's lock (:meth:`DataDir.lock`) from start to exit: a
+second process on the same directory is refused.
+
+SIGTERM/SIGINT stop it cleanly (exit 0): a final ``online: false`` state is queued and given
+a moment to leave, then the client disconnects. A kill -9 leaves the broker to publish the
+Last Will.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import threading
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from edgeops_agent.agent import Agent
+from edgeops_agent.commands import CommandJournal
 from edgeops_agent.config import AgentConfig
-from edgeops_agent.errors import ConfigError
+from edgeops_agent.errors import AgentError, ConfigError
 from edgeops_agent.mqtt import MqttLink
 from edgeops_agent.outbox import Outbox, Pending
 from edgeops_agent.server import EndpointServer
 from edgeops_agent.store import DataDir
-from edgeops_core import MESSAGE_SCHEMA, CommandError, device_topic, parse_command, utc_now_text
+from edgeops_core import (
+    Command,
+    CommandError,
+    Event,
+    MessageError,
+    ModelRef,
+    Samples,
+    State,
+    Telemetry,
+    device_topic,
+    parse_command,
+    utc_now_text,
+)
 
-__all__ = ["Daemon"]
+__all__ = ["COMMAND_QUEUE", "HANDLERS", "REJECT_EVENTS_PER_S", "CommandFailedError", "Daemon"]
 
 log = logging.getLogger(__name__)
+
+#: Commands waiting for the worker; past this, new ones are refused and counted.
+COMMAND_QUEUE = 256
+#: Individual ``command_rejected`` events per second; the rest are summarised.
+REJECT_EVENTS_PER_S = 10
+
+
+class CommandFailedError(AgentError):
+    """A command handler could not do what the command asked (reported as ``command_failed``)."""
+
+
+Handler = Callable[["Daemon", Command], Mapping[str, Any]]
+
+
+def _ping(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
+    return {}
+
+
+def _status(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
+    daemon.publish_state()
+    return {}
+
+
+def _sample_upload(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
+    rows = daemon.agent.samples()
+    limit = int(cmd.args.get("max_rows", len(rows)))
+    model = daemon.agent.model
+    message = Samples(
+        device_id=daemon.config.device_id,
+        ts=utc_now_text(),
+        command_id=cmd.id,
+        model=ModelRef(model.manifest.name, model.manifest.release) if model else None,
+        feature_names=tuple(model.manifest.feature_names) if model else (),
+        rows=tuple(tuple(r) for r in rows[:limit]),
+    )
+    daemon.outbox.put(daemon.topics["samples"], message.to_dict())
+    return {"rows": len(message.rows)}
+
+
+#: One handler per command type; each returns the ``command_done`` detail or raises
+#: :class:`CommandFailedError`. OTA adds ``deploy`` and ``rollback`` here.
+HANDLERS: dict[str, Handler] = {"ping": _ping, "status": _status, "sample_upload": _sample_upload}
 
 
 class Daemon:
     """One running agent process."""
 
     def __init__(self, config: AgentConfig) -> None:
-        """Open the data directory, the outbox and the active model.
+        """Open the data directory, the outbox, the command journal and the active model.
 
         Raises:
+            DataDirLockedError: another process works on the data directory.
             StateCorruptedError, BundleError, AgentError: the agent cannot start.
         """
         self.config = config
         self.data = DataDir(config.data_dir)
+        # One process per data directory, for the daemon's whole life (installs it runs nest).
+        self._hold = self.data.lock("daemon")
+        try:
+            self._open(config)
+        except BaseException:
+            self._hold.release()
+            raise
+
+    def _open(self, config: AgentConfig) -> None:
         state = self.data.load_state()
         if state.target is None:
             state.target = config.target
@@ -51,34 +133,54 @@ class Daemon:
                 f"agent config says target {config.target!r}, but {config.data_dir} belongs to a {state.target!r} device"
             )
         self.outbox = Outbox(self.data.outbox_path, cap=config.outbox_max_messages)
-        self.agent = Agent(self.data, device_id=config.device_id, drift=config.drift, on_event=self._event)
+        self.journal = CommandJournal(self.data.outbox_path.with_name("commands.sqlite"))
         prefix, dev = config.mqtt.prefix, config.device_id
         self.topics = {leaf: device_topic(prefix, dev, leaf) for leaf in ("state", "telemetry", "events", "samples")}
+        self.agent = Agent(self.data, device_id=config.device_id, drift=config.drift, on_event=self._event)
         # The Last Will is composed now and published by the broker later: no time, no seq.
-        offline = {**self.agent.state_message(online=False), "ts": None, "seq": None}
+        offline = {**self._state(online=False), "ts": None, "seq": None}
+        self._will = offline
         self.link = MqttLink(
             config.mqtt,
             dev,
             self.outbox,
             offline_state=offline,
-            on_command=self._command,
+            on_command=self._enqueue,
             on_quarantine=self._quarantined,
             on_connected=self.publish_state,
         )
         self.server = EndpointServer(config.socket or self.data.socket_path, self.agent)
         self._stop = threading.Event()
+        self._commands: queue.Queue[bytes | None] = queue.Queue(maxsize=COMMAND_QUEUE)
+        self._refused = 0  # payloads refused because the queue was full, not yet reported
+        self._unreported = 0  # malformed/refused commands past the per-second event budget
+        self._budget, self._window = REJECT_EVENTS_PER_S, time.monotonic()
+        self._count_lock = threading.Lock()
+        self._worker = threading.Thread(target=self._work, name="edgeops-commands", daemon=True)
+        for cid, ctype in self.journal.interrupted():
+            self._event("command_failed", {"id": cid, "type": ctype, "message": "interrupted: the agent stopped"})
 
-    def _event(self, kind: str, detail: dict[str, Any]) -> None:
-        message = {
-            "schema": MESSAGE_SCHEMA,
-            "device_id": self.config.device_id,
-            "ts": utc_now_text(),
-            "type": kind,
-            "detail": detail,
-        }
-        self.outbox.put(self.topics["events"], message)
+    # messages ------------------------------------------------------------------------------
+
+    def _event(self, kind: str, detail: Mapping[str, Any]) -> None:
+        try:
+            message = Event(device_id=self.config.device_id, ts=utc_now_text(), type=kind, detail=detail)
+            self.outbox.put(self.topics["events"], message.to_dict())
+        except (MessageError, AgentError) as exc:  # a full disk or a bug: say so, keep serving
+            log.error("event %s not queued: %s", kind, exc)
+            return
         if kind in ("install_activated", "drift_alarm", "drift_cleared"):
             self.publish_state()
+
+    def _state(self, *, online: bool) -> dict[str, Any]:
+        raw = dict(self.agent.state_message(online=online))
+        if not getattr(self.outbox, "healthy", True):
+            raw["health"] = "degraded"
+            raw["last_error"] = getattr(self.outbox, "last_error", None) or raw.get("last_error")
+        link_error = getattr(getattr(self, "link", None), "last_error", None)
+        if link_error:
+            raw["last_error"] = str(link_error)
+        return State.from_dict(raw).to_dict()
 
     def _quarantined(self, message: Pending, code: int, reason: str) -> None:
         # A refused report of a refusal would be refused again: count it, do not re-report.
@@ -88,56 +190,125 @@ class Daemon:
         self._event("outbox_quarantined", detail)
 
     def publish_state(self, *, online: bool = True) -> None:
-        """Queue the retained state message."""
-        self.outbox.put(self.topics["state"], self.agent.state_message(online=online), retain=True)
+        """Queue the retained state message; hand the broker a new Last Will if the bundle changed."""
+        try:
+            message = self._state(online=online)
+            self.outbox.put(self.topics["state"], message, retain=True)
+        except (MessageError, AgentError) as exc:
+            log.error("state not queued: %s", exc)
+            return
+        will = {**message, "online": False, "ts": None, "seq": None}
+        link = getattr(self, "link", None)
+        # Only a change of what runs re-sends the Will: the link reconnects to do it.
+        if online and link is not None and (will["bundle"], will["runtime"]) != (self._will["bundle"], self._will["runtime"]):
+            self._will = will
+            link.set_will(will)
 
-    def _command(self, payload: bytes) -> None:
+    def _telemetry(self, interval: float) -> None:
+        try:
+            s = self.outbox.stats()
+            box = {"pending": s.pending, "dropped": s.dropped, "quarantined": s.quarantined, "superseded": s.superseded}
+            message = Telemetry.from_dict({**self.agent.telemetry(interval), "outbox": box})
+            self.outbox.put(self.topics["telemetry"], message.to_dict())
+        except (MessageError, AgentError) as exc:
+            log.error("telemetry not queued: %s", exc)
+
+    # commands ------------------------------------------------------------------------------
+
+    def _enqueue(self, payload: bytes) -> None:
+        """paho's network thread: hand the payload over, never block, never raise."""
+        try:
+            self._commands.put_nowait(payload)
+        except queue.Full:
+            with self._count_lock:
+                self._refused += 1
+
+    def _reject(self, detail: dict[str, Any]) -> None:
+        """A ``command_rejected`` event, within the per-second budget; past it, counted."""
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            self._budget, self._window = REJECT_EVENTS_PER_S, now
+        if self._budget > 0:
+            self._budget -= 1
+            self._event("command_rejected", detail)
+        else:
+            self._unreported += 1
+
+    def _report_overload(self) -> None:
+        """At most once a second: one ``commands_overloaded`` with what was refused or not reported."""
+        with self._count_lock:
+            refused, self._refused = self._refused, 0
+        unreported, self._unreported = self._unreported, 0
+        if refused or unreported:
+            log.warning("command overload: %d refused (queue full), %d rejections not reported", refused, unreported)
+            self._event(
+                "commands_overloaded",
+                {"refused": refused, "rejected_unreported": unreported, "queue": COMMAND_QUEUE},
+            )
+
+    def _work(self) -> None:
+        last_report = time.monotonic()
+        while True:
+            try:
+                payload = self._commands.get(timeout=0.2)
+            except queue.Empty:
+                payload = b""
+            if payload is None:
+                break
+            if payload:
+                try:
+                    self._handle(payload)
+                except Exception:  # a handler bug must not end the worker
+                    log.exception("command handler failed")
+            if time.monotonic() - last_report >= 1.0:
+                last_report = time.monotonic()
+                self._report_overload()
+        self._report_overload()
+
+    def _handle(self, payload: bytes) -> None:
         try:
             cmd = parse_command(payload)
         except CommandError as exc:
-            self._event("command_rejected", {"error": type(exc).__name__, "message": str(exc)})
+            self._reject({"error": type(exc).__name__, "message": str(exc)})
             return
-        if not self.outbox.first_time(cmd.id):
-            log.info("duplicate command %s ignored", cmd.id)
-            return
-        if cmd.type == "ping":
-            self._event("command_done", {"id": cmd.id, "type": cmd.type})
-        elif cmd.type == "status":
-            self.publish_state()
-            self._event("command_done", {"id": cmd.id, "type": cmd.type})
-        elif cmd.type == "sample_upload":
-            rows = self.agent.samples()
-            limit = cmd.args.get("max_rows", len(rows))
-            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-                self._event(
-                    "command_rejected", {"id": cmd.id, "error": "CommandError", "message": "'max_rows' must be an integer >= 0"}
-                )
+        try:
+            if not self.journal.receive(cmd):
+                log.info("duplicate command %s ignored", cmd.id)
                 return
-            model = self.agent.model
-            message = {
-                "schema": MESSAGE_SCHEMA,
-                "device_id": self.config.device_id,
-                "ts": utc_now_text(),
-                "command_id": cmd.id,
-                "model": {"name": model.manifest.name, "release": model.manifest.release} if model else None,
-                "feature_names": list(model.manifest.feature_names) if model else [],
-                "rows": rows[:limit],
-            }
-            self.outbox.put(self.topics["samples"], message)
-            self._event("command_done", {"id": cmd.id, "type": cmd.type, "rows": min(limit, len(rows))})
+        except AgentError as exc:  # stale, journal full, or the disk
+            self._reject({"id": cmd.id, "error": type(exc).__name__, "message": str(exc)})
+            return
+        self._mark(cmd.id, "running")
+        try:
+            detail = HANDLERS[cmd.type](self, cmd)
+        except (AgentError, MessageError) as exc:  # CommandFailedError, a full disk, a bad sample
+            self._mark(cmd.id, "failed", str(exc))
+            self._event("command_failed", {"id": cmd.id, "type": cmd.type, "error": type(exc).__name__, "message": str(exc)})
+            return
+        self._mark(cmd.id, "done")
+        self._event("command_done", {"id": cmd.id, "type": cmd.type, **detail})
+
+    def _mark(self, command_id: str, status: str, error: str | None = None) -> None:
+        try:
+            self.journal.mark(command_id, status, error)
+        except AgentError as exc:  # a full disk: the command still runs; its progress is not recorded
+            log.error("%s", exc)
+
+    # life cycle ----------------------------------------------------------------------------
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`stop`)."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
             signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        self._worker.start()
         self.server.start()
         self.link.start()
         interval = self.config.telemetry_interval_s
         try:
             while not self._stop.wait(interval):
                 self.agent.flush_drift()
-                self.outbox.put(self.topics["telemetry"], {**self.agent.telemetry(interval), "outbox": _stats(self.outbox)})
+                self._telemetry(interval)
         finally:
             self.shutdown()
 
@@ -148,16 +319,26 @@ class Daemon:
     def shutdown(self) -> None:
         """Say goodbye (state offline), stop serving, disconnect."""
         self.server.stop()
+        if self._worker.is_alive():
+            # Commands still queued are dropped unprocessed: the journal never recorded them,
+            # so the console may send them again and they will be acted on.
+            while True:
+                try:
+                    self._commands.get_nowait()
+                except queue.Empty:
+                    break
+            self._commands.put(None)
+            self._worker.join(timeout=5)
         self.publish_state(online=False)
         if self.link.connected.is_set():
             for _ in range(40):  # up to 2 s for the outbox to drain
-                if self.outbox.stats().pending == 0:
+                try:
+                    if self.outbox.stats().pending == 0:
+                        break
+                except AgentError:
                     break
                 time.sleep(0.05)
         self.link.stop()
         self.outbox.close()
-
-
-def _stats(outbox: Outbox) -> dict[str, int]:
-    s = outbox.stats()
-    return {"pending": s.pending, "dropped": s.dropped, "quarantined": s.quarantined}
+        self.journal.close()
+        self._hold.release()

@@ -8,10 +8,16 @@ EdgeopsError
 └── AgentError               the agent cannot do what was asked
     ├── RuntimeUnavailableError  the bundle's runtime is not installed (names the extra)
     ├── ModelLoadError           the runtime refuses the model bytes
+    ├── ModelOutputError         the model produced NaN or inf for a valid input
     ├── StateCorruptedError      state.json is damaged (never reset silently)
+    │   └── StateMissingError    state.json is gone although the device has slots
+    ├── DataDirLockedError       another process holds the data directory
+    ├── ActiveSlotDamagedError   the active slot no longer loads (install to repair)
     └── InstallRejectedError     a verified bundle is not acceptable here
         ├── WrongTargetError     built for another target
         ├── RollbackError        release not newer than the highest ever installed
+        ├── ModelSwitchError     another model name, without an explicit switch
+        ├── TrialPendingError    a trial activation awaits confirm or rollback
         └── SelfTestError        the model does not reproduce its self-test vectors
 """
 
@@ -20,15 +26,21 @@ from __future__ import annotations
 from edgeops_core import EdgeopsError, InputError
 
 __all__ = [
+    "ActiveSlotDamagedError",
     "AgentError",
     "ConfigError",
+    "DataDirLockedError",
     "InstallRejectedError",
     "ModelLoadError",
+    "ModelOutputError",
+    "ModelSwitchError",
     "RollbackError",
     "RuntimeUnavailableError",
     "SelfTestError",
     "StateCorruptedError",
+    "StateMissingError",
     "TensorInputError",
+    "TrialPendingError",
     "WrongTargetError",
 ]
 
@@ -53,8 +65,24 @@ class ModelLoadError(AgentError):
     """The runtime refuses to load the model bytes."""
 
 
+class ModelOutputError(AgentError):
+    """The model produced a non-finite output (NaN or inf) for a valid input."""
+
+
 class StateCorruptedError(AgentError):
     """The persisted state file is damaged or of another version."""
+
+
+class StateMissingError(StateCorruptedError):
+    """``state.json`` is missing although the data directory holds slots: not a new device."""
+
+
+class DataDirLockedError(AgentError):
+    """Another process (a daemon, an install) holds the data directory's lock."""
+
+
+class ActiveSlotDamagedError(AgentError):
+    """The active slot is missing or changed since its install; installing a bundle repairs it."""
 
 
 class InstallRejectedError(AgentError):
@@ -67,6 +95,14 @@ class WrongTargetError(InstallRejectedError):
 
 class RollbackError(InstallRejectedError):
     """The bundle's release is not newer than the highest release ever installed."""
+
+
+class ModelSwitchError(InstallRejectedError):
+    """The bundle is of another model than the one this device is bound to (see ADR 0009)."""
+
+
+class TrialPendingError(InstallRejectedError):
+    """A trial activation is pending: it must be confirmed or rolled back first."""
 
 
 class SelfTestError(InstallRejectedError):

@@ -1,14 +1,23 @@
 """A verified bundle, loaded and ready to serve: the agent's inference hot path.
 
 :class:`LoadedModel` holds the manifest, the runtime and everything a prediction needs
-precomputed, so one prediction is: check the input, one fused multiply-add (preprocessing
-and, for int8 models, input quantization in one step), the runtime call, dequantization.
+precomputed, so one prediction is: check the input, preprocessing and (int8 models) input
+quantization, the runtime call, dequantization, a finiteness check of the output.
 
-The fused step: ``standardize`` then quantize is ``q = round((x − mean) / std / s) + z``,
-which is ``round(x · a + b)`` with ``a = 1 / (std · s)`` and ``b = z − mean / (std · s)``
-computed once at load. The result can differ from the two-step form by one float32 ulp
-before rounding, so at most one input step on rare ties; the self-test tolerance (two
-output steps) covers it, and every install runs the self-test through this same path.
+Preprocessing and quantization compute exactly what :func:`edgeops_core.apply_preprocessing`
+followed by :func:`edgeops_agent.runtime.quantize` compute -- the same float32 operations in
+the same order (``(x - mean) / std``, then ``rint(t / scale) + zero_point``, saturated), on
+arrays prepared once at load -- so the device's tensors are bit-identical to the host's
+(``tests/test_serving.py`` checks this on many rows per target). The fused multiply-add
+used before (``x * a + b``) saved two numpy calls but differed from the host: by float32
+ulps on the ECU's float input, and by one input step on rounding ties of int8 inputs
+(found on both TFLite targets); exactness was chosen. Saturation uses ``np.maximum`` /
+``np.minimum`` (``np.clip``'s Python wrapper costs 2 us a row) and int8 outputs are
+dequantized through a 256-entry table, which is what keeps the exact path as fast as a
+caller's own code.
+
+A model whose output is not finite (NaN or inf) for a valid input raises
+:class:`ModelOutputError` rather than letting ``argmax`` pick a label from NaN.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from edgeops_agent.errors import SelfTestError, TensorInputError
+from edgeops_agent.errors import ModelOutputError, SelfTestError, TensorInputError
 from edgeops_agent.runtime import ModelRunner, Runtime, open_runtime
 from edgeops_core import BundleError, ExpiredBundleError, Manifest, TrustedKey, read_members, verify_members
 from edgeops_core.digest import sha256_hex
@@ -69,21 +78,36 @@ class LoadedModel:
         self.n_features = len(manifest.feature_names)
         spec_in, spec_out = manifest.inputs[0], manifest.outputs[0]
         pre = manifest.preprocessing
-        mean = np.asarray(pre.mean, dtype=np.float64) if pre.kind == "standardize" else np.zeros(self.n_features)
-        std = np.asarray(pre.std, dtype=np.float64) if pre.kind == "standardize" else np.ones(self.n_features)
+        shape = self.runtime.input.shape
+        # The same float32 arrays apply_preprocessing builds per call, built once.
+        standardize = pre.kind == "standardize"
+        self._mean = np.asarray(pre.mean, dtype=np.float32).reshape(shape) if standardize else None
+        self._std = np.asarray(pre.std, dtype=np.float32).reshape(shape) if standardize else None
         self._int_in = spec_in.dtype in ("int8", "uint8") and spec_in.quantization is not None
-        scale, zero = (
-            (spec_in.quantization.scale, spec_in.quantization.zero_point) if self._int_in and spec_in.quantization else (1.0, 0)
-        )
-        self._a = (1.0 / (std * scale)).astype(np.float32).reshape(self.runtime.input.shape)
-        self._b = (zero - mean / (std * scale)).astype(np.float32).reshape(self.runtime.input.shape)
+        q_in = spec_in.quantization if self._int_in else None
+        # quantize() divides a float32 array by the Python float scale: numpy computes that in
+        # float32, i.e. by float32(scale); the zero point is added after rounding, as there.
+        self._scale = np.float32(q_in.scale) if q_in is not None else np.float32(1.0)
+        self._zero = np.float32(q_in.zero_point) if q_in is not None else np.float32(0.0)
         info = np.iinfo(np.dtype(spec_in.dtype)) if self._int_in else None
-        self._lo, self._hi = (float(info.min), float(info.max)) if info else (0.0, 0.0)
+        self._lo, self._hi = (np.float32(info.min), np.float32(info.max)) if info else (np.float32(0), np.float32(0))
         self._in_dtype = np.dtype(spec_in.dtype)
         self._out_q = spec_out.quantization if spec_out.dtype in ("int8", "uint8") else None
+        self._lut: np.ndarray | None = None
+        if self._out_q is not None:
+            self._out_zero, self._out_scale = np.float32(self._out_q.zero_point), np.float32(self._out_q.scale)
+        if self._out_q is not None and self.runtime.output.dtype == spec_out.dtype:
+            # Dequantization of a one-byte output as a 256-entry table indexed by the byte:
+            # the same float32 expression evaluated once per possible value, so the result is
+            # identical to computing it per call, in one numpy call instead of three.
+            codes = np.arange(256, dtype=np.uint8).view(np.dtype(spec_out.dtype)).astype(np.float32)
+            self._lut = (codes - self._out_zero) * self._out_scale
         self._ones = np.ones(self.n_features, dtype=np.float32)
-        self._shape = self.runtime.input.shape
+        self._ones_out = np.ones(len(self.labels), dtype=np.float32)
+        self._shape = shape
         self._flat, self._row = (self.n_features,), (1, self.n_features)
+        #: The runtime's call, bound once (thread-safe on every runtime: see runtime.py).
+        self.invoke = self.runtime.invoke
 
     @classmethod
     def from_bundle(
@@ -148,23 +172,105 @@ class LoadedModel:
         x = features
         if x.__class__ is not np.ndarray or x.dtype != _F32 or (x.shape != self._flat and x.shape != self._row):
             x = self.runner.check(x)
-        t = x.reshape(self._shape) * self._a
-        t += self._b
-        if not math.isfinite(float(t.reshape(-1).dot(self._ones))):
+        if not math.isfinite(float(x.reshape(-1).dot(self._ones))):
             self.runner.check(x)  # names the bad feature; a finite input only overflowed the sum
+        t = x.reshape(self._shape)
+        if self._mean is not None:
+            t = t - self._mean  # a new array: the in-place steps below never touch the caller's
+            t /= self._std
+            if self._int_in:
+                t /= self._scale
+        elif self._int_in:
+            t = t / self._scale
         if self._int_in:
             np.rint(t, out=t)
-            np.clip(t, self._lo, self._hi, out=t)
-            return x.reshape(-1), t.astype(self._in_dtype)
-        return x.reshape(-1), t
+            t += self._zero
+            # Saturate: what np.clip does, without its Python wrapper (2 us on a 106-float row).
+            np.maximum(t, self._lo, out=t)
+            np.minimum(t, self._hi, out=t)
+            return x if x.shape == self._flat else x.reshape(-1), t.astype(self._in_dtype)
+        return x if x.shape == self._flat else x.reshape(-1), t
+
+    def prepare_batch(self, rows: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(raw rows as float32 [n, features], runtime input tensors [n, *input shape])``.
+
+        Raises:
+            TensorInputError: not a non-empty ``[n, features]`` numeric array, or a NaN/inf
+                (the message names the row and the feature).
+        """
+        x = np.asarray(rows)
+        if x.dtype.kind not in "fiu":
+            raise TensorInputError(f"rows must be numeric, got dtype {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != self.n_features or x.shape[0] == 0:
+            raise TensorInputError(f"rows must have shape [n, {self.n_features}] with n >= 1, got shape {list(x.shape)}")
+        x = x.astype(np.float32, copy=False)
+        finite = np.isfinite(x)
+        if not finite.all():
+            r, f = (int(i) for i in np.argwhere(~finite)[0])
+            raise TensorInputError(f"row {r}: input feature {f} is {x[r, f]}; NaN and inf are not accepted")
+        t = x.reshape((x.shape[0], *self._shape))
+        if self._mean is not None:
+            t = t - self._mean
+            t /= self._std
+        if self._int_in:
+            t = t / self._scale
+            np.rint(t, out=t)
+            t += self._zero
+            np.maximum(t, self._lo, out=t)
+            np.minimum(t, self._hi, out=t)
+            return x, t.astype(self._in_dtype)
+        return x, t
+
+    def output_batch(self, raw: np.ndarray) -> np.ndarray:
+        """Float logits ``[n, labels]`` from ``n`` stacked raw outputs, checked finite.
+
+        Raises:
+            ModelOutputError: a row's output is NaN or inf (the message names the row).
+        """
+        n = raw.shape[0]
+        if self._lut is not None:
+            out: np.ndarray = self._lut.take(raw.view(np.uint8).reshape(n, -1))
+            return out
+        if self._out_q is not None:
+            return (raw.reshape(n, -1).astype(np.float32) - self._out_zero) * self._out_scale
+        out = raw.reshape(n, -1).astype(np.float32, copy=False)
+        finite = np.isfinite(out)
+        if not finite.all():
+            r, k = (int(i) for i in np.argwhere(~finite)[0])
+            raise ModelOutputError(
+                f"row {r}: the model produced a non-finite output ({out[r, k]} at index {k}, label "
+                f"{self.labels[k]!r}) for a valid input; no label is given"
+            )
+        return out
 
     def logits(self, raw: np.ndarray) -> np.ndarray:
         """The runtime's raw output as float logits ``[labels]``."""
-        q = self._out_q
-        if q is not None:
-            out: np.ndarray = (raw.reshape(-1).astype(np.float32) - np.float32(q.zero_point)) * np.float32(q.scale)
+        if self._out_q is not None:
+            out: np.ndarray = (raw.reshape(-1).astype(np.float32) - self._out_zero) * self._out_scale
             return out
         return np.asarray(raw, dtype=np.float32).reshape(-1)
+
+    def output(self, raw: np.ndarray) -> np.ndarray:
+        """Float logits ``[labels]`` from the runtime's raw output, checked finite.
+
+        Raises:
+            ModelOutputError: an output is NaN or inf.
+        """
+        if self._lut is not None:  # dequantized integers are always finite
+            out: np.ndarray = self._lut.take(raw.view(np.uint8).reshape(-1))
+            return out
+        if self._out_q is not None:
+            return self.logits(raw)
+        out = raw.reshape(-1)
+        if out.dtype != _F32:
+            out = out.astype(np.float32)
+        if not math.isfinite(float(out.dot(self._ones_out))) and not np.isfinite(out).all():
+            bad = int(np.flatnonzero(~np.isfinite(out))[0])
+            raise ModelOutputError(
+                f"the model produced a non-finite output ({out[bad]} at index {bad}, label "
+                f"{self.labels[bad]!r}) for a valid input; no label is given"
+            )
+        return out
 
     def self_test(self) -> int:
         """Run the manifest's self-test vectors through the serving path; the number passed.
@@ -179,8 +285,12 @@ class LoadedModel:
             except TensorInputError as exc:
                 raise SelfTestError(f"self-test vector {i} is not a valid input: {exc}") from exc
             out = self.logits(self.runtime.invoke(tensor))
+            if not np.isfinite(out).all():
+                # NaN compares false with everything (diff > atol would pass) and argmax of
+                # all-NaN is 0: a non-finite output is a failure, whatever was expected.
+                raise SelfTestError(f"self-test vector {i} fails on this device: the model output is non-finite ({out.tolist()})")
             diff = float(np.abs(out - np.asarray(v.expected, dtype=np.float32)).max())
-            if diff > st.atol or int(out.argmax()) != v.label:
+            if not diff <= st.atol or int(out.argmax()) != v.label:
                 raise SelfTestError(
                     f"self-test vector {i} fails on this device: max |output - expected| {diff:.4g} "
                     f"(tolerance {st.atol:.4g}), top-1 {int(out.argmax())} vs expected {v.label}"

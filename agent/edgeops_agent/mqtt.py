@@ -1,16 +1,28 @@
 """The MQTT v5 link: outbox → broker, commands → agent.
 
-:class:`MqttLink` wraps one paho-mqtt 2.x client (MQTT v5, QoS 1):
+:class:`MqttLink` drives one :class:`~edgeops_agent.transport.Transport` (paho by default,
+:class:`~edgeops_agent.transport.SimTransport` in unit tests), QoS 1:
 
 * the Last Will is the device's retained ``state`` with ``online: false``, so a crashed or
-  cut-off device shows offline without having said goodbye;
-* a sender thread moves outbox messages to the broker in ``seq`` order, only while
-  connected, with at most ``inflight`` unacknowledged; a PUBACK with a success reason code
-  deletes the message, a failure reason code (≥ 0x80) quarantines it (never retried);
-* paho reconnects by itself with exponential backoff (``reconnect_min_s`` doubling up to
-  ``reconnect_max_s``) and re-sends the messages that were in flight when the connection
-  dropped, so the sender never hands the same ``seq`` to paho twice;
-* ``cmd`` payloads go to ``on_command``; a malformed one never raises out of paho's thread.
+  cut-off device shows offline without having said goodbye. The broker takes the Will only
+  in CONNECT, so :meth:`MqttLink.set_will` (after an install or rollback changes the bundle)
+  stores the new Will and the sender thread performs a *controlled reconnect*: wait for the
+  in-flight window to drain (at most 2 s), DISCONNECT with reason 0 (the broker discards the
+  old Will without publishing it), CONNECT with the new one. The persistent session (below)
+  keeps commands queued across that gap, so nothing is lost for a Will that is always true;
+* the session is persistent: ``clean_start=False`` with a Session Expiry Interval of
+  ``session_expiry_s`` and a QoS 1 subscription to ``cmd``, so commands published while
+  the agent restarts are queued by the broker and delivered on reconnect;
+* a sender thread moves outbox messages to the broker, only while connected, with at most
+  ``inflight`` unacknowledged; retained ``state`` goes first (see :mod:`edgeops_agent.outbox`);
+  a PUBACK with a success reason code deletes the message, a failure reason code (≥ 0x80)
+  quarantines it (never retried);
+* the transport reconnects by itself with exponential backoff (``reconnect_min_s``, a float,
+  doubling up to ``reconnect_max_s``) and re-sends the messages that were in flight when
+  the connection dropped, so the sender never hands the same ``seq`` to it twice;
+* nothing raised by the outbox (disk full: :class:`~edgeops_agent.outbox.OutboxError`) or by
+  ``on_command`` escapes a transport callback or ends the sender thread; the outbox reports
+  its health instead.
 """
 
 from __future__ import annotations
@@ -18,16 +30,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
-from edgeops_agent.outbox import Outbox, Pending
+from edgeops_agent.outbox import Outbox, OutboxError, Pending
+from edgeops_agent.transport import Clock, PahoTransport, RealClock, Transport
 from edgeops_core import device_topic
 
 __all__ = ["MqttLink", "MqttSettings"]
@@ -48,6 +56,7 @@ class MqttSettings:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     inflight: int = 32
+    session_expiry_s: int = 7 * 24 * 3600  # how long the broker queues commands for an absent device
 
 
 class MqttLink:
@@ -59,128 +68,228 @@ class MqttLink:
         device_id: str,
         outbox: Outbox,
         *,
-        offline_state: dict[str, Any],
+        offline_state: Mapping[str, Any],
         on_command: Callable[[bytes], None],
         on_quarantine: Callable[[Pending, int, str], None] | None = None,
         on_connected: Callable[[], None] | None = None,
+        transport: Transport | None = None,
+        clock: Clock | None = None,
     ) -> None:
-        """Prepare the client (nothing connects until :meth:`start`)."""
+        """Prepare the link (nothing connects until :meth:`start`).
+
+        Args:
+            settings: broker settings.
+            device_id: the MQTT client id and topic subtree.
+            outbox: where the messages to send wait.
+            offline_state: the Will's payload (the retained state with ``online: false``).
+            on_command: called with each ``cmd`` payload (on the transport's thread: hand
+                real work to a worker); its exceptions are logged, never propagated.
+            on_quarantine: called when the broker refused a message.
+            on_connected: called after every successful (re)connect.
+            transport: the MQTT client; a :class:`PahoTransport` for ``settings`` by default.
+            clock: time source for the link's waits.
+        """
         self.settings = settings
         self.device_id = device_id
         self.outbox = outbox
         self._on_command = on_command
         self._on_quarantine = on_quarantine
         self._on_connected = on_connected
+        self.clock: Clock = clock or RealClock()
         self.connected = threading.Event()
         self._stop = threading.Event()
+        self._will_dirty = threading.Event()
         self._lock = threading.Lock()
-        self._mids: dict[int, int] = {}  # paho message id -> outbox seq
-        self._early: dict[int, Any] = {}  # acks that arrived before publish() returned their mid
-        self._last_sent = 0
+        self._mids: dict[int, int] = {}  # transport message id -> outbox seq
+        self._early: dict[int, tuple[int, str]] = {}  # acks that arrived before publish() returned their mid
+        self._direct: set[int] = set()  # mids of publish_direct() messages awaiting their PUBACK
         self.connects = 0
         self.cmd_topic = device_topic(settings.prefix, device_id, "cmd")
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
-        if settings.username is not None:
-            client.username_pw_set(settings.username, settings.password)
-        state_topic = device_topic(settings.prefix, device_id, "state")
-        client.will_set(state_topic, json.dumps(offline_state, separators=(",", ":")), qos=1, retain=True)
-        client.reconnect_delay_set(
-            min_delay=max(1, round(settings.reconnect_min_s)), max_delay=max(1, round(settings.reconnect_max_s))
-        )
-        client.max_inflight_messages_set(settings.inflight)
-        client.max_queued_messages_set(0)
-        client.on_connect = self._connected
-        client.on_disconnect = self._disconnected
-        client.on_publish = self._published
-        client.on_message = self._message
-        self.client = client
+        self.state_topic = device_topic(settings.prefix, device_id, "state")
+        if transport is None:
+            transport = PahoTransport(
+                settings.host,
+                settings.port,
+                device_id,
+                keepalive_s=settings.keepalive_s,
+                username=settings.username,
+                password=settings.password,
+                reconnect_min_s=settings.reconnect_min_s,
+                reconnect_max_s=settings.reconnect_max_s,
+                inflight=settings.inflight,
+            )
+        self.transport = transport
+        transport.on_connect = self._connected
+        transport.on_disconnect = self._disconnected
+        transport.on_publish = self._published
+        transport.on_message = self._message
+        self._set_transport_will(offline_state)
+        self._started = False
         self._sender = threading.Thread(target=self._send_loop, name="edgeops-outbox", daemon=True)
 
     def start(self) -> None:
         """Connect (in the background, retrying) and start sending."""
-        s = self.settings
-        self.client.connect_async(s.host, s.port, keepalive=s.keepalive_s, clean_start=True)
-        self.client.loop_start()
+        self._connect()
+        self._started = True
         self._sender.start()
 
     def stop(self) -> None:
         """Disconnect cleanly (the broker then does not send the Last Will)."""
         self._stop.set()
         try:
-            self.client.disconnect()
+            self.transport.disconnect()
         finally:
-            self.client.loop_stop()
-        self._sender.join(timeout=5)
+            self.connected.clear()
+        if self._started:
+            self._sender.join(timeout=5)
 
-    # paho callbacks (its network thread) ---------------------------------------------------
+    @property
+    def last_error(self) -> str | None:
+        """Why the broker last refused the connection (e.g. not authorized); ``None`` once connected."""
+        return self.transport.last_error
 
-    def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
-        if reason_code.is_failure:
-            log.warning("broker refused the connection: %s", reason_code)
-            return
+    def publish_direct(self, topic: str, message: Mapping[str, Any], *, retain: bool = False) -> bool:
+        """Publish ``message`` now, bypassing the outbox (best effort, QoS 1, not persisted).
+
+        For what must get out when the outbox cannot take it: a ``health: degraded`` state
+        while the disk is full. The message carries ``seq: null`` (it is not in the outbox's
+        sequence). Returns ``False`` when not connected (nothing is queued).
+        """
+        if not self.connected.is_set():
+            return False
+        payload = json.dumps({**message, "seq": None}, separators=(",", ":")).encode()
+        mid = self.transport.publish(topic, payload, qos=1, retain=retain, seq=0)
+        with self._lock:
+            if self._early.pop(mid, None) is None:
+                self._direct.add(mid)  # its PUBACK must not settle an outbox message
+        return True
+
+    def set_will(self, offline_state: Mapping[str, Any]) -> None:
+        """Replace the Last Will (e.g. after the active bundle changed).
+
+        Before :meth:`start` it only changes what the first CONNECT carries; afterwards the
+        sender thread reconnects in a controlled way to hand the broker the new Will.
+        Safe to call from any thread, the transport's callbacks included.
+        """
+        self._set_transport_will(offline_state)
+        if self._started:
+            self._will_dirty.set()
+
+    def _set_transport_will(self, offline_state: Mapping[str, Any]) -> None:
+        payload = json.dumps(dict(offline_state), separators=(",", ":")).encode()
+        self.transport.set_will(self.state_topic, payload, qos=1, retain=True)
+
+    def _connect(self) -> None:
+        s = self.settings
+        self.transport.connect(clean_start=False, session_expiry_s=s.session_expiry_s)
+
+    # transport hooks (its network thread) ----------------------------------------------------
+
+    def _connected(self, session_present: bool) -> None:
         self.connects += 1
-        client.subscribe(self.cmd_topic, qos=1)
+        # Subscribe even when the session is present: cheap, and it repairs a session the
+        # broker lost (e.g. restarted without persistence).
+        self.transport.subscribe(self.cmd_topic, qos=1)
         self.connected.set()
         if self._on_connected is not None:
-            self._on_connected()
+            try:
+                self._on_connected()
+            except Exception:  # e.g. OutboxError on a full disk: the link stays up
+                log.exception("on_connected failed")
 
-    def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+    def _disconnected(self) -> None:
         self.connected.clear()
 
-    def _published(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
-        # Never call into paho while holding self._lock: paho may hold its own message lock
-        # while it runs this callback, and the sender takes them in the other order.
+    def _published(self, mid: int, reason_code: int, reason: str) -> None:
+        # Never call into the transport while holding self._lock: paho may hold its own
+        # message lock while it runs this callback, and the sender takes them in the other order.
         with self._lock:
+            if mid in self._direct:
+                self._direct.discard(mid)
+                return
             seq = self._mids.pop(mid, None)
             if seq is None:
-                self._early[mid] = reason_code
+                self._early[mid] = (reason_code, reason)
                 return
-        self._settle(seq, reason_code)
+        self._settle(seq, reason_code, reason)
 
-    def _settle(self, seq: int, reason_code: Any) -> None:
-        if reason_code.is_failure:
-            pending = self.outbox.quarantine(seq, int(reason_code.value), str(reason_code))
-            log.warning("broker refused message seq %d (%s); quarantined", seq, reason_code)
-            if pending is not None and self._on_quarantine is not None:
-                self._on_quarantine(pending, int(reason_code.value), str(reason_code))
-        else:
-            self.outbox.ack(seq)
+    def _settle(self, seq: int, reason_code: int, reason: str) -> None:
+        if reason_code < 0x80:
+            self.outbox.ack(seq)  # never raises: a failed delete is kept and retried
+            return
+        log.warning("broker refused message seq %d (%s); quarantined", seq, reason)
+        try:
+            pending = self.outbox.quarantine(seq, reason_code, reason)
+        except OutboxError:
+            log.exception("could not quarantine seq %d; it will be tried again", seq)
+            return
+        if pending is not None and self._on_quarantine is not None:
+            try:
+                self._on_quarantine(pending, reason_code, reason)
+            except Exception:
+                log.exception("on_quarantine failed")
 
-    def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if message.topic != self.cmd_topic:
+    def _message(self, topic: str, payload: bytes) -> None:
+        if topic != self.cmd_topic:
             return
         try:
-            self._on_command(bytes(message.payload))
-        except Exception:  # a command handler bug must not kill paho's network thread
+            self._on_command(payload)
+        except Exception:  # a command handler bug or a full disk must not kill the network thread
             log.exception("command handler failed")
 
     # the sender thread ----------------------------------------------------------------------
 
     def _send_loop(self) -> None:
         while not self._stop.is_set():
-            if not self.connected.wait(timeout=0.5):
-                continue
+            try:
+                self._send_once()
+            except Exception:  # the sender must outlive anything (a full disk above all)
+                log.exception("outbox sender failed; retrying in 1 s")
+                self._stop.wait(1.0)
+
+    def _send_once(self) -> None:
+        if not self.connected.wait(timeout=0.5):
+            return
+        if self._will_dirty.is_set():
+            self._reconnect_for_will()
+            return
+        with self._lock:
+            room = self.settings.inflight - len(self._mids)
+        if room <= 0:
+            self._stop.wait(0.005)
+            return
+        try:
+            batch = self.outbox.next_batch(room)
+        except OutboxError:
+            log.warning("outbox unreadable; retrying in 1 s", exc_info=True)
+            self._stop.wait(1.0)
+            return
+        if not batch:
+            self.outbox.wait(timeout=0.5)
+            return
+        for i, msg in enumerate(batch):
+            if not self.connected.is_set() or self._stop.is_set():
+                self.outbox.unhand(m.seq for m in batch[i:])
+                break
+            mid = self.transport.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, seq=msg.seq)
             with self._lock:
-                room = self.settings.inflight - len(self._mids)
-            if room <= 0:
-                self._stop.wait(0.005)
-                continue
-            batch = self.outbox.pending(after=self._last_sent, limit=room)
-            if not batch:
-                self.outbox.wait(self._last_sent, timeout=0.5)
-                continue
-            for msg in batch:
-                if not self.connected.is_set() or self._stop.is_set():
+                early = self._early.pop(mid, None)
+                if early is None:
+                    self._mids[mid] = msg.seq
+            if early is not None:  # the PUBACK beat us to it
+                self._settle(msg.seq, *early)
+
+    def _reconnect_for_will(self) -> None:
+        deadline = self.clock.monotonic() + 2.0
+        while self.clock.monotonic() < deadline and not self._stop.is_set():
+            with self._lock:
+                if not self._mids:
                     break
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                props.UserProperty = ("seq", str(msg.seq))
-                props.PayloadFormatIndicator = 1
-                props.ContentType = "application/json"
-                info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=props)
-                with self._lock:
-                    early = self._early.pop(info.mid, None)
-                    if early is None:
-                        self._mids[info.mid] = msg.seq
-                self._last_sent = msg.seq
-                if early is not None:  # the PUBACK beat us to it
-                    self._settle(msg.seq, early)
+            self.clock.wait(self._stop, 0.01)
+        self._will_dirty.clear()
+        if self._stop.is_set():
+            return
+        log.info("reconnecting to hand the broker the new Last Will")
+        self.transport.disconnect()
+        self.connected.clear()
+        self._connect()

@@ -12,8 +12,24 @@ caller's business (:class:`ModelRunner`), so the runtimes stay thin and intercha
   allocator.
 
 The host toolchain validates models with these same classes, so what the build measures is
-what the device runs. Each runtime's package is imported when a runtime is opened, never at
-module import, and a missing one raises :class:`RuntimeUnavailableError` naming the extra.
+what the device runs.
+
+**Concurrency.** Every runtime here may be called from any number of threads and gives each
+caller the answer a sequential call would. An onnxruntime session is documented
+thread-safe for ``run``, so it takes no lock. A LiteRT or TFLite Micro interpreter is one
+set of tensors: two threads interleaving ``set_tensor``/``invoke``/``get_tensor`` read each
+other's outputs (measured before this lock: 22 wrong labels and 788 errors in 2 400 socket
+calls), so each adapter serialises its whole call under a lock. A pool of interpreters was
+the alternative; measured with 8 threads on the 2-core development machine (``bench/agent.py``,
+docs/benchmarks.md) it served the same number of predictions per second as the lock, within
+the run-to-run noise, on every target: a model call is a few microseconds, LiteRT already
+uses both cores with its own threads and releases the GIL inside ``invoke`` (so the other
+callers' Python runs meanwhile), and the Python around each call holds the GIL for as long
+as the call itself. One interpreter also keeps memory at one arena, which matters on a
+microcontroller-sized target. An uncontended lock costs about 0.1 us per call.
+
+Each runtime's package is imported when a runtime is opened, never at module import, and a
+missing one raises :class:`RuntimeUnavailableError` naming the extra.
 """
 
 from __future__ import annotations
@@ -23,6 +39,7 @@ import ctypes
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -113,7 +130,7 @@ class OnnxRuntime:
     name = "onnxruntime"
 
     def __init__(self, model: bytes, threads: int) -> None:
-        """Load ``model`` (ONNX bytes) with ``threads`` intra-op threads.
+        """Load ``model`` (ONNX bytes) with ``threads`` intra-op threads (``invoke`` is thread-safe).
 
         Raises:
             RuntimeUnavailableError: onnxruntime is not installed.
@@ -130,12 +147,14 @@ class OnnxRuntime:
             raise ModelLoadError(f"onnxruntime cannot load the model: {exc}") from exc
         i, o = self._session.get_inputs()[0], self._session.get_outputs()[0]
         self._input_name = i.name
+        self._run = self._session.run
         self.input = TensorInfo(_ort_dtype(i.type), tuple(i.shape), None)
         self.output = TensorInfo(_ort_dtype(o.type), tuple(o.shape), None)
 
     def invoke(self, x: np.ndarray) -> np.ndarray:
-        """Run one inference."""
-        return np.asarray(self._session.run(None, {self._input_name: x})[0])
+        """Run one inference (``InferenceSession.run`` is thread-safe: no lock)."""
+        out: np.ndarray = self._run(None, {self._input_name: x})[0]
+        return out
 
 
 def _ort_dtype(type_name: str) -> str:
@@ -169,12 +188,25 @@ class LiteRtRuntime:
         self.output = TensorInfo(
             np.dtype(o["dtype"]).name, tuple(int(d) for d in o["shape"]), _quant(o["quantization_parameters"])
         )
+        self._lock = threading.Lock()
+        # The documented methods wrap the C++ wrapper's SetTensor/Invoke/GetTensor with
+        # nothing but a check that no numpy view into the interpreter's buffers is alive;
+        # this adapter never makes such views (GetTensor returns a copy), so it calls the
+        # wrapper directly, saving about 1 us per call on a 4 us model. The public methods
+        # stay the fallback should a release rename the wrapper.
+        raw = getattr(self._it, "_interpreter", None)
+        if raw is not None and all(hasattr(raw, n) for n in ("SetTensor", "Invoke", "GetTensor")):
+            self._set, self._invoke, self._get = raw.SetTensor, raw.Invoke, raw.GetTensor
+        else:  # pragma: no cover - depends on the installed ai-edge-litert
+            self._set, self._invoke, self._get = self._it.set_tensor, self._it.invoke, self._it.get_tensor
 
     def invoke(self, x: np.ndarray) -> np.ndarray:
-        """Run one inference."""
-        self._it.set_tensor(self._in, x)
-        self._it.invoke()
-        return np.array(self._it.get_tensor(self._out))
+        """Run one inference (thread-safe: one caller at a time uses the interpreter's tensors)."""
+        with self._lock:
+            self._set(self._in, x)
+            self._invoke()
+            out: np.ndarray = self._get(self._out)  # a copy, not a view: safe after the lock
+        return out
 
 
 _ARENA_RE = re.compile(rb"Arena allocation total (\d+) bytes")
@@ -215,6 +247,7 @@ class TflmRuntime:
         self.output = TensorInfo(
             np.dtype(o["dtype"]).name, tuple(int(d) for d in o["shape"]), _quant(o["quantization_parameters"])
         )
+        self._lock = threading.Lock()
         self.arena_bytes = self._measure_arena()
 
     def _measure_arena(self) -> int:
@@ -229,13 +262,14 @@ class TflmRuntime:
         return int(match.group(1))
 
     def invoke(self, x: np.ndarray) -> np.ndarray:
-        """Run one inference."""
-        try:
-            self._it.set_input(x, 0)
-            self._it.invoke()
-        except (ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"TFLite Micro failed to run the model: {exc}") from exc
-        return np.array(self._it.get_output(0))
+        """Run one inference (thread-safe: one caller at a time uses the interpreter's arena)."""
+        with self._lock:
+            try:
+                self._it.set_input(x, 0)
+                self._it.invoke()
+            except (ValueError, RuntimeError) as exc:
+                raise ModelLoadError(f"TFLite Micro failed to run the model: {exc}") from exc
+            return np.array(self._it.get_output(0))
 
 
 class _Captured:

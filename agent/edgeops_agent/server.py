@@ -7,18 +7,28 @@ any number of request/reply pairs.
 Requests::
 
     {"op": "predict", "features": [0.1, 2.3, ...], "id": <anything, echoed>}
+    {"op": "predict_batch", "rows": [[0.1, ...], [...], ...], "id": ...}   (at most 1 024 rows)
     {"op": "status"}
 
 Replies::
 
     {"ok": true, "id": ..., "label": "normal", "index": 0, "logits": [...], "latency_ms": 0.05}
+    {"ok": true, "id": ..., "predictions": [{"label": ..., "index": ..., "logits": [...], "latency_ms": ...}, ...]}
     {"ok": true, "status": {...the retained state message...}}
     {"ok": false, "id": ..., "error": {"type": "TensorInputError", "message": "input feature 3 is nan; ..."}}
 
-A frame over 1 MiB, or a length prefix that cannot be read, closes the connection (the
-stream cannot be resynchronized); malformed JSON or a bad request gets an error reply and
-the connection stays usable. The socket file is created mode 0660 inside the data
-directory: local access control is the file system's.
+Every request frame gets exactly one reply, whatever it holds (a number too large for a
+float, JSON nested too deep to parse, an ``id`` that cannot be echoed): bad requests get an
+error reply, and the connection stays usable. A frame over 1 MiB, or a length prefix that
+cannot be read, closes the connection (the stream cannot be resynchronized). Nothing a
+client sends prints a traceback.
+
+Resources are bounded: at most ``max_connections`` connections are served at once (one
+thread each); a connection past the bound gets one ``{"ok": false, "error": {"type":
+"Busy"}}`` frame and is closed, and is counted in :attr:`EndpointServer.refused`. A
+connection idle for ``idle_timeout_s`` is closed. The listen backlog is 128, so a burst of
+connects queues in the kernel instead of failing with ``EAGAIN``. The socket file is
+created mode 0660 inside the data directory: local access control is the file system's.
 """
 
 from __future__ import annotations
@@ -27,25 +37,37 @@ import json
 import logging
 import os
 import socketserver
+import stat
 import struct
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from edgeops_agent.agent import Agent
+from edgeops_agent.errors import ConfigError
 from edgeops_core import EdgeopsError
 
-__all__ = ["MAX_FRAME", "EndpointServer", "recv_frame", "send_frame"]
+__all__ = ["MAX_BATCH", "MAX_FRAME", "EndpointServer", "recv_frame", "send_frame"]
 
 log = logging.getLogger(__name__)
 
 #: Largest request or reply frame (bytes).
 MAX_FRAME = 1 << 20
+#: Most rows in one ``predict_batch`` request.
+MAX_BATCH = 1024
+#: Connections served at once, by default (each holds one thread).
+MAX_CONNECTIONS = 64
+#: Seconds a connection may stay idle (or stall mid-frame) before it is closed, by default.
+IDLE_TIMEOUT_S = 60.0
+#: The listen backlog: connects beyond it fail with EAGAIN before the server sees them.
+BACKLOG = 128
 _HEADER = struct.Struct(">I")
+_NUMBER = (int, float)
 
 
 def send_frame(sock: Any, obj: Any) -> None:
-    """Write one frame."""
+    """Write one frame holding ``obj`` as JSON."""
     data = json.dumps(obj, separators=(",", ":")).encode()
     sock.sendall(_HEADER.pack(len(data)) + data)
 
@@ -83,32 +105,52 @@ class _Handler(socketserver.BaseRequestHandler):
     server: EndpointServer
 
     def handle(self) -> None:
+        self.request.settimeout(self.server.idle_timeout_s)
         while True:
             try:
                 payload = recv_frame(self.request)
-            except (ValueError, OSError) as exc:
-                log.info("closing endpoint connection: %s", exc)
+            except (ValueError, OSError) as exc:  # OSError includes the idle timeout
+                log.debug("closing endpoint connection: %s", exc)
                 return
             if payload is None:
                 return
             try:
-                send_frame(self.request, self.server.answer(payload))
+                self.request.sendall(self.server.reply(payload))
             except OSError:
                 return
 
 
 class EndpointServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """Serves :class:`Agent` predictions on a Unix socket."""
+    """Serves :class:`Agent` predictions on a Unix socket, with bounded connections.
+
+    Attributes:
+        refused: connections refused because ``max_connections`` were already open.
+    """
 
     daemon_threads = True
+    request_queue_size = BACKLOG
 
-    def __init__(self, path: Path, agent: Agent) -> None:
-        """Bind ``path`` (a stale socket file from a crashed run is replaced)."""
+    def __init__(
+        self, path: Path, agent: Agent, *, max_connections: int = MAX_CONNECTIONS, idle_timeout_s: float = IDLE_TIMEOUT_S
+    ) -> None:
+        """Bind ``path`` (a stale socket file from a crashed run is replaced; anything else there is refused).
+
+        Raises:
+            ConfigError: something other than a socket exists at ``path``.
+
+        Args:
+            max_connections: connections served at once; more are refused with a ``Busy`` reply.
+            idle_timeout_s: an open connection that sends nothing for this long is closed.
+        """
         self.agent = agent
         self.path = path
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self.refused = 0
+        self._open = 0
+        self._count_lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() or path.is_symlink():
-            path.unlink()
+        _remove_stale_socket(path)
         super().__init__(str(path), _Handler)
         os.chmod(path, 0o660)
         self._thread = threading.Thread(target=self.serve_forever, name="edgeops-endpoint", daemon=True)
@@ -123,32 +165,135 @@ class EndpointServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         self.server_close()
         self.path.unlink(missing_ok=True)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start a thread for the connection, or refuse it (one ``Busy`` frame) past the bound."""
+        with self._count_lock:
+            busy = self._open >= self.max_connections
+            if busy:
+                self.refused += 1
+            else:
+                self._open += 1
+        if busy:
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning("endpoint refused a connection: %d open (the maximum); %d refused so far", self._open, self.refused)
+            try:
+                request.settimeout(0.1)  # a fresh socket's buffer takes the small frame at once
+                request.sendall(_encode(_error(None, "Busy", f"{self.max_connections} connections are open; try again later")))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:  # noqa: BLE001 - e.g. no thread could be started: drop the connection, free its place
+            self._release()
+            log.warning("endpoint could not start a connection thread", exc_info=False)
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, then free its place."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._count_lock:
+            self._open -= 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One log line, never a traceback on stderr (any local client could flood it)."""
+        exc = sys.exc_info()[1]
+        log.warning("endpoint connection failed: %s: %.200s", type(exc).__name__, exc)
+
+    def reply(self, payload: bytes) -> bytes:
+        """The encoded reply frame (header included) to one request frame; never raises."""
+        try:
+            answer = self.answer(payload)
+        except Exception as exc:  # noqa: BLE001 - a request must never take the connection down
+            log.warning("endpoint request failed: %s: %.200s", type(exc).__name__, exc)
+            answer = _error(None, "InternalError", f"{type(exc).__name__}: {str(exc)[:200]}")
+        return _encode(answer)
+
     def answer(self, payload: bytes) -> dict[str, Any]:
-        """The reply to one request frame (never raises)."""
+        """The reply to one request frame (raises only on an agent bug)."""
         try:
             request = json.loads(payload.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            return _error(None, "RequestError", f"request is not UTF-8 JSON: {exc}")
+            return _error(None, "RequestError", f"request is not UTF-8 JSON: {str(exc)[:200]}")
+        except RecursionError:
+            return _error(None, "RequestError", "request JSON is nested too deeply")
         if not isinstance(request, dict):
             return _error(None, "RequestError", f"request must be a JSON object, got {type(request).__name__}")
         rid = request.get("id")
         op = request.get("op")
         if op == "status":
             return {"ok": True, "id": rid, "status": self.agent.state_message(online=True)}
-        if op != "predict":
-            return _error(rid, "RequestError", f"'op' must be 'predict' or 'status', got {op!r}")
-        features = request.get("features")
-        if not isinstance(features, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in features):
-            self.agent.count_error("TensorInputError")
-            return _error(rid, "TensorInputError", "'features' must be a list of numbers")
-        import numpy as np
+        if op == "predict":
+            features = request.get("features")
+            x = _numbers(features)
+            if x is None:
+                self.agent.count_error("TensorInputError")
+                return _error(rid, "TensorInputError", "'features' must be a list of numbers that fit a float32")
+            try:
+                result = self.agent.predict(x)
+            except EdgeopsError as exc:
+                return _error(rid, type(exc).__name__, str(exc))
+            return {"ok": True, "id": rid, **result.to_dict()}
+        if op == "predict_batch":
+            rows = request.get("rows")
+            if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_BATCH:
+                self.agent.count_error("TensorInputError")
+                return _error(rid, "TensorInputError", f"'rows' must be a list of 1 to {MAX_BATCH} lists of numbers")
+            parsed = [_numbers(r) for r in rows]
+            bad = next((i for i, r in enumerate(parsed) if r is None or len(r) != len(parsed[0])), None)
+            if bad is not None:
+                self.agent.count_error("TensorInputError")
+                return _error(
+                    rid, "TensorInputError", f"row {bad} must be a list of numbers that fit a float32, as long as row 0"
+                )
+            import numpy as np
 
-        try:
-            result = self.agent.predict(np.asarray(features, dtype=np.float32))
-        except EdgeopsError as exc:
-            return _error(rid, type(exc).__name__, str(exc))
-        return {"ok": True, "id": rid, **result.to_dict()}
+            try:
+                predictions = self.agent.predict_batch(np.stack(parsed))
+            except EdgeopsError as exc:
+                return _error(rid, type(exc).__name__, str(exc))
+            return {"ok": True, "id": rid, "predictions": [p.to_dict() for p in predictions]}
+        return _error(rid, "RequestError", f"'op' must be 'predict', 'predict_batch' or 'status', got {str(op)[:80]!r}")
+
+
+def _numbers(values: Any) -> Any:
+    """``values`` as a float32 array if it is a flat list of (non-bool) numbers that fit; else ``None``."""
+    import numpy as np
+
+    if not isinstance(values, list) or not set(map(type, values)) <= {int, float}:
+        return None
+    try:
+        with np.errstate(over="raise"):
+            return np.asarray(values, dtype=np.float32)
+    except (OverflowError, FloatingPointError, ValueError):
+        return None
+
+
+def _encode(reply: dict[str, Any]) -> bytes:
+    """One frame for ``reply``; an ``id`` that cannot be encoded back is replaced by ``null``."""
+    try:
+        data = json.dumps(reply, separators=(",", ":")).encode()
+    except (ValueError, TypeError, RecursionError):
+        data = json.dumps({**reply, "id": None}, separators=(",", ":")).encode()
+    return _HEADER.pack(len(data)) + data
 
 
 def _error(rid: Any, kind: str, message: str) -> dict[str, Any]:
     return {"ok": False, "id": rid, "error": {"type": kind, "message": message}}
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Unlink a socket a crashed run left at ``path``; never a file, link or folder of someone else's."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"endpoint socket path {path} exists and is not a socket; refusing to replace it")
+    path.unlink()

@@ -1,8 +1,9 @@
 """edgeops_core: the contract between the host toolchain, the device agent and the console.
 
-Bundle format and verification, the manifest schema, the target profile schema and the error
-tree live here. This package runs on devices: it needs only the standard library,
-numpy and ``cryptography``, and never imports torch, tensorflow, onnx or model_signing.
+Bundle format and verification, the manifest schema, the target profile schema, the MQTT
+wire contract (topics and message types) and the error tree live here. This package runs
+on devices: it needs only the standard library, numpy and ``cryptography``, and never
+imports torch, tensorflow, onnx or model_signing.
 """
 
 from edgeops_core.bundle import (
@@ -10,9 +11,12 @@ from edgeops_core.bundle import (
     MAX_BUNDLE_BYTES,
     MODEL_MEMBERS,
     VerifiedBundle,
+    VerifiedBundleFile,
     pack_bundle,
+    read_bundle_file,
     read_members,
     verify_bundle,
+    verify_bundle_file,
     verify_members,
     write_atomically,
 )
@@ -44,18 +48,32 @@ from edgeops_core.manifest import (
     format_time,
     parse_time,
 )
+from edgeops_core.messages import (
+    COMMAND_TYPES,
+    COMMAND_WINDOW_S,
+    EVENT_TYPES,
+    HEALTH_STATES,
+    BundleInfo,
+    Command,
+    CommandError,
+    Event,
+    MessageError,
+    ModelRef,
+    Samples,
+    State,
+    Telemetry,
+    parse_command,
+)
 from edgeops_core.preprocess import apply_preprocessing
 from edgeops_core.profile import FORMATS_BY_RUNTIME, Budgets, TargetProfile, find_profile, list_profiles, load_profile
 from edgeops_core.signature import SIGNATURE_MEMBER, TrustedKey, load_public_key, verify_signature
 from edgeops_core.topics import (
-    COMMAND_TYPES,
     DEFAULT_PREFIX,
+    LEAVES,
     MESSAGE_SCHEMA,
-    Command,
-    CommandError,
     check_device_id,
     device_topic,
-    parse_command,
+    parse_topic,
     utc_now_text,
 )
 
@@ -63,8 +81,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "COMMAND_TYPES",
+    "COMMAND_WINDOW_S",
     "DEFAULT_PREFIX",
+    "EVENT_TYPES",
     "FORMATS_BY_RUNTIME",
+    "HEALTH_STATES",
+    "LEAVES",
     "MANIFEST_MEMBER",
     "MAX_BUNDLE_BYTES",
     "MESSAGE_SCHEMA",
@@ -74,11 +96,13 @@ __all__ = [
     "Budgets",
     "BundleError",
     "BundleFormatError",
+    "BundleInfo",
     "Command",
     "CommandError",
     "DigestMismatchError",
     "DriftReference",
     "EdgeopsError",
+    "Event",
     "ExpiredBundleError",
     "FeatureReference",
     "FieldReader",
@@ -87,17 +111,23 @@ __all__ = [
     "Lineage",
     "Manifest",
     "ManifestError",
+    "MessageError",
+    "ModelRef",
     "Preprocessing",
     "ProfileError",
     "QuantParams",
+    "Samples",
     "SelfTest",
     "SelfTestVector",
     "SignatureError",
+    "State",
     "TargetProfile",
+    "Telemetry",
     "TensorSpec",
     "TrustedKey",
     "UnknownTargetError",
     "VerifiedBundle",
+    "VerifiedBundleFile",
     "__version__",
     "apply_preprocessing",
     "check_device_id",
@@ -111,9 +141,12 @@ __all__ = [
     "pack_bundle",
     "parse_command",
     "parse_time",
+    "parse_topic",
+    "read_bundle_file",
     "read_members",
     "utc_now_text",
     "verify_bundle",
+    "verify_bundle_file",
     "verify_members",
     "verify_signature",
     "write_atomically",

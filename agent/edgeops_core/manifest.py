@@ -7,7 +7,10 @@ Invariants, checked by :meth:`Manifest.from_json` and by the constructor alike:
   reference and every self-test input have ``n_features`` entries; ``labels``, the
   prediction reference and every self-test expectation have ``n_labels`` entries;
 * ``release`` is a positive integer and ``expires`` is later than ``created``;
-* every number is finite.
+* ``runtime`` is ``onnxruntime``, ``litert`` or ``tflite-micro`` and ``model_file`` is the
+  format that runtime executes; ``precision`` is ``int8``, ``fp16`` or ``fp32``;
+* every number anywhere in it (metrics and hyperparameters included) is finite, and
+  ``hyperparameters`` nests at most 32 levels.
 
 The field-by-field reference is ``docs/bundle-format.md``; keep the two in step.
 """
@@ -22,8 +25,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from edgeops_core._json import MAX_JSON_DEPTH, load_untrusted_json
 from edgeops_core.errors import ManifestError
 from edgeops_core.fields import FieldReader
+from edgeops_core.profile import FORMATS_BY_RUNTIME
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -45,6 +50,7 @@ _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _DTYPES = ("float32", "int8", "uint8", "int32")
 _PREPROCESSING = ("standardize", "none")
+_PRECISIONS = ("int8", "fp16", "fp32")
 # Fractions are stored rounded to 6 decimals, so their sum may be off by a few 1e-6.
 _SUM_TOL = 1e-4
 
@@ -264,18 +270,14 @@ class Manifest:
                 missing, of the wrong type, or inconsistent with another.
         """
         try:
-            raw = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError) as exc:
+            raw = load_untrusted_json(data)
+        except ValueError as exc:  # also UnicodeDecodeError, and nesting or number bounds
             raise ManifestError(f"manifest.json: not valid JSON: {exc}", member="manifest.json") from exc
         try:
             return _from_dict(raw)
         except ManifestError as exc:
             exc.member = "manifest.json"
             raise
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"non-finite number {name} is not allowed")
 
 
 _R = FieldReader(ManifestError, "manifest.json")
@@ -375,6 +377,25 @@ def _fail(message: str) -> ManifestError:
     return ManifestError(f"manifest.json: {message}", member="manifest.json")
 
 
+def _check_numbers(m: Manifest) -> None:
+    """Every number in the manifest is finite (NaN compares false and would slip past the
+    range checks below), and nothing nests so deep that ``to_json`` could recurse too far."""
+    stack: list[tuple[object, str, int]] = [(m.to_dict(), "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _fail(f"field '{path}' is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, Mapping):
+            stack.extend((v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise _fail(f"field '{path}' must be a finite number, got {value}")
+    for key, number in m.metrics.items():
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise _fail(f"field 'metrics.{key}' must be a number, got {type(number).__name__}")
+
+
 def _check_invariants(m: Manifest) -> None:  # noqa: C901 - one flat list of schema rules
     if not _NAME.match(m.name):
         raise _fail(f"name {m.name!r} must be lowercase letters, digits, '.', '_' or '-' (at most 64)")
@@ -382,8 +403,13 @@ def _check_invariants(m: Manifest) -> None:  # noqa: C901 - one flat list of sch
         raise _fail(f"version {m.version!r} is not a semantic version (MAJOR.MINOR.PATCH)")
     if not _NAME.match(m.target):
         raise _fail(f"target {m.target!r} is not a valid target name")
-    if m.model_file not in ("model.onnx", "model.tflite"):
-        raise _fail(f"model_file must be model.onnx or model.tflite, got {m.model_file!r}")
+    if m.runtime not in FORMATS_BY_RUNTIME:
+        raise _fail(f"runtime must be one of {', '.join(FORMATS_BY_RUNTIME)}, got {m.runtime!r}")
+    if m.model_file != f"model.{FORMATS_BY_RUNTIME[m.runtime]}":
+        raise _fail(f"runtime {m.runtime!r} runs model.{FORMATS_BY_RUNTIME[m.runtime]}, but model_file is {m.model_file!r}")
+    if m.precision not in _PRECISIONS:
+        raise _fail(f"precision must be one of {', '.join(_PRECISIONS)}, got {m.precision!r}")
+    _check_numbers(m)
     if len(m.inputs) != 1 or len(m.outputs) != 1:
         raise _fail(f"expected exactly 1 input and 1 output tensor, got {len(m.inputs)} and {len(m.outputs)}")
     n_features, n_labels = len(m.feature_names), len(m.labels)

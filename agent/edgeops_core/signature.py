@@ -6,7 +6,9 @@ whose DSSE envelope carries an in-toto statement. The statement's predicate
 subject digest is the sha256 over those digests in order. This module checks, in order:
 
 1. the JSON has exactly the structure the ``model_signing`` key signer writes (unknown or
-   missing keys are rejected, base64 must be canonical, so no byte of the file is free);
+   missing keys are rejected, base64 must be canonical, so no byte of the file is free),
+   and neither it nor the signed statement nests deeper than 32 levels (a deeper document
+   is a :class:`SignatureError`, never a ``RecursionError``);
 2. the ECDSA signature over the DSSE pre-authentication encoding verifies against one of the
    trusted public keys (P-256/SHA-256, P-384/SHA-384 or P-521/SHA-512);
 3. the statement is well formed and its subject digest matches its resources.
@@ -20,12 +22,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeops_core._json import load_untrusted_json
 from edgeops_core.digest import sha256_hex, sha256_new
 from edgeops_core.errors import KeyFileError, SignatureError
 
@@ -130,8 +132,8 @@ def _pae(payload: bytes) -> bytes:
 
 def _parse_envelope(sig_bytes: bytes) -> tuple[str, bytes, bytes]:
     try:
-        doc = json.loads(sig_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        doc = load_untrusted_json(sig_bytes)
+    except ValueError as exc:  # also UnicodeDecodeError, and nesting or number bounds
         raise _fail(f"not valid JSON: {exc}") from exc
     top = _exact(doc, {"mediaType", "verificationMaterial", "dsseEnvelope"}, "the signature bundle")
     if top["mediaType"] != _BUNDLE_MEDIA_TYPE:
@@ -180,8 +182,8 @@ def _check_ecdsa(payload: bytes, signature: bytes, hint: str, keys: Iterable[Tru
 
 def _parse_statement(payload: bytes) -> dict[str, str]:
     try:
-        statement = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        statement = load_untrusted_json(payload)
+    except ValueError as exc:  # also UnicodeDecodeError, and nesting or number bounds
         raise _fail(f"signed payload is not JSON: {exc}") from exc
     if not isinstance(statement, dict) or statement.get("_type") != _STATEMENT_TYPE:
         raise _fail(f"signed payload is not an in-toto {_STATEMENT_TYPE} statement")
@@ -214,7 +216,8 @@ def _parse_statement(payload: bytes) -> dict[str, str]:
         except ValueError as exc:
             raise _fail(f"resource {name!r} digest is not hex") from exc
         digests[name] = digest
-    subject_digest = subjects[0].get("digest", {}).get("sha256") if isinstance(subjects[0], dict) else None
+    subject = subjects[0].get("digest") if isinstance(subjects[0], dict) else None
+    subject_digest = subject.get("sha256") if isinstance(subject, dict) else None
     if subject_digest != root.hexdigest():
         raise _fail("subject digest does not match the listed resources")
     return digests

@@ -312,7 +312,9 @@ def keys_generate(ctx: click.Context, directory: Path, force: bool) -> None:
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
+# No dir_okay=False: a directory, FIFO or device is a refused bundle (one error line, exit 4),
+# checked by edgeops_core before anything is read, not a click usage error.
+@click.argument("bundle", type=click.Path(path_type=Path))
 @click.option(
     "--key",
     "-k",
@@ -332,6 +334,8 @@ def verify(ctx: click.Context, bundle: Path, keys_: tuple[Path, ...], as_json: b
 
     def body() -> None:
         trusted = [load_public_key(k) for k in keys_]
+        if not bundle.exists() and not bundle.is_symlink():
+            raise InputError(f"{bundle}: no such bundle file")  # the caller's typo (2), not a rejected bundle (4)
         verified = verify_bundle(bundle, trusted)
         m = verified.manifest
         if as_json:
