@@ -22,6 +22,8 @@ import edgeops_toolchain  # noqa: F401  (sets MKL's reproducibility mode before 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "vibration"
 EDGEOPS = [sys.executable, "-m", "edgeops_toolchain"]
+#: The device-side command, as a device runs it (a fresh interpreter, edgeops_agent only).
+AGENT = [sys.executable, "-c", "from edgeops_agent.cli import main; main()"]
 
 
 def make_small_project(dest: Path, *, n_train: int = 1500, epochs: int = 10, extra: str = "") -> Path:
@@ -49,6 +51,11 @@ def run_edgeops(
         timeout=600,
         check=False,
     )
+
+
+def run_agent(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the real ``edgeops-agent`` CLI in a subprocess."""
+    return subprocess.run([*AGENT, *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.fixture(autouse=True)

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_agent
 from edgeops_agent.config import load_config
 from edgeops_agent.errors import ConfigError
-
-AGENT = [sys.executable, "-c", "from edgeops_agent.cli import main; main()"]
-
-
-def _agent(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*AGENT, *map(str, args)], capture_output=True, text=True, timeout=60, check=False)
 
 
 def _config(tmp_path: Path, extra: str = "", *, data_dir: str = "data") -> Path:
@@ -64,11 +57,11 @@ def test_telemetry_interval_has_a_floor(tmp_path: Path) -> None:
 
 
 def test_config_path_that_is_a_directory_is_one_line(tmp_path: Path) -> None:
-    proc = _agent("run", "--config", tmp_path)
+    proc = run_agent("run", "--config", tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and "Usage" not in proc.stderr
     assert "is a directory" in proc.stderr.lower()
-    missing = _agent("run", "--config", tmp_path / "nope.toml")
+    missing = run_agent("run", "--config", tmp_path / "nope.toml")
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nope.toml" in missing.stderr
 
 
@@ -82,7 +75,7 @@ def test_missing_bundle_file_is_bad_input_exit_2(tmp_path: Path, command: str) -
     public = ec.generate_private_key(ec.SECP256R1()).public_key()
     key.write_bytes(public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     args = ["-d", tmp_path / "dev", "-t", "ecu"] if command == "install" else ["--key", key]
-    proc = _agent(command, tmp_path / "missing.edgeops", *args)
+    proc = run_agent(command, tmp_path / "missing.edgeops", *args)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "missing.edgeops" in proc.stderr and "Usage" not in proc.stderr
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import Built
+from conftest import AGENT, Built, run_agent
 from edgeops_agent.agent import Agent
 from edgeops_agent.errors import (
     ActiveSlotDamagedError,
@@ -28,12 +28,6 @@ from edgeops_agent.outbox import Outbox
 from edgeops_agent.store import DataDir
 from edgeops_core import BundleError, ExpiredBundleError, Manifest, SignatureError, format_time, pack_bundle, read_members
 from edgeops_toolchain.signing import generate_keypair, sign_members
-
-AGENT = [sys.executable, "-c", "from edgeops_agent.cli import main; main()"]
-
-
-def _agent(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*AGENT, *map(str, args)], capture_output=True, text=True, timeout=120, check=False)
 
 
 def _resign(built: Built, tmp: Path, name: str, change: dict[str, object], *, key: Path | None = None) -> Path:
@@ -143,7 +137,7 @@ def test_state_file_is_checksummed_and_never_silently_reset(built: Built, device
     device.state_path.write_text(raw.replace('"release": 1', '"release": 0'))
     with pytest.raises(StateCorruptedError, match="checksum mismatch"):
         Agent(device)
-    proc = _agent("status", "--data-dir", device.root)
+    proc = run_agent("status", "--data-dir", device.root)
     assert proc.returncode == 5 and "checksum mismatch" in proc.stderr and proc.stderr.count("\n") == 1
     device.state_path.write_text("{not json")
     with pytest.raises(StateCorruptedError, match="not a state file"):
@@ -152,17 +146,17 @@ def test_state_file_is_checksummed_and_never_silently_reset(built: Built, device
 
 def test_cli_trust_install_status_predict(tmp_path: Path, built: Built) -> None:
     data = tmp_path / "d"
-    assert _agent("install", built.bundle, "--data-dir", data, "-t", "ecu").returncode == 4  # empty trust store
-    assert _agent("trust", "add", built.public_key, "--data-dir", data).returncode == 0
+    assert run_agent("install", built.bundle, "--data-dir", data, "-t", "ecu").returncode == 4  # empty trust store
+    assert run_agent("trust", "add", built.public_key, "--data-dir", data).returncode == 0
     bad_key = tmp_path / "bad.pem"
     bad_key.write_text("-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
-    assert _agent("trust", "add", bad_key, "--data-dir", data).returncode == 2
-    first = _agent("install", built.bundle, "--data-dir", data, "-t", "ecu", "--json")
+    assert run_agent("trust", "add", bad_key, "--data-dir", data).returncode == 2
+    first = run_agent("install", built.bundle, "--data-dir", data, "-t", "ecu", "--json")
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["release"] == 1
-    again = _agent("install", built.bundle, "--data-dir", data)  # the target is remembered now
+    again = run_agent("install", built.bundle, "--data-dir", data)  # the target is remembered now
     assert again.returncode == 3 and "not newer" in again.stderr
-    status = json.loads(_agent("status", "--data-dir", data, "--json").stdout)
+    status = json.loads(run_agent("status", "--data-dir", data, "--json").stdout)
     assert (
         status["active"] == "a" and status["highest_release"] == {"vibration-classifier": 1} and len(status["trusted_keys"]) == 1
     )

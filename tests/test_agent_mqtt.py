@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,11 +27,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from broker import Broker
-from conftest import REPO, Built
+from conftest import AGENT, REPO, Built
 from edgeops_agent.server import recv_frame, send_frame
 from edgeops_core import Manifest, read_members
 
-AGENT = [sys.executable, "-c", "from edgeops_agent.cli import main; main()"]
 SCHEMAS = json.loads((REPO / "docs" / "asyncapi.json").read_text())
 
 

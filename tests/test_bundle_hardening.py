@@ -23,7 +23,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from conftest import Built, run_edgeops
+from conftest import Built, run_agent, run_edgeops
 from edgeops_core import (
     MAX_BUNDLE_BYTES,
     BundleFormatError,
@@ -42,12 +42,6 @@ from edgeops_core import (
 )
 from edgeops_core.digest import sha256_hex
 from edgeops_toolchain.signing import sign_members
-
-AGENT = [sys.executable, "-c", "from edgeops_agent.cli import main; main()"]
-
-
-def _agent(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*AGENT, *map(str, args)], capture_output=True, text=True, timeout=120, check=False)
 
 
 def _one_error_line(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
@@ -213,10 +207,10 @@ def test_deeply_nested_signature_exits_4_in_every_cli(tmp_path: Path, built: Bui
     path = tmp_path / "deep.edgeops"
     path.write_bytes(pack_bundle({**members, "model.sig": DEEP}))
     _one_error_line(run_edgeops("verify", path, "--key", built.public_key), 4, "model.sig")
-    _one_error_line(_agent("verify", path, "--key", built.public_key), 4, "model.sig")
+    _one_error_line(run_agent("verify", path, "--key", built.public_key), 4, "model.sig")
     device = tmp_path / "device"
-    assert _agent("trust", "add", built.public_key, "-d", device).returncode == 0
-    _one_error_line(_agent("install", path, "-d", device, "-t", "ecu"), 4, "model.sig")
+    assert run_agent("trust", "add", built.public_key, "-d", device).returncode == 0
+    _one_error_line(run_agent("install", path, "-d", device, "-t", "ecu"), 4, "model.sig")
 
 
 # --- defect 3: size and file type before reading -----------------------------------------

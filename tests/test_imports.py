@@ -147,6 +147,8 @@ CORE_API = [
 
 #: The agent's public API (docs/agent.md). Changing it is a decision: update this list with the docs.
 AGENT_API = [
+    "ActiveSlotDamagedError", "DataDirLockedError", "ModelOutputError", "ModelSwitchError",
+    "StateMissingError", "TrialPendingError",
     "Agent", "AgentConfig", "AgentError", "ConfigError", "Daemon", "DataDir", "InstallRejectedError", "InstallResult",
     "LoadedModel", "ModelLoadError", "Prediction", "RollbackError", "RuntimeUnavailableError", "SelfTestError",
     "StateCorruptedError", "TensorInputError", "WrongTargetError", "__version__", "install_bundle", "load_config",

@@ -12,7 +12,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import Built, run_edgeops
+from conftest import AGENT, Built, run_edgeops
 from edgeops_agent.agent import Agent
 from edgeops_agent.errors import ModelOutputError, TensorInputError
 from edgeops_agent.install import install_bundle
@@ -32,7 +31,6 @@ from edgeops_agent.store import DataDir
 from edgeops_core import Manifest, apply_preprocessing, read_members
 
 TARGETS = ("ecu", "mobile", "wearable")
-AGENT = [sys.executable, "-c", "from edgeops_agent.cli import main; main()"]
 
 
 @pytest.fixture(scope="module")

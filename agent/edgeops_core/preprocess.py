@@ -1,7 +1,10 @@
 """The manifest's preprocessing, applied identically on the host and on the device.
 
-Host validation and the device agent both call :func:`apply_preprocessing`, so the numbers
-the build measured are the numbers the device computes.
+Host validation calls :func:`apply_preprocessing`. The device agent's hot path
+(:class:`edgeops_agent.model.LoadedModel`) precomputes its arrays at load but performs the
+same float32 operations in the same order, so its tensors are bit-identical to this
+function's (``tests/test_serving.py`` checks it): the numbers the build measured are the
+numbers the device computes.
 """
 
 from __future__ import annotations
