@@ -544,9 +544,20 @@ def test_daemon_survives_a_disk_that_fills_and_empties(tmp_path: Path, built: Bu
             assert _ask(sock, {"op": "predict", "features": row})["ok"]
             served += 1
         assert dev.proc is not None and dev.proc.poll() is None, "the agent died on a full disk"
+        # The console is told, although the outbox cannot take the message: a direct state.
+        console.wait(lambda c: any(s["health"] == "degraded" for s in c.of("state")), timeout=10, what="degraded state")
+        degraded = next(s for s in console.of("state") if s["health"] == "degraded")
+        assert degraded["online"] and "disk is full" in degraded["last_error"] and degraded["seq"] is None
         before = len(console.of("telemetry"))
         filler.unlink()
         console.wait(lambda c: len(c.of("telemetry")) >= before + 3, timeout=30, what="telemetry after space returned")
+        # ...and told again when it recovers, through the outbox (a seq); the repeated row may have raised drift.
+        console.wait(
+            lambda c: c.of("state")[-1]["health"] != "degraded" and c.of("state")[-1]["seq"] is not None,
+            timeout=10,
+            what="a state after recovery",
+        )
+        assert console.of("state")[-1]["last_error"] is None
         assert _ask(sock, {"op": "predict", "features": row})["ok"] and served > 10
         assert console.of("telemetry")[-1]["outbox"]["dropped"] > 0  # what the full disk cost is counted
         sock.close()

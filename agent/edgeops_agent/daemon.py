@@ -149,6 +149,7 @@ class Daemon:
             on_quarantine=self._quarantined,
             on_connected=self.publish_state,
         )
+        self.outbox.on_health = self._outbox_health
         self.server = EndpointServer(config.socket or self.data.socket_path, self.agent)
         self._stop = threading.Event()
         self._commands: queue.Queue[bytes | None] = queue.Queue(maxsize=COMMAND_QUEUE)
@@ -174,13 +175,25 @@ class Daemon:
 
     def _state(self, *, online: bool) -> dict[str, Any]:
         raw = dict(self.agent.state_message(online=online))
-        if not getattr(self.outbox, "healthy", True):
+        if not self.outbox.healthy:
             raw["health"] = "degraded"
-            raw["last_error"] = getattr(self.outbox, "last_error", None) or raw.get("last_error")
-        link_error = getattr(getattr(self, "link", None), "last_error", None)
+            raw["last_error"] = self.outbox.last_error or raw.get("last_error")
+        # Composed once before the link exists (the first Last Will); a refused CONNECT after that.
+        link_error = self.link.last_error if hasattr(self, "link") else None
         if link_error:
-            raw["last_error"] = str(link_error)
+            raw["last_error"] = link_error
         return State.from_dict(raw).to_dict()
+
+    def _outbox_health(self, healthy: bool, error: str | None) -> None:
+        """The outbox lost or regained its disk: tell the console either way."""
+        if healthy:
+            self.publish_state()  # through the outbox again, in its lane
+            return
+        # The outbox cannot take the news of its own failure: send it directly (best effort).
+        try:
+            self.link.publish_direct(self.topics["state"], self._state(online=True), retain=True)
+        except (MessageError, AgentError) as exc:
+            log.error("degraded state not sent: %s (outbox: %s)", exc, error)
 
     def _quarantined(self, message: Pending, code: int, reason: str) -> None:
         # A refused report of a refusal would be refused again: count it, do not re-report.
