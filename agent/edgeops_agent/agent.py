@@ -267,9 +267,9 @@ class Agent:
         per_row = (time.perf_counter_ns() - start) / n
         with self._lock:
             self._count += n
-            for _ in range(min(n, LATENCY_RING)):
-                self._latency[self._lat_n % LATENCY_RING] = per_row
-                self._lat_n += 1
+            k = min(n, LATENCY_RING)
+            self._latency[np.arange(self._lat_n, self._lat_n + k) % LATENCY_RING] = per_row
+            self._lat_n += k
             same = self.model is model
             drain = False
             done = 0
@@ -285,7 +285,7 @@ class Agent:
         if drain:
             self._drain()
         labels, ms = model.labels, per_row / 1e6
-        return [Prediction(labels[k], k, row, ms) for k, row in zip(index.tolist(), logits.tolist(), strict=True)]
+        return [_new_tuple(Prediction, (labels[k], k, row, ms)) for k, row in zip(index.tolist(), logits.tolist(), strict=True)]
 
     def count_error(self, kind: str) -> None:
         """Count a rejected inference request of type ``kind`` (telemetry ``inference.errors``)."""
