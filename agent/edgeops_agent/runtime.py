@@ -153,8 +153,8 @@ class OnnxRuntime:
         # feed is built by LoadedModel.prepare, always one float/int array under the one
         # input name, so call the C++ session directly, with the same arguments; the public
         # call stays the fallback should an onnxruntime release rename it.
-        inner = getattr(self._session, "_sess", None)
-        self._run = inner.run if callable(getattr(inner, "run", None)) else self._session.run
+        inner_run = getattr(getattr(self._session, "_sess", None), "run", None)
+        self._run = inner_run if callable(inner_run) else self._session.run
         self.input = TensorInfo(_ort_dtype(i.type), tuple(i.shape), None)
         self.output = TensorInfo(_ort_dtype(o.type), tuple(o.shape), None)
 
