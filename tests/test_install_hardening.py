@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import Built
+from conftest import Built, run_agent
 from edgeops_agent.agent import Agent
 from edgeops_agent.errors import (
     ActiveSlotDamagedError,
@@ -31,7 +31,7 @@ from edgeops_agent.install import confirm_trial, install_bundle, rollback_trial
 from edgeops_agent.store import DataDir, SlotWriter
 from edgeops_core import Manifest, pack_bundle, read_members
 from edgeops_toolchain.signing import sign_members
-from test_agent_install import _agent, _resign
+from test_agent_install import _resign
 
 ROW_CODE = (
     "import sys, numpy as np; from pathlib import Path; from edgeops_agent.agent import Agent; "
@@ -63,7 +63,7 @@ def test_missing_state_with_slots_is_an_error_not_a_new_device(tmp_path: Path, b
         install_bundle(device, built.bundle, target="ecu")
     with pytest.raises(StateMissingError, match=r"Restore state\.json"):
         Agent(device)
-    proc = _agent("install", built.bundle, "--data-dir", device.root, "-t", "ecu")
+    proc = run_agent("install", built.bundle, "--data-dir", device.root, "-t", "ecu")
     assert proc.returncode == 5 and "state.json is missing" in proc.stderr, proc.stderr
     assert not device.state_path.exists()  # nothing was written: the evidence stays
 
@@ -100,7 +100,7 @@ def test_another_model_name_needs_an_explicit_switch(tmp_path: Path, built: Buil
 
     with pytest.raises(RollbackError, match="not newer"):
         install_bundle(device, _resign(built, tmp_path, "r5b", {"release": 5}), switch_model="vibration-classifier")
-    proc = _agent("install", other, "--data-dir", device.root)
+    proc = run_agent("install", other, "--data-dir", device.root)
     assert proc.returncode == 3
 
 
@@ -140,12 +140,12 @@ def test_damaged_active_slot_can_be_repaired_by_installing(tmp_path: Path, built
         agent.predict(row)
     assert agent.state_message(online=True)["last_error"] == agent.fault
     # The same bundle repairs it (same release, same recorded digest), and so would a newer one.
-    proc = _agent("install", built.bundle, "--data-dir", device.root)
+    proc = run_agent("install", built.bundle, "--data-dir", device.root)
     assert proc.returncode == 0, proc.stderr
     out = subprocess.run([sys.executable, "-c", ROW_CODE, str(device.root)], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and out.stdout.split()[0] == "1", out.stderr
     # With the slot healthy, the same release is a rollback again.
-    assert _agent("install", built.bundle, "--data-dir", device.root).returncode == 3
+    assert run_agent("install", built.bundle, "--data-dir", device.root).returncode == 3
 
 
 # -- defect 7: the slot holds exactly the checked bytes --------------------------------------
@@ -284,7 +284,7 @@ def test_a_second_process_is_refused_while_the_data_dir_is_locked(built: Built, 
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         with pytest.raises(DataDirLockedError, match=rf"pid {holder.pid} \(daemon\)"):
             install_bundle(device, built.bundle, target="ecu")
-        proc = _agent("install", built.bundle, "--data-dir", device.root, "-t", "ecu")
+        proc = run_agent("install", built.bundle, "--data-dir", device.root, "-t", "ecu")
         assert proc.returncode == 5 and f"pid {holder.pid}" in proc.stderr
     finally:
         holder.kill()
