@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up edgeops in ./.venv on a fresh machine.
 #   scripts/setup.sh         host toolchain (edgeops build/verify)
-#   scripts/setup.sh --dev   plus test and lint tools, Mosquitto for the MQTT tests and
-#                            Chromium for the report rendering test
+#   scripts/setup.sh --dev   plus test and lint tools, Mosquitto for the MQTT tests,
+#                            Chromium for the report rendering test, systemd-analyze
+#                            for the agent's unit file test and gcc/g++ (with binutils' nm)
+#                            for the firmware export test
 # Safe to re-run: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +36,26 @@ if [ "$dev" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
   else
     say "warning: chromium is missing and cannot be installed here; the report rendering test will fail"
+  fi
+fi
+
+if [ "$dev" = 1 ] && ! command -v systemd-analyze >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing systemd (Debian packages; systemd-analyze verifies the agent's unit in a test)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null
+  else
+    say "warning: systemd-analyze is missing and cannot be installed here; the unit file test will be skipped"
+  fi
+fi
+
+if [ "$dev" = 1 ] && ! { command -v gcc && command -v g++ && command -v nm; } >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing gcc and g++ (Debian packages; the firmware export test compiles the generated C)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc g++ binutils libc6-dev >/dev/null
+  else
+    say "warning: gcc/g++ are missing and cannot be installed here; the firmware export test will fail"
   fi
 fi
 

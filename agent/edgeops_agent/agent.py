@@ -28,6 +28,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ from edgeops_agent.model import LoadedModel, Prediction
 from edgeops_agent.store import DataDir
 from edgeops_core import MESSAGE_SCHEMA, EdgeopsError, utc_now_text
 
-__all__ = ["Agent", "process_resources"]
+__all__ = ["LATENCY_BUCKETS_S", "Agent", "Counters", "process_resources"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,26 @@ _new_tuple = tuple.__new__
 LATENCY_RING = 8192
 #: Inputs buffered before the monitor thread runs the drift detector on them.
 DRIFT_BATCH = 256
+#: Upper bounds (seconds, inclusive) of the cumulative latency histogram (:meth:`Agent.counters`).
+LATENCY_BUCKETS_S = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Cumulative serving counters since the agent started (the Prometheus metrics' source).
+
+    Attributes:
+        inferences: rows answered.
+        errors: rejected requests by error type.
+        latency_buckets: per :data:`LATENCY_BUCKETS_S` bound, then ``+Inf``: how many
+            answered rows took at most that long (cumulative; the last equals ``inferences``).
+        latency_sum_s: the answered rows' latencies added up.
+    """
+
+    inferences: int
+    errors: dict[str, int]
+    latency_buckets: tuple[int, ...]
+    latency_sum_s: float
 
 
 def process_resources(prev: tuple[float, float] | None = None) -> tuple[dict[str, float], tuple[float, float]]:
@@ -106,6 +127,12 @@ class Agent:
         self._count = 0
         self._errors: dict[str, int] = {}
         self._window = (0, 0)  # (count, lat_n) at the last telemetry snapshot
+        # The cumulative histogram is filled from the latency ring in bulk (numpy), never per
+        # call: before the ring would overwrite latencies not yet counted, and on counters().
+        self._edges_ns = np.asarray(LATENCY_BUCKETS_S, dtype=np.float64) * 1e9
+        self._hist = np.zeros(len(LATENCY_BUCKETS_S) + 1, dtype=np.int64)
+        self._hist_sum_ns = 0.0
+        self._harvested = 0  # ring entries [0, _harvested) are in the histogram
         self._resources: tuple[float, float] | None = None
         self.model: LoadedModel | None = None
         self.detector: DriftDetector | None = None
@@ -222,6 +249,8 @@ class Agent:
         elapsed = time.perf_counter_ns() - start
         with self._lock:
             self._count += 1
+            if self._lat_n - self._harvested >= LATENCY_RING:
+                self._harvest()
             self._latency[self._lat_n % LATENCY_RING] = elapsed
             self._lat_n += 1
             full = False
@@ -268,8 +297,13 @@ class Agent:
         with self._lock:
             self._count += n
             k = min(n, LATENCY_RING)
+            if self._lat_n + k - self._harvested > LATENCY_RING:
+                self._harvest()
             self._latency[np.arange(self._lat_n, self._lat_n + k) % LATENCY_RING] = per_row
             self._lat_n += k
+            if n > k:  # rows past the ring's size: straight into the histogram
+                self._hist[int(np.searchsorted(self._edges_ns, per_row))] += n - k
+                self._hist_sum_ns += per_row * (n - k)
             same = self.model is model
             drain = False
             done = 0
@@ -291,6 +325,27 @@ class Agent:
         """Count a rejected inference request of type ``kind`` (telemetry ``inference.errors``)."""
         with self._lock:
             self._errors[kind] = self._errors.get(kind, 0) + 1
+
+    def _harvest(self) -> None:
+        """Add the ring's latencies not yet counted to the histogram (caller holds ``self._lock``)."""
+        if self._lat_n == self._harvested:
+            return
+        lat = self._latency[np.arange(self._harvested, self._lat_n) % LATENCY_RING]
+        # side="left": a latency equal to a bound counts in that bound's bucket (``le``).
+        self._hist += np.bincount(np.searchsorted(self._edges_ns, lat), minlength=self._hist.size)
+        self._hist_sum_ns += float(lat.sum())
+        self._harvested = self._lat_n
+
+    def counters(self) -> Counters:
+        """The cumulative counters: inferences, errors by type, the latency histogram."""
+        with self._lock:
+            self._harvest()
+            return Counters(
+                inferences=self._count,
+                errors=dict(self._errors),
+                latency_buckets=tuple(int(c) for c in np.cumsum(self._hist)),
+                latency_sum_s=self._hist_sum_ns / 1e9,
+            )
 
     def _hand_over(self) -> None:
         """Queue the buffered inputs for the detector (caller holds ``self._lock``)."""

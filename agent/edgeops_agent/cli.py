@@ -252,6 +252,9 @@ def run(config_path: Path, log_level: str) -> None:
         import signal
 
         faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` dumps every thread's stack to stderr
+        # A fatal signal (SIGABRT: systemd's watchdog kill) dumps every thread's stack first,
+        # so the journal shows where the serving path was stuck.
+        faulthandler.enable()
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         daemon = Daemon(load_config(config_path))
         click.echo(f"edgeops-agent {__version__}: device {daemon.config.device_id}, socket {daemon.server.path}", err=True)

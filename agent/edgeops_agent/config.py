@@ -30,14 +30,20 @@
     socket = "agent.sock"             # the local inference socket: a name in data_dir, or an
                                       # absolute path; either way it ends in ".sock"
 
+    [metrics]                         # optional: Prometheus /metrics and /healthz over HTTP
+    listen = "127.0.0.1:9108"         # HOST:PORT or [IPv6]:PORT (this is the default);
+                                      # needs the extra edgeops[metrics] (prometheus_client)
+
 ``data_dir`` must exist (a typo must not start an agent on a new, empty device), and the
 socket path is one the agent may replace at start-up, so it can never name the state, a
-slot or a file outside the data directory. Unknown keys are errors; every error names the file, the field, what was expected and
+slot or a file outside the data directory. Without a ``[metrics]`` table the agent never
+imports ``prometheus_client``. Unknown keys are errors; every error names the file, the field, what was expected and
 what was found (:class:`ConfigError`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,16 +55,43 @@ from edgeops_agent.errors import ConfigError
 from edgeops_agent.mqtt import MqttSettings
 from edgeops_core import COMMAND_WINDOW_S, FieldReader, InputError, check_device_id, load_toml
 
-__all__ = ["AgentConfig", "load_config"]
+__all__ = ["DEFAULT_METRICS_LISTEN", "AgentConfig", "MetricsConfig", "load_config"]
 
-_TOP = {"device_id", "target", "data_dir", "mqtt", "telemetry", "outbox", "drift", "endpoint"}
+_TOP = {"device_id", "target", "data_dir", "mqtt", "telemetry", "outbox", "drift", "endpoint", "metrics"}
 #: Telemetry more often than this is a flood, not monitoring.
 MIN_TELEMETRY_INTERVAL_S = 0.5
 _SOCKET_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.sock")
+#: ``[metrics] listen`` when the table is there without it.
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9108"
+_LISTEN = re.compile(r"\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<port6>[0-9]{1,5})|(?P<host>[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
 _MQTT = {
     "host", "port", "prefix", "keepalive_s", "username", "password",
     "reconnect_min_s", "reconnect_max_s", "inflight", "session_expiry_s",
 }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: where the Prometheus ``/metrics`` and ``/healthz`` listener binds.
+
+    Raises:
+        ConfigError: ``host`` is empty or ``port`` is not 1-65535.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 9108
+
+    def __post_init__(self) -> None:
+        if not self.host or any(c.isspace() for c in self.host):
+            raise ConfigError(f"metrics host must be an IP address or a host name, got {self.host!r}")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"metrics port must be 1-65535, got {self.port}")
+
+    @property
+    def listen(self) -> str:
+        """``HOST:PORT`` (``[HOST]:PORT`` for IPv6), as written in agent.toml."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -73,6 +106,8 @@ class AgentConfig:
     outbox_max_messages: int = 10_000
     drift: DriftConfig = field(default_factory=DriftConfig)
     socket: Path | None = None
+    #: ``None`` without a ``[metrics]`` table: no listener, no prometheus_client.
+    metrics: MetricsConfig | None = None
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -150,7 +185,32 @@ def load_config(path: Path) -> AgentConfig:
         outbox_max_messages=r.integer(o, "max_messages", "outbox", minimum=1) if "max_messages" in o else 10_000,
         drift=drift,
         socket=socket,
+        metrics=_metrics(r, data),
     )
+
+
+def _metrics(r: FieldReader, data: Mapping[str, Any]) -> MetricsConfig | None:
+    """``[metrics]``: ``None`` without the table; ``listen`` defaults to :data:`DEFAULT_METRICS_LISTEN`."""
+    if "metrics" not in data:
+        return None
+    mt = r.mapping(data["metrics"], "metrics")
+    r.only(mt, {"listen"}, "metrics")
+    text = r.string(mt, "listen", "metrics") if "listen" in mt else DEFAULT_METRICS_LISTEN
+    expected = 'HOST:PORT or [IPv6]:PORT with a port 1-65535, e.g. "127.0.0.1:9108" or "[::1]:9108"'
+    match = _LISTEN.fullmatch(text)
+    if match is None:
+        raise r.fail("metrics.listen", expected, text)
+    host, port = (match["v6"], match["port6"]) if match["v6"] else (match["host"], match["port"])
+    if match["v6"]:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise r.fail("metrics.listen", expected, text) from None
+    elif _HOSTNAME.fullmatch(host) is None:
+        raise r.fail("metrics.listen", expected, text)
+    if not 1 <= int(port) <= 65535:
+        raise r.fail("metrics.listen", expected, text)
+    return MetricsConfig(host=host, port=int(port))
 
 
 def _socket_path(r: FieldReader, text: str, data_dir: Path) -> Path:

@@ -22,6 +22,13 @@ second process on the same directory is refused.
 SIGTERM/SIGINT stop it cleanly (exit 0): a final ``online: false`` state is queued and given
 a moment to leave, then the client disconnects. A kill -9 leaves the broker to publish the
 Last Will.
+
+Under a service manager (:mod:`edgeops_agent.service`): ``READY=1`` once the model is loaded,
+the endpoint serves and a first probe inference answered; ``WATCHDOG=1`` while probes keep
+answering (when ``$WATCHDOG_USEC`` asks for it); ``STOPPING=1`` first thing on shutdown.
+With ``[metrics]`` (:mod:`edgeops_agent.metrics`, imported only then) an HTTP listener
+serves ``/metrics`` and ``/healthz`` (:meth:`Daemon.health`); it is bound before anything
+else starts, so an address in use stops the start with one :class:`MetricsError`.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeops_agent.agent import Agent
 from edgeops_agent.commands import CommandJournal
@@ -41,6 +48,7 @@ from edgeops_agent.errors import AgentError, ConfigError
 from edgeops_agent.mqtt import MqttLink
 from edgeops_agent.outbox import Outbox, Pending
 from edgeops_agent.server import EndpointServer
+from edgeops_agent.service import Notifier, ServiceMonitor, status_text, watchdog_timeout_s
 from edgeops_agent.store import DataDir
 from edgeops_core import (
     Command,
@@ -55,6 +63,9 @@ from edgeops_core import (
     parse_command,
     utc_now_text,
 )
+
+if TYPE_CHECKING:
+    from edgeops_agent.metrics import MetricsServer
 
 __all__ = ["COMMAND_QUEUE", "HANDLERS", "REJECT_EVENTS_PER_S", "CommandFailedError", "Daemon"]
 
@@ -150,6 +161,19 @@ class Daemon:
             on_connected=self.publish_state,
         )
         self.outbox.on_health = self._outbox_health
+        self.stopping = False
+        self.metrics: MetricsServer | None = None
+        if config.metrics is not None:
+            # Only here: an agent without [metrics] never imports prometheus_client.
+            from edgeops_agent.metrics import MetricsServer
+
+            self.metrics = MetricsServer(config.metrics, self)  # binds now: an address in use stops the start
+        self.notifier = Notifier.from_environ()
+        watchdog = watchdog_timeout_s() if self.notifier.enabled else None
+        # The probe runs only when someone hears of it: a service manager (READY=1 waits for the
+        # first probe; the watchdog and STATUS= for the rest) or /healthz.
+        probed = self.notifier.enabled or config.metrics is not None
+        self.monitor = ServiceMonitor(self.agent, self.notifier, watchdog_s=watchdog) if probed else None
         self.server = EndpointServer(config.socket or self.data.socket_path, self.agent)
         self._stop = threading.Event()
         self._commands: queue.Queue[bytes | None] = queue.Queue(maxsize=COMMAND_QUEUE)
@@ -172,6 +196,8 @@ class Daemon:
             return
         if kind in ("install_activated", "drift_alarm", "drift_cleared"):
             self.publish_state()
+        if kind == "install_activated":
+            self.notifier.status(status_text(self.agent))
 
     def _state(self, *, online: bool) -> dict[str, Any]:
         raw = dict(self.agent.state_message(online=online))
@@ -216,6 +242,21 @@ class Daemon:
         if online and link is not None and (will["bundle"], will["runtime"]) != (self._will["bundle"], self._will["runtime"]):
             self._will = will
             link.set_will(will)
+
+    def health(self) -> str | None:
+        """Why the agent is not fit to serve (``/healthz`` answers 503 with it), or ``None``.
+
+        Fit means: a model is loaded, the outbox's last write succeeded (so what the device
+        says is kept), the serving probe answers (not stuck, not raising), and the agent is
+        not stopping.
+        """
+        if self.stopping:
+            return "the agent is stopping"
+        if self.agent.model is None:
+            return self.agent.fault or "no model is installed (edgeops-agent install BUNDLE)"
+        if not self.outbox.healthy:
+            return f"the outbox is not writable: {self.outbox.last_error or 'its last write failed'}"
+        return self.monitor.problem() if self.monitor is not None else None
 
     def _telemetry(self, interval: float) -> None:
         try:
@@ -316,9 +357,14 @@ class Daemon:
             signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         self._worker.start()
         self.server.start()
+        if self.metrics is not None:
+            self.metrics.start()
         self.link.start()
         interval = self.config.telemetry_interval_s
         try:
+            if self.monitor is not None:
+                self.monitor.start()  # one probe first: a model that hangs never reports ready
+            self.notifier.ready(status_text(self.agent))
             while not self._stop.wait(interval):
                 self.agent.flush_drift()
                 self._telemetry(interval)
@@ -331,6 +377,12 @@ class Daemon:
 
     def shutdown(self) -> None:
         """Say goodbye (state offline), stop serving, disconnect."""
+        self.stopping = True
+        if self.monitor is not None:
+            self.monitor.stop()  # no ping may follow STOPPING=1
+        self.notifier.stopping("stopping: saying goodbye to the broker")
+        if self.metrics is not None:
+            self.metrics.stop()
         self.server.stop()
         if self._worker.is_alive():
             # Commands still queued are dropped unprocessed: the journal never recorded them,
@@ -354,4 +406,5 @@ class Daemon:
         self.link.stop()
         self.outbox.close()
         self.journal.close()
+        self.notifier.close()
         self._hold.release()

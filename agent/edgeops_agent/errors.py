@@ -13,6 +13,7 @@ EdgeopsError
     │   └── StateMissingError    state.json is gone although the device has slots
     ├── DataDirLockedError       another process holds the data directory
     ├── ActiveSlotDamagedError   the active slot no longer loads (install to repair)
+    ├── MetricsError             the [metrics] listener cannot start (address in use, extra missing)
     └── InstallRejectedError     a verified bundle is not acceptable here
         ├── WrongTargetError     built for another target
         ├── RollbackError        release not newer than the highest ever installed
@@ -31,6 +32,7 @@ __all__ = [
     "ConfigError",
     "DataDirLockedError",
     "InstallRejectedError",
+    "MetricsError",
     "ModelLoadError",
     "ModelOutputError",
     "ModelSwitchError",
@@ -83,6 +85,10 @@ class DataDirLockedError(AgentError):
 
 class ActiveSlotDamagedError(AgentError):
     """The active slot is missing or changed since its install; installing a bundle repairs it."""
+
+
+class MetricsError(AgentError):
+    """The ``[metrics]`` listener cannot start: its address is in use or unusable, or ``prometheus_client`` is missing."""
 
 
 class InstallRejectedError(AgentError):

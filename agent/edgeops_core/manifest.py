@@ -145,13 +145,18 @@ class SelfTest:
 
 @dataclass(frozen=True)
 class Lineage:
-    """Where the model came from."""
+    """Where the model came from.
+
+    ``runtime_version`` is the version of the runtime (``Manifest.runtime``) the build
+    validated the model with; ``None`` in bundles built before it was recorded.
+    """
 
     dataset_digest: str
     code_digest: str
     hyperparameters: Mapping[str, Any]
     toolchain_version: str
     parent_release: int | None
+    runtime_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +254,7 @@ class Manifest:
                 "hyperparameters": dict(self.lineage.hyperparameters),
                 "toolchain_version": self.lineage.toolchain_version,
                 "parent_release": self.lineage.parent_release,
+                "runtime_version": self.lineage.runtime_version,
             },
             "created": self.created,
             "expires": self.expires,
@@ -367,6 +373,7 @@ def _from_dict(raw: object) -> Manifest:
             hyperparameters=dict(_R.mapping(_R.get(lin, "hyperparameters", "lineage"), "lineage.hyperparameters")),
             toolchain_version=_R.string(lin, "toolchain_version", "lineage"),
             parent_release=None if parent is None else _R.as_int(parent, "lineage.parent_release", minimum=1),
+            runtime_version=None if lin.get("runtime_version") is None else _R.string(lin, "runtime_version", "lineage"),
         ),
         created=_R.string(m, "created"),
         expires=_R.string(m, "expires"),

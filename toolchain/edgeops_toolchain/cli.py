@@ -8,7 +8,7 @@ Exit codes (docs/cli.md):
 2   bad input: usage, unknown target, malformed project/profile TOML, bad data,
     a model that does not export, a missing or unusable key
 3   a budget was exceeded (the closing table shows which)
-4   bundle verification failed (``verify``)
+4   bundle verification failed (``verify``, ``export``)
 5   the build could not finish for another reason (unsupported target, signing)
 ==  ==========================================================================
 
@@ -360,6 +360,85 @@ def verify(ctx: click.Context, bundle: Path, keys_: tuple[Path, ...], as_json: b
                 f"OK {bundle.name}: {m.name} {m.version} release {m.release} for {m.target} ({m.runtime}), "
                 f"signed by key sha256:{verified.signer[:16]}…, expires {m.expires}"
             )
+
+    _run(ctx, as_json, body)
+
+
+@main.command("export")
+# Not dir_okay=False, as for verify: a directory given as BUNDLE is a refused bundle (exit 4).
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["c"]),
+    required=True,
+    help="c: C/C++ source for TensorFlow Lite Micro firmware (TFLite Micro bundles only).",
+)
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder to create (or an empty one); it appears complete or not at all.",
+)
+@click.option(
+    "--key",
+    "-k",
+    "keys_",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Trusted public key (PEM). Repeatable. [default: the per-user development key]",
+)
+@click.option("--force", is_flag=True, help="Replace --out when it holds an earlier export (and nothing else).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def export(ctx: click.Context, bundle: Path, fmt: str, out: Path, keys_: tuple[Path, ...], force: bool, as_json: bool) -> None:
+    """Verify BUNDLE, then write it as firmware source into --out (see docs/mcu-export.md).
+
+    The bundle is checked exactly as `edgeops verify` checks it, against --key or, without
+    one, the development key `edgeops build` signs with.
+    """
+    from edgeops_toolchain.export_c import default_trusted_keys, export_c
+
+    def body() -> None:
+        trusted, dev = default_trusted_keys(keys_)
+        result = export_c(bundle, out, trusted, force=force)
+        m = result.manifest
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {
+                        "ok": True,
+                        "format": fmt,
+                        "bundle": str(bundle),
+                        "out": str(result.out),
+                        "name": m.name,
+                        "version": m.version,
+                        "release": m.release,
+                        "target": m.target,
+                        "signer": result.signer,
+                        "development_key": dev,
+                        "tflm_version": m.lineage.runtime_version,
+                        "model_bytes": result.model_bytes,
+                        "model_sha256": result.model_sha256,
+                        "arena_bytes": int(m.metrics["arena_bytes"]),
+                        "operators": list(result.operators),
+                        "files": [{"name": f.name, "bytes": len(f.data), "needs_tflm": f.needs_tflm} for f in result.files],
+                    }
+                )
+            )
+            return
+        key = "the development key" if dev else "key"
+        click.echo(
+            f"verified {bundle.name}: {m.name} {m.version} release {m.release}, signed by {key} sha256:{result.signer[:16]}…"
+        )
+        click.echo(f"wrote {len(result.files)} files to {result.out}: {', '.join(f.name for f in result.files)}")
+        click.echo(
+            f"  model {result.model_bytes} bytes (sha256 {result.model_sha256[:16]}…), arena {int(m.metrics['arena_bytes'])} "
+            f"bytes, {len(result.operators)} operator(s): {', '.join(result.operators)}"
+        )
+        tflm = m.lineage.runtime_version or "not recorded in this bundle"
+        click.echo(f"  TFLite Micro it was validated with: {tflm}; model_ops.* and self_test.* need its headers")
 
     _run(ctx, as_json, body)
 

@@ -4,7 +4,9 @@
     ├── InputError (edgeops_core)
     │   ├── ProjectError         edgeops.toml missing/malformed, entry point unusable
     │   ├── DataError            the dataset failed its checks (NaN, shapes, leakage...)
-    │   └── ExportError          the project's model cannot be exported/converted
+    │   ├── ExportError          the project's model cannot be exported/converted
+    │   └── FirmwareExportError  a bundle cannot be exported as firmware source (not TFLite
+    │                            Micro, an operator without a resolver method, --out in use)
     └── BuildError
         ├── BudgetExceededError  the model breaks one or more target budgets
         ├── UnsupportedTargetError  the target's runtime has no exporter in this toolchain
@@ -28,6 +30,7 @@ __all__ = [
     "BuildError",
     "DataError",
     "ExportError",
+    "FirmwareExportError",
     "ProjectError",
     "SigningError",
     "UnsupportedTargetError",
@@ -44,6 +47,10 @@ class DataError(InputError):
 
 class ExportError(InputError):
     """The project's model could not be exported to the target format."""
+
+
+class FirmwareExportError(InputError):
+    """``edgeops export``: the bundle or the output folder cannot be used for firmware source."""
 
 
 class BuildError(EdgeopsError):

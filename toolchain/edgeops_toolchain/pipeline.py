@@ -384,11 +384,30 @@ def _step_package(s: BuildState) -> None:
             hyperparameters=s.project.hyperparameters(),
             toolchain_version=__version__,
             parent_release=last or None,
+            runtime_version=_runtime_version(s.profile.runtime),
         ),
         created=format_time(created),
         expires=format_time(created + timedelta(days=s.project.ttl_days)),
     )
     s.members = {"manifest.json": s.manifest.to_json(), s.profile.model_file: s.need("model")}
+
+
+def _runtime_version(runtime: str) -> str | None:
+    """Version of the runtime package the validate step ran the model on (recorded in the lineage).
+
+    TFLite Micro's own ``__version__`` carries the source commit (``0.dev…-g<commit>``), which
+    firmware needs to build the same TFLite Micro (``edgeops export --format c``).
+    """
+    if runtime == "tflite-micro":
+        try:
+            import tflite_micro
+
+            return str(tflite_micro.__version__)
+        except ImportError:  # pragma: no cover - validate has already run it
+            pass
+    dist = {"onnxruntime": "onnxruntime", "litert": "ai-edge-litert", "tflite-micro": "tflite-micro"}[runtime]
+    version = environment_fingerprint().get(dist, "absent")
+    return None if version == "absent" else version
 
 
 def _step_sign(s: BuildState) -> None:
