@@ -19,6 +19,13 @@ on an id once. It remembers every id it has seen for :data:`COMMAND_WINDOW_S` se
 (longer than any broker session can redeliver) and refuses a command whose ``issued_at``
 is older than that window, so a command that carries ``issued_at`` is acted on at most
 once, ever; one without it is acted on at most once within the window.
+
+Over-the-air transfer (ADR 0012): :class:`Deploy` (a ``deploy`` command's args, with the
+sha256 of every block), :class:`BlockRequest` (JSON, device → console, ``ota_request``),
+:class:`BlockFrame` (binary, console → device, ``ota_block``), :class:`OtaProgress` (the
+retained state's ``ota`` and ``ota_progress`` events) and :class:`OtaOutcome` (the one
+final event of each deploy). A frame is refused with a :class:`BlockError` whose
+``reason`` says why.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,25 +41,48 @@ from types import MappingProxyType
 from typing import Any, ClassVar, Self
 
 from edgeops_core._json import load_untrusted_json
+from edgeops_core.bundle import MAX_BUNDLE_BYTES
+from edgeops_core.digest import sha256_new
 from edgeops_core.errors import InputError
 from edgeops_core.topics import MESSAGE_SCHEMA, check_device_id
 
 __all__ = [
+    "BLOCK_HEADER_BYTES",
+    "BLOCK_MAGIC",
+    "BLOCK_REFUSALS",
     "COMMAND_TYPES",
     "COMMAND_WINDOW_S",
+    "DEFAULT_BLOCK_BYTES",
+    "DEPLOY_COMMAND",
     "EVENT_TYPES",
     "HEALTH_STATES",
+    "MAX_BLOCKS",
+    "MAX_BLOCK_BYTES",
     "MAX_COMMAND_BYTES",
     "MAX_COMMAND_DEPTH",
+    "MAX_REQUEST_BLOCKS",
+    "MAX_REQUEST_BYTES",
+    "MIN_BLOCK_BYTES",
+    "OTA_FINAL_EVENTS",
+    "OTA_PHASES",
+    "OTA_REASONS",
+    "BlockError",
+    "BlockFrame",
+    "BlockRequest",
     "BundleInfo",
     "Command",
     "CommandError",
+    "Deploy",
     "Event",
     "MessageError",
     "ModelRef",
+    "OtaOutcome",
+    "OtaProgress",
     "Samples",
     "State",
     "Telemetry",
+    "choose_block_size",
+    "deploy_command",
     "parse_command",
 ]
 
@@ -77,6 +108,10 @@ EVENT_TYPES = (
     "command_rejected",
     "commands_overloaded",
     "outbox_quarantined",
+    "ota_progress",
+    "ota_committed",
+    "ota_rolled_back",
+    "ota_failed",
 )
 #: The ``health`` values of the retained state (``degraded``: the outbox cannot write, e.g. a
 #: full disk; the model keeps serving).
@@ -286,6 +321,62 @@ def _ref_dict(ref: ModelRef | BundleInfo | None) -> dict[str, Any] | None:
     return None if ref is None else {k: getattr(ref, k) for k in ref.__dataclass_fields__}
 
 
+OTA_PHASES = ("fetching", "verifying", "installing", "trial", "committed", "rolled_back", "failed")
+"""The ``phase`` of an over-the-air update (``state.ota.phase``, ``ota_progress`` events)."""
+
+
+@dataclass(frozen=True)
+class OtaProgress:
+    """The update in progress, as the retained state's ``ota`` reports it (ADR 0012).
+
+    Attributes:
+        deploy_id: the deploy this is about.
+        release: the release being deployed.
+        phase: one of :data:`OTA_PHASES`.
+        blocks_received: blocks verified and on disk; never more than ``blocks_total``.
+        blocks_total: the deploy's block count.
+    """
+
+    deploy_id: str
+    release: int
+    phase: str
+    blocks_received: int
+    blocks_total: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.deploy_id, str) and _COMMAND_ID.fullmatch(self.deploy_id)):
+            raise _fail(MessageError, "ota.deploy_id", "1-64 characters [A-Za-z0-9._:-]", self.deploy_id)
+        _int("ota.release", self.release, minimum=1)
+        if self.phase not in OTA_PHASES:
+            raise _fail(MessageError, "ota.phase", f"one of {', '.join(OTA_PHASES)}", self.phase)
+        _int("ota.blocks_total", self.blocks_total, minimum=1)
+        _int("ota.blocks_received", self.blocks_received)
+        if self.blocks_received > self.blocks_total:
+            raise MessageError(f"ota.blocks_received ({self.blocks_received}) must be <= blocks_total ({self.blocks_total})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object (``state.ota``, or an ``ota_progress`` event's detail)."""
+        return {k: getattr(self, k) for k in _PROGRESS}
+
+    @classmethod
+    def parse(cls, raw: object) -> OtaProgress | None:
+        """From a payload's ``ota`` or an ``ota_progress`` detail (``None`` stays ``None``).
+
+        Raises:
+            MessageError: not an object with exactly the fields, or a field is invalid.
+        """
+        if raw is None:
+            return None
+        return cls(**_obj("ota", raw, _PROGRESS))
+
+    def to_event(self, device_id: str, ts: str | None) -> Event:
+        """The rate-limited ``ota_progress`` event."""
+        return Event(device_id=device_id, ts=ts, type="ota_progress", detail=self.to_dict())
+
+
+_PROGRESS = ("deploy_id", "release", "phase", "blocks_received", "blocks_total")
+
+
 @dataclass(frozen=True, kw_only=True)
 class State(_Header):
     """The retained ``state``: what runs, its health, the last error; ``online`` false in the Last Will."""
@@ -297,9 +388,20 @@ class State(_Header):
     bundle: BundleInfo | None
     health: str
     last_error: str | None
+    #: The update in progress or the last one's end (ADR 0012); ``None`` when none ran.
+    ota: OtaProgress | None = None
 
     _KIND: ClassVar[str] = "state"
-    _BODY: ClassVar[tuple[str, ...]] = ("online", "agent_version", "target", "runtime", "bundle", "health", "last_error")
+    _BODY: ClassVar[tuple[str, ...]] = (
+        "online",
+        "agent_version",
+        "target",
+        "runtime",
+        "bundle",
+        "health",
+        "last_error",
+        "ota",
+    )
 
     def _check(self) -> None:
         if not isinstance(self.online, bool):
@@ -313,13 +415,26 @@ class State(_Header):
         if self.health not in HEALTH_STATES:
             raise _fail(MessageError, "state.health", f"one of {', '.join(HEALTH_STATES)}", self.health)
         _str("state.last_error", self.last_error, nullable=True)
+        if self.ota is not None and not isinstance(self.ota, OtaProgress):
+            raise _fail(MessageError, "state.ota", "an OtaProgress or null", self.ota)
 
     def _body(self) -> dict[str, Any]:
-        return {**super()._body(), "bundle": _ref_dict(self.bundle)}
+        return {**super()._body(), "bundle": _ref_dict(self.bundle), "ota": None if self.ota is None else self.ota.to_dict()}
 
     @classmethod
     def _fields(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
-        return {**super()._fields(raw), "bundle": BundleInfo.parse(raw["bundle"])}
+        return {**super()._fields(raw), "bundle": BundleInfo.parse(raw["bundle"]), "ota": OtaProgress.parse(raw["ota"])}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Self:
+        """As :meth:`_Header.from_dict`; an absent ``ota`` (an agent before OTA) reads as ``null``.
+
+        Raises:
+            MessageError: a field is missing, unknown or invalid.
+        """
+        if isinstance(raw, Mapping) and "ota" not in raw:
+            raw = {**raw, "ota": None}
+        return super().from_dict(raw)
 
 
 _INFERENCE = ("count", "window_count", "errors", "error_count")
@@ -533,3 +648,358 @@ def parse_command(payload: bytes | str) -> Command:
     if issued is not None and not isinstance(issued, str):
         raise _fail(CommandError, "command 'issued_at'", "UTC text", issued)
     return Command(id=raw.get("id"), type=raw.get("type"), args=raw.get("args", {}), issued_at=issued)  # type: ignore[arg-type]
+
+
+# -- over-the-air transfer (ADR 0012) ----------------------------------------------------------
+#
+# The device pulls a bundle in fixed-size blocks: the console announces a deploy in a ``deploy``
+# command (:class:`Deploy`, with the sha256 of every block), the device asks for the blocks it
+# lacks on ``ota_request`` (:class:`BlockRequest`, JSON) and the console publishes each block
+# on ``ota_block`` as one binary MQTT payload (:class:`BlockFrame`: a 20-byte header, then the
+# bytes). Both topics sit in the device's own subtree.
+
+#: The command ``type`` of a deploy (joins :data:`COMMAND_TYPES` when the agent handles it).
+DEPLOY_COMMAND = "deploy"
+#: Smallest and largest block (bytes); a block size is a power of two between them.
+MIN_BLOCK_BYTES = 4 * 1024
+MAX_BLOCK_BYTES = 1024 * 1024
+#: The block size a sender uses unless the bundle is too large for it (:func:`choose_block_size`).
+DEFAULT_BLOCK_BYTES = 64 * 1024
+#: Most blocks in one deploy. Their digests travel inside the deploy command: 512 x 67 bytes
+#: of JSON is 34 KiB, well under :data:`MAX_COMMAND_BYTES`; 512 blocks of 1 MiB cover the
+#: 256 MiB bundle cap (:data:`~edgeops_core.bundle.MAX_BUNDLE_BYTES`).
+MAX_BLOCKS = 512
+#: Most block indexes in one request.
+MAX_REQUEST_BLOCKS = 64
+#: Largest ``ota_request`` payload read (bytes): 64 indexes and the header fit in 1 KiB.
+MAX_REQUEST_BYTES = 4 * 1024
+#: First bytes of every block frame: "edgeops OTA block", frame format 1.
+BLOCK_MAGIC = b"EOB1"
+_FRAME = struct.Struct(">4s8sII")  # magic, deploy tag, index, length; big-endian
+#: Size of the fixed block frame header.
+BLOCK_HEADER_BYTES = _FRAME.size
+#: Why a device refuses a block (the ``reason`` of :class:`BlockError`).
+BLOCK_REFUSALS = ("malformed", "foreign", "out_of_range", "wrong_length", "corrupt", "duplicate", "unrequested")
+#: The final events: each deploy id ends with exactly one of them.
+OTA_FINAL_EVENTS = ("ota_committed", "ota_rolled_back", "ota_failed")
+#: The ``reason`` of ``ota_rolled_back`` / ``ota_failed`` (and of a refused deploy).
+OTA_REASONS = (
+    "bad_deploy",  # the deploy command is malformed
+    "wrong_target",  # built for another target
+    "not_newer",  # release not above the device's floor
+    "too_large",  # size over the bundle cap
+    "no_space",  # the disk cannot hold the staging file (checked before fetching; or it filled)
+    "busy",  # another deploy runs and this one does not supersede it
+    "superseded",  # a newer release replaced this deploy mid-transfer
+    "deadline",  # the transfer did not finish in time (the sender disappeared)
+    "too_slow",  # below the minimum throughput
+    "digest_mismatch",  # the complete file does not hash to the announced sha256
+    "storage",  # the staging file could not be written (an I/O error)
+    "install_rejected",  # the install code refused the bundle (signature, expiry, self-test...)
+    "health_check",  # the trial failed its health check
+    "crash_loop",  # the trial crashed on start-up too often
+    "marked_bad",  # this sha256 was rolled back on this device before
+)
+
+
+class BlockError(MessageError):
+    """A block frame is refused; :attr:`reason` is one of :data:`BLOCK_REFUSALS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def choose_block_size(size: int, preferred: int = DEFAULT_BLOCK_BYTES) -> int:
+    """The block size for a bundle of ``size`` bytes: ``preferred``, doubled until at most :data:`MAX_BLOCKS` blocks.
+
+    Raises:
+        MessageError: ``size`` is not 1..MAX_BUNDLE_BYTES, or ``preferred`` is not a valid block size.
+    """
+    _check_block_size(preferred)
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_BUNDLE_BYTES:
+        raise _fail(MessageError, "deploy size", f"an integer 1..{MAX_BUNDLE_BYTES}", size)
+    block = preferred
+    while -(-size // block) > MAX_BLOCKS:
+        block *= 2
+    return block
+
+
+def _check_block_size(block_size: object) -> None:
+    ok = isinstance(block_size, int) and not isinstance(block_size, bool)
+    if not ok or not MIN_BLOCK_BYTES <= block_size <= MAX_BLOCK_BYTES or block_size & (block_size - 1):  # type: ignore[operator]
+        raise _fail(MessageError, "deploy block_size", f"a power of two {MIN_BLOCK_BYTES}..{MAX_BLOCK_BYTES}", block_size)
+
+
+_DEPLOY = ("deploy_id", "name", "version", "release", "target", "size", "sha256", "block_size", "block_count", "block_sha256")
+
+
+def _text(where: str, value: object, limit: int) -> None:
+    if not isinstance(value, str) or not 1 <= len(value) <= limit or not value.isprintable():
+        raise _fail(CommandError, where, f"1-{limit} printable characters", value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Deploy:
+    """The arguments of a ``deploy`` command: what to fetch and how it is cut into blocks.
+
+    Block ``i`` is bytes ``[i * block_size, min(size, (i + 1) * block_size))`` of the bundle
+    file; ``block_sha256[i]`` is its sha256. The list is bound to ``sha256`` twice: a device
+    keys its staging file on (deploy id, sha256, digest of the list), so a resumed transfer
+    never mixes blocks checked against two lists; and the complete file must hash to
+    ``sha256`` before anything is installed, so a list that does not describe that file
+    fails the deploy instead of installing anything (ADR 0012).
+
+    Raises:
+        CommandError: a field is missing, unknown or invalid, or the fields disagree.
+    """
+
+    deploy_id: str
+    name: str
+    version: str
+    release: int
+    target: str
+    size: int
+    sha256: str
+    block_size: int
+    block_count: int
+    block_sha256: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.deploy_id, str) and _COMMAND_ID.fullmatch(self.deploy_id)):
+            raise _fail(CommandError, "deploy deploy_id", "1-64 characters [A-Za-z0-9._:-]", self.deploy_id)
+        _text("deploy name", self.name, 128)
+        _text("deploy version", self.version, 64)
+        _text("deploy target", self.target, 64)
+        try:
+            _int("deploy release", self.release, minimum=1)
+            _check_block_size(self.block_size)
+        except MessageError as exc:
+            raise CommandError(str(exc)) from exc
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or not 1 <= self.size <= MAX_BUNDLE_BYTES:
+            raise _fail(CommandError, "deploy size", f"an integer 1..{MAX_BUNDLE_BYTES}", self.size)
+        if not (isinstance(self.sha256, str) and _SHA256.fullmatch(self.sha256)):
+            raise _fail(CommandError, "deploy sha256", "64 lowercase hex digits", self.sha256)
+        expected = -(-self.size // self.block_size)
+        if not isinstance(self.block_count, int) or isinstance(self.block_count, bool) or self.block_count != expected:
+            raise _fail(CommandError, "deploy block_count", f"{expected} (size / block_size, rounded up)", self.block_count)
+        if expected > MAX_BLOCKS:
+            raise CommandError(f"deploy has {expected} blocks, the limit is {MAX_BLOCKS}: use a larger block_size")
+        if not isinstance(self.block_sha256, list | tuple) or len(self.block_sha256) != expected:
+            got = len(self.block_sha256) if isinstance(self.block_sha256, list | tuple) else self.block_sha256
+            raise _fail(CommandError, "deploy block_sha256", f"a list of {expected} digests", got)
+        for i, digest in enumerate(self.block_sha256):
+            if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+                raise _fail(CommandError, f"deploy block_sha256[{i}]", "64 lowercase hex digits", digest)
+        object.__setattr__(self, "block_sha256", tuple(self.block_sha256))
+
+    def block_length(self, index: int) -> int:
+        """The length of block ``index`` (the last one may be short)."""
+        return min(self.block_size, self.size - index * self.block_size)
+
+    @property
+    def tag(self) -> bytes:
+        """The 8 bytes that mark this deploy's block frames: sha256 of deploy id and bundle sha256."""
+        return bytes(sha256_new(f"edgeops-ota\0{self.deploy_id}\0{self.sha256}".encode()).digest()[:8])
+
+    @property
+    def blocks_digest(self) -> str:
+        """sha256 over the raw block digests in order: the identity of the block list."""
+        return str(sha256_new(bytes.fromhex("".join(self.block_sha256))).hexdigest())
+
+    def to_args(self) -> dict[str, Any]:
+        """The command's ``args`` object."""
+        return {**{k: getattr(self, k) for k in _DEPLOY}, "block_sha256": list(self.block_sha256)}
+
+    @classmethod
+    def from_args(cls, args: object) -> Deploy:
+        """Validate a ``deploy`` command's ``args``.
+
+        Raises:
+            CommandError: not an object with exactly the fields, or a field is invalid.
+        """
+        if not isinstance(args, Mapping):
+            raise _fail(CommandError, "deploy args", "an object", args)
+        missing, extra = sorted(set(_DEPLOY) - set(args)), sorted(set(args) - set(_DEPLOY))
+        if missing or extra:
+            raise CommandError(
+                f"deploy args must have exactly the fields {', '.join(_DEPLOY)}; missing {missing}, unknown {extra}"
+            )
+        return cls(**args)
+
+    def check_frame(self, frame: BlockFrame) -> None:
+        """Refuse a frame that is not a valid block of this deploy (the digest is checked too).
+
+        Raises:
+            BlockError: ``foreign`` (another deploy), ``out_of_range``, ``wrong_length`` or ``corrupt``.
+        """
+        if frame.tag != self.tag:
+            raise BlockError("foreign", f"block {frame.index} belongs to another deploy (tag {frame.tag.hex()})")
+        if frame.index >= self.block_count:
+            raise BlockError("out_of_range", f"block index {frame.index} is out of range 0..{self.block_count - 1}")
+        want = self.block_length(frame.index)
+        if len(frame.data) != want:
+            raise BlockError("wrong_length", f"block {frame.index} must be {want} bytes, got {len(frame.data)}")
+        if sha256_new(frame.data).hexdigest() != self.block_sha256[frame.index]:
+            raise BlockError("corrupt", f"block {frame.index} does not match its sha256")
+
+    def frame(self, index: int, data: bytes) -> BlockFrame:
+        """Block ``index`` of this deploy as a frame (the sender side).
+
+        Raises:
+            BlockError: the index is out of range or the length is wrong.
+        """
+        frame = BlockFrame(tag=self.tag, index=index, data=data)
+        if index >= self.block_count:
+            raise BlockError("out_of_range", f"block index {index} is out of range 0..{self.block_count - 1}")
+        if len(data) != self.block_length(index):
+            raise BlockError("wrong_length", f"block {index} must be {self.block_length(index)} bytes, got {len(data)}")
+        return frame
+
+
+def deploy_command(deploy: Deploy, *, command_id: str | None = None, issued_at: str | None = None) -> bytes:
+    """The ``cmd`` payload announcing ``deploy`` (``id`` defaults to the deploy id).
+
+    Raises:
+        CommandError: the id or ``issued_at`` is invalid, or the payload exceeds :data:`MAX_COMMAND_BYTES`.
+    """
+    cid = deploy.deploy_id if command_id is None else command_id
+    if not (isinstance(cid, str) and _COMMAND_ID.fullmatch(cid)):
+        raise _fail(CommandError, "command 'id'", "1-64 characters [A-Za-z0-9._:-]", cid)
+    doc: dict[str, Any] = {"id": cid, "type": DEPLOY_COMMAND, "args": deploy.to_args()}
+    if issued_at is not None:
+        if not (isinstance(issued_at, str) and _TS.fullmatch(issued_at)):
+            raise _fail(CommandError, "command 'issued_at'", "UTC text YYYY-MM-DDTHH:MM:SS.ffffffZ", issued_at)
+        doc["issued_at"] = issued_at
+    payload = json.dumps(doc, separators=(",", ":")).encode()
+    if len(payload) > MAX_COMMAND_BYTES:  # unreachable with MAX_BLOCKS; kept as the contract's guard
+        raise CommandError(f"deploy command is {len(payload)} bytes, the limit is {MAX_COMMAND_BYTES}")
+    return payload
+
+
+@dataclass(frozen=True)
+class BlockFrame:
+    """One block on ``ota_block``: a fixed header, then the bytes (never base64, never JSON).
+
+    Header (20 bytes, big-endian): ``magic`` 4 bytes :data:`BLOCK_MAGIC`; ``tag`` 8 bytes
+    (:attr:`Deploy.tag`); ``index`` uint32; ``length`` uint32, which must equal the number of
+    bytes that follow.
+    """
+
+    tag: bytes
+    index: int
+    data: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tag, bytes) or len(self.tag) != 8:
+            raise BlockError("malformed", f"block tag must be 8 bytes, got {self.tag!r}")
+        if not isinstance(self.index, int) or isinstance(self.index, bool) or not 0 <= self.index < 2**32:
+            raise BlockError("malformed", f"block index must be an integer 0..2**32-1, got {self.index!r}")
+        if not isinstance(self.data, bytes) or len(self.data) > MAX_BLOCK_BYTES:
+            raise BlockError("malformed", f"block data must be at most {MAX_BLOCK_BYTES} bytes")
+
+    def to_bytes(self) -> bytes:
+        """The payload as it goes on the wire."""
+        return _FRAME.pack(BLOCK_MAGIC, self.tag, self.index, len(self.data)) + self.data
+
+    @classmethod
+    def parse(cls, payload: bytes | bytearray | memoryview) -> BlockFrame:
+        """Read a frame strictly (the deploy-specific checks are :meth:`Deploy.check_frame`).
+
+        Raises:
+            BlockError: ``malformed``: shorter than the header, wrong magic, a length that is
+                not the number of bytes that follow, or larger than :data:`MAX_BLOCK_BYTES`.
+        """
+        view = memoryview(payload)
+        if len(view) < _FRAME.size:
+            raise BlockError("malformed", f"block frame is {len(view)} bytes, shorter than its {_FRAME.size}-byte header")
+        magic, tag, index, length = _FRAME.unpack_from(view)
+        if magic != BLOCK_MAGIC:
+            raise BlockError("malformed", f"block frame magic must be {BLOCK_MAGIC!r}, got {bytes(magic)!r}")
+        if length != len(view) - _FRAME.size:
+            raise BlockError("malformed", f"block frame says {length} bytes, carries {len(view) - _FRAME.size}")
+        if length > MAX_BLOCK_BYTES:
+            raise BlockError("malformed", f"block frame carries {length} bytes, over the {MAX_BLOCK_BYTES}-byte limit")
+        return cls(tag=bytes(tag), index=index, data=bytes(view[_FRAME.size :]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockRequest(_Header):
+    """The device asks for blocks of a deploy on ``ota_request``: strictly increasing indexes."""
+
+    deploy_id: str
+    blocks: tuple[int, ...]
+
+    _KIND: ClassVar[str] = "ota_request"
+    _BODY: ClassVar[tuple[str, ...]] = ("deploy_id", "blocks")
+
+    def _check(self) -> None:
+        if not (isinstance(self.deploy_id, str) and _COMMAND_ID.fullmatch(self.deploy_id)):
+            raise _fail(MessageError, "ota_request.deploy_id", "1-64 characters [A-Za-z0-9._:-]", self.deploy_id)
+        blocks = self.blocks
+        if not isinstance(blocks, list | tuple) or not 1 <= len(blocks) <= MAX_REQUEST_BLOCKS:
+            raise _fail(MessageError, "ota_request.blocks", f"a list of 1..{MAX_REQUEST_BLOCKS} indexes", blocks)
+        for i, index in enumerate(blocks):
+            _int(f"ota_request.blocks[{i}]", index)
+            if index >= MAX_BLOCKS or (i and index <= blocks[i - 1]):
+                raise _fail(MessageError, f"ota_request.blocks[{i}]", f"increasing indexes below {MAX_BLOCKS}", index)
+        object.__setattr__(self, "blocks", tuple(blocks))
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Self:
+        """Parse a request (at most :data:`MAX_REQUEST_BYTES`).
+
+        Raises:
+            MessageError: too large, not JSON, or invalid.
+        """
+        if len(data) > MAX_REQUEST_BYTES:
+            raise MessageError(f"ota_request payload is {len(data)} bytes, the limit is {MAX_REQUEST_BYTES}")
+        return super().from_json(data)
+
+
+_OUTCOME = ("deploy_id", "release", "reason", "message")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OtaOutcome:
+    """How a deploy ended: the detail of its one final event (:data:`OTA_FINAL_EVENTS`).
+
+    ``reason`` (one of :data:`OTA_REASONS`) and ``message`` are ``None`` for ``ota_committed``
+    and required otherwise.
+    """
+
+    type: str
+    deploy_id: str
+    release: int
+    reason: str | None = None
+    message: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in OTA_FINAL_EVENTS:
+            raise _fail(MessageError, "ota outcome type", f"one of {', '.join(OTA_FINAL_EVENTS)}", self.type)
+        if not (isinstance(self.deploy_id, str) and _COMMAND_ID.fullmatch(self.deploy_id)):
+            raise _fail(MessageError, f"{self.type}.deploy_id", "1-64 characters [A-Za-z0-9._:-]", self.deploy_id)
+        _int(f"{self.type}.release", self.release, minimum=1)
+        if self.type == "ota_committed":
+            if self.reason is not None or self.message is not None:
+                raise MessageError("ota_committed carries no reason or message")
+            return
+        if self.reason not in OTA_REASONS:
+            raise _fail(MessageError, f"{self.type}.reason", f"one of {', '.join(OTA_REASONS)}", self.reason)
+        if not isinstance(self.message, str) or not self.message:
+            raise _fail(MessageError, f"{self.type}.message", "a non-empty string", self.message)
+
+    def to_event(self, device_id: str, ts: str | None) -> Event:
+        """The final event."""
+        return Event(device_id=device_id, ts=ts, type=self.type, detail={k: getattr(self, k) for k in _OUTCOME})
+
+    @classmethod
+    def from_event(cls, event: Event) -> OtaOutcome:
+        """Read a final event's detail.
+
+        Raises:
+            MessageError: not a final event, or its detail is not exactly the outcome's fields.
+        """
+        if event.type not in OTA_FINAL_EVENTS:
+            raise _fail(MessageError, "event.type", f"one of {', '.join(OTA_FINAL_EVENTS)}", event.type)
+        return cls(type=event.type, **_obj(f"{event.type}.detail", event.detail, _OUTCOME))

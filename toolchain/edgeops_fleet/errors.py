@@ -1,0 +1,20 @@
+"""Errors of the fleet console, under the shared tree of :mod:`edgeops_core`::
+
+EdgeopsError
+└── FleetError          the console cannot do what was asked
+    └── SenderError     a bundle cannot be served (unreadable, changed since it was verified)
+"""
+
+from __future__ import annotations
+
+from edgeops_core import EdgeopsError
+
+__all__ = ["FleetError", "SenderError"]
+
+
+class FleetError(EdgeopsError):
+    """The fleet console cannot do what was asked."""
+
+
+class SenderError(FleetError):
+    """A bundle cannot be served over the air."""
