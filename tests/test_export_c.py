@@ -565,9 +565,9 @@ def test_kill_9_never_leaves_a_partial_export(wearable: Wearable, tmp_path: Path
         proc.wait(timeout=60)
         if out.exists():  # either nothing, or the whole export
             assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in reference.iterdir()}
-    # What a kill can leave is a hidden temporary folder beside --out, never a visible partial one.
+    # What a kill can leave is a hidden staging folder beside --out, never a visible partial one.
     for p in tmp_path.iterdir():
-        assert p.name == "reference" or re.fullmatch(r"fw\d|\.fw\d\.export-\d+-[0-9a-f]{8}", p.name), p.name
+        assert p.name == "reference" or re.fullmatch(r"fw\d|\.edgeops-export-[0-9a-f]{16}", p.name), p.name
 
 
 def test_a_write_failure_leaves_nothing_and_a_failed_replace_keeps_the_old_export(
@@ -594,7 +594,8 @@ def test_a_write_failure_leaves_nothing_and_a_failed_replace_keeps_the_old_expor
     real_rename = os.rename
 
     def failing_rename(src: str | Path, dst: str | Path) -> None:
-        if ".export-" in str(src):  # the new export into place, after the old one was moved aside
+        # Half-way through moving the new files in, after the old ones were moved aside.
+        if Path(dst).name == "model_ops.h" and Path(src).parent.name.startswith(".edgeops-export-"):
             raise OSError(5, "Input/output error")
         real_rename(src, dst)
 

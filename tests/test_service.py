@@ -318,6 +318,16 @@ def test_watchdog_environment(caplog: pytest.LogCaptureFixture) -> None:
         caplog.clear()
         assert watchdog_timeout_s(bad) is None
         assert any(r.levelno == logging.WARNING for r in caplog.records), bad
+    # systemd's USEC_INFINITY (and past it) is "no watchdog", as sd_watchdog_enabled() reads it: no warning.
+    for infinite in (str(2**64 - 1), str(2**64), str(10**30)):
+        caplog.clear()
+        assert watchdog_timeout_s({"WATCHDOG_USEC": infinite}) is None
+        assert not any(r.levelno >= logging.WARNING for r in caplog.records), infinite
+    # The largest finite timeout: a ping period Event.wait accepts.
+    huge = watchdog_timeout_s({"WATCHDOG_USEC": str(2**64 - 2)})
+    assert huge is not None and huge > threading.TIMEOUT_MAX
+    monitor = ServiceMonitor(AgentApi.__new__(AgentApi), Notifier(None), watchdog_s=huge)
+    assert monitor.period_s == threading.TIMEOUT_MAX
 
 
 # devices ---------------------------------------------------------------------------------------
@@ -680,6 +690,8 @@ def test_prometheus_scrape_during_predictions_counts_match(tmp_path: Path, built
             for i in range(bad_n):  # wrong length, or not numbers: counted as TensorInputError
                 bad = _ask(sock, {"op": "predict", "features": rows[0][:5] if i % 2 else "x"})
                 assert bad["error"]["type"] == "TensorInputError"
+            unknown = _ask(sock, {"op": "predict_all"})  # not a request the agent knows: counted too
+            assert unknown["error"]["type"] == "RequestError"
         sock.close()
         with lat_lock:
             latencies.extend(mine)
@@ -725,6 +737,9 @@ def test_prometheus_scrape_during_predictions_counts_match(tmp_path: Path, built
     assert final["edgeops_agent_inferences_total"] == total
     assert final["edgeops_agent_inference_errors_total{type=TensorInputError}"] == bad_n
     assert final["edgeops_agent_inference_errors_total{type=ModelOutputError}"] == 0
+    assert final["edgeops_agent_inference_errors_total{type=RequestError}"] == 1
+    # Requests answered: each predict, and the batch once (the alert rule's error ratio is per request).
+    assert final["edgeops_agent_requests_total"] == threads_n * per_thread + 1
     assert final["edgeops_agent_inference_latency_seconds_count"] == total
     buckets = [final[f"edgeops_agent_inference_latency_seconds_bucket{{le={b!r}}}"] for b in map(float, LATENCY_BUCKETS_S)]
     assert buckets == sorted(buckets) and final["edgeops_agent_inference_latency_seconds_bucket{le=+Inf}"] == total
@@ -803,8 +818,14 @@ def test_metrics_http_edges(tmp_path: Path, built: Built, broker: Broker) -> Non
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]  # every slot taken by a silent client
         refused = socket.create_connection(("127.0.0.1", port))
         refused.settimeout(5)
-        assert refused.recv(100).startswith(b"HTTP/1.0 503")
+        busy = b""
+        while chunk := refused.recv(1000):
+            busy += chunk
         refused.close()
+        # A busy listener is told apart from an unhealthy agent: its own body, and when to retry.
+        head, _, body = busy.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 503") and b"\r\nRetry-After: 1" in head, busy
+        assert body.startswith(b"busy: ") and f"Content-Length: {len(body)}".encode() in head, busy
         for s in idle:
             s.close()
         _wait_http(port, "/metrics", lambda s, b: s == 200, "a slot again")
@@ -992,6 +1013,7 @@ def test_counters_stay_exact_past_the_latency_ring(installed: DataDir, built: Bu
     c = agent.counters()
     total = singles + len(big) + len(rows)
     assert c.inferences == total and c.latency_buckets[-1] == total
+    assert c.requests == singles + 2  # a batch is one request
     assert list(c.latency_buckets) == sorted(c.latency_buckets) and c.latency_sum_s > 0
     assert len(c.latency_buckets) == len(LATENCY_BUCKETS_S) + 1
     again = agent.counters()  # reading twice counts nothing twice

@@ -61,6 +61,7 @@ class Counters:
 
     Attributes:
         inferences: rows answered.
+        requests: requests answered (a ``predict_batch`` of n rows is one request).
         errors: rejected requests by error type.
         latency_buckets: per :data:`LATENCY_BUCKETS_S` bound, then ``+Inf``: how many
             answered rows took at most that long (cumulative; the last equals ``inferences``).
@@ -68,6 +69,7 @@ class Counters:
     """
 
     inferences: int
+    requests: int
     errors: dict[str, int]
     latency_buckets: tuple[int, ...]
     latency_sum_s: float
@@ -126,6 +128,9 @@ class Agent:
         self._lat_n = 0
         self._count = 0
         self._errors: dict[str, int] = {}
+        # Requests answered = _count - _batch_rows + _batches: predict() adds nothing for it.
+        self._batches = 0
+        self._batch_rows = 0
         self._window = (0, 0)  # (count, lat_n) at the last telemetry snapshot
         # The cumulative histogram is filled from the latency ring in bulk (numpy), never per
         # call: before the ring would overwrite latencies not yet counted, and on counters().
@@ -233,6 +238,7 @@ class Agent:
             TensorInputError: wrong shape, non-numeric, NaN or inf (counted in telemetry).
             ModelOutputError: the model's output is NaN or inf (counted; no label is given).
             AgentError: no model is installed, or the runtime failed (counted).
+            Exception: whatever the runtime itself raised (counted by its type name).
         """
         start = time.perf_counter_ns()
         model = self.model
@@ -243,6 +249,9 @@ class Agent:
             row, tensor = model.prepare(features)
             logits = model.output(model.invoke(tensor))
         except EdgeopsError as exc:
+            self.count_error(type(exc).__name__)
+            raise
+        except Exception as exc:  # the runtime's own exception (e.g. onnxruntime's Fail): counted, then raised
             self.count_error(type(exc).__name__)
             raise
         index = int(logits.argmax())
@@ -278,6 +287,7 @@ class Agent:
             TensorInputError: not ``[n, features]``, non-numeric, NaN or inf (counted once).
             ModelOutputError: a row's output is NaN or inf (counted once; no label is given).
             AgentError: no model is installed, or the runtime failed (counted once).
+            Exception: whatever the runtime itself raised (counted once, by its type name).
         """
         start = time.perf_counter_ns()
         model = self.model
@@ -291,11 +301,16 @@ class Agent:
         except EdgeopsError as exc:
             self.count_error(type(exc).__name__)
             raise
+        except Exception as exc:  # the runtime's own exception: counted once, then raised
+            self.count_error(type(exc).__name__)
+            raise
         index = logits.argmax(axis=1)
         n = len(x)
         per_row = (time.perf_counter_ns() - start) / n
         with self._lock:
             self._count += n
+            self._batches += 1
+            self._batch_rows += n
             k = min(n, LATENCY_RING)
             if self._lat_n + k - self._harvested > LATENCY_RING:
                 self._harvest()
@@ -342,6 +357,7 @@ class Agent:
             self._harvest()
             return Counters(
                 inferences=self._count,
+                requests=self._count - self._batch_rows + self._batches,
                 errors=dict(self._errors),
                 latency_buckets=tuple(int(c) for c in np.cumsum(self._hist)),
                 latency_sum_s=self._hist_sum_ns / 1e9,

@@ -18,6 +18,7 @@ table and alert rules)::
     edgeops_agent_model_release                                the active manifest's release
     edgeops_agent_model_expired                                1 past the bundle's expiry
     edgeops_agent_inferences_total                             rows answered
+    edgeops_agent_requests_total                               requests answered (a batch counts once)
     edgeops_agent_inference_errors_total{type}                 rejected requests by error type
     edgeops_agent_inference_latency_seconds                    histogram of answered rows
     edgeops_agent_drift_alarm / _psi_max / _cusum_max / _prediction_psi / _features_over / _samples
@@ -32,18 +33,25 @@ table and alert rules)::
 Endpoints (GET or HEAD): ``/metrics`` (Prometheus text format 0.0.4), ``/healthz`` (200
 ``ok: …`` while :meth:`Daemon.health` finds nothing wrong, else 503 with the reason on one
 line), anything else 404. The listener is bounded like the local endpoint: at most
-:data:`MAX_CONNECTIONS` connections at once (one more gets a 503 and is closed), each
-closed after :data:`TIMEOUT_S` seconds of silence; requests are logged at debug level only.
+:data:`MAX_CONNECTIONS` connections at once (one more gets ``503`` with the body ``busy: …``
+and ``Retry-After: 1``, so a scraper can tell it from an unhealthy agent's
+``unavailable: …``), and a connection must deliver its whole request (request line and
+headers) within :data:`TIMEOUT_S` seconds of connecting, however it trickles, or it is
+closed. Requests are logged at debug level only; so are clients that hang up or time out
+(any local process could otherwise flood the journal); other failures are logged as a
+warning at most once a minute, with the count of those not logged.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import socket
 import socketserver
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -67,7 +75,7 @@ if TYPE_CHECKING:
     from edgeops_agent.config import MetricsConfig
     from edgeops_agent.daemon import Daemon
 
-__all__ = ["CONTENT_TYPE", "MAX_CONNECTIONS", "TIMEOUT_S", "AgentCollector", "MetricsServer"]
+__all__ = ["BUSY_RESPONSE", "CONTENT_TYPE", "MAX_CONNECTIONS", "TIMEOUT_S", "AgentCollector", "MetricsServer"]
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +84,18 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Connections served at once; one more gets a 503.
 MAX_CONNECTIONS = 8
-#: Seconds a connection may stay silent before it is closed.
+#: Seconds a connection has, from its accept, to deliver its whole request.
 TIMEOUT_S = 10.0
+#: Seconds between two warnings of failed metrics requests (the rest go to debug, counted).
+WARN_INTERVAL_S = 60.0
+#: What a connection past :data:`MAX_CONNECTIONS` gets: a 503 a scraper can tell from "unhealthy".
+_BUSY_BODY = b"busy: all metrics connections are in use; retry later\n"
+BUSY_RESPONSE = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
+#: Errors a client causes by hanging up or stalling: never worth more than a debug line.
+_CLIENT_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
 #: Error types always exported (as 0 until they happen), so rate() alerts have a series.
 KNOWN_ERRORS = ("TensorInputError", "ModelOutputError", "NoModel")
 
@@ -140,6 +158,9 @@ class AgentCollector(Collector):
     def _inference(self) -> Iterable[Metric]:
         c = self.daemon.agent.counters()
         yield CounterMetricFamily("edgeops_agent_inferences", "Rows the model answered.", value=c.inferences)
+        yield CounterMetricFamily(
+            "edgeops_agent_requests", "Inference requests answered (a batch is one request).", value=c.requests
+        )
         errors = CounterMetricFamily(
             "edgeops_agent_inference_errors", "Rejected inference requests by error type.", labels=["type"]
         )
@@ -188,9 +209,37 @@ class AgentCollector(Collector):
         )
 
 
+class _DeadlineSocketIO(io.RawIOBase):
+    """Reads a socket with one deadline for everything read, however slowly the bytes trickle.
+
+    A plain socket timeout bounds each ``recv`` only: a client sending a byte every few
+    seconds would hold a connection (one of :data:`MAX_CONNECTIONS`) forever.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the request did not arrive within {TIMEOUT_S:g} s")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: MetricsServer
     timeout = TIMEOUT_S
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the plain socket file: replaced (closing it lets the socket close)
+        self.rfile = io.BufferedReader(_DeadlineSocketIO(self.connection, time.monotonic() + TIMEOUT_S))
 
     def do_GET(self) -> None:
         self._answer(body=True)
@@ -199,6 +248,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(body=False)
 
     def _answer(self, *, body: bool) -> None:
+        self.connection.settimeout(TIMEOUT_S)  # the answer gets its own time, whatever the request left
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             code, ctype, data = 200, CONTENT_TYPE, self.server.scrape()
@@ -241,7 +291,10 @@ class MetricsServer(ThreadingHTTPServer):
         self.daemon = daemon
         self.listen = settings.listen
         self.refused = 0
+        self.failed = 0
         self._open = 0
+        self._warned_at: float | None = None
+        self._unlogged = 0
         self._count_lock = threading.Lock()
         self.registry = CollectorRegistry()
         self.registry.register(AgentCollector(daemon))
@@ -299,7 +352,7 @@ class MetricsServer(ThreadingHTTPServer):
         if busy:
             try:
                 request.settimeout(0.1)
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                request.sendall(BUSY_RESPONSE)
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -322,6 +375,21 @@ class MetricsServer(ThreadingHTTPServer):
             self._open -= 1
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """One log line, never a traceback on stderr."""
+        """Never a traceback on stderr; a client that hung up or stalled: debug; else a rate-limited warning."""
         exc = sys.exc_info()[1]
-        log.warning("metrics request failed: %s: %.200s", type(exc).__name__, exc)
+        if isinstance(exc, _CLIENT_GONE):
+            log.debug("metrics client %s gone: %s: %.200s", client_address, type(exc).__name__, exc)
+            return
+        with self._count_lock:
+            self.failed += 1
+            now = time.monotonic()
+            if self._warned_at is not None and now - self._warned_at < WARN_INTERVAL_S:
+                self._unlogged += 1
+                unlogged = -1
+            else:
+                self._warned_at, unlogged, self._unlogged = now, self._unlogged, 0
+        if unlogged < 0:
+            log.debug("metrics request failed: %s: %.200s", type(exc).__name__, exc)
+            return
+        more = f" ({unlogged} more since the last warning, logged at debug level)" if unlogged else ""
+        log.warning("metrics request failed: %s: %.200s%s", type(exc).__name__, exc, more)

@@ -215,16 +215,21 @@ class EndpointServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
             answer = _error(None, "InternalError", f"{type(exc).__name__}: {str(exc)[:200]}")
         return _encode(answer)
 
+    def _request_error(self, rid: Any, message: str) -> dict[str, Any]:
+        """A ``RequestError`` reply (not a frame the agent understands), counted like other rejections."""
+        self.agent.count_error("RequestError")
+        return _error(rid, "RequestError", message)
+
     def answer(self, payload: bytes) -> dict[str, Any]:
         """The reply to one request frame (raises only on an agent bug)."""
         try:
             request = json.loads(payload.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            return _error(None, "RequestError", f"request is not UTF-8 JSON: {str(exc)[:200]}")
+            return self._request_error(None, f"request is not UTF-8 JSON: {str(exc)[:200]}")
         except RecursionError:
-            return _error(None, "RequestError", "request JSON is nested too deeply")
+            return self._request_error(None, "request JSON is nested too deeply")
         if not isinstance(request, dict):
-            return _error(None, "RequestError", f"request must be a JSON object, got {type(request).__name__}")
+            return self._request_error(None, f"request must be a JSON object, got {type(request).__name__}")
         rid = request.get("id")
         op = request.get("op")
         if op == "status":
@@ -259,7 +264,7 @@ class EndpointServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
             except EdgeopsError as exc:
                 return _error(rid, type(exc).__name__, str(exc))
             return {"ok": True, "id": rid, "predictions": [p.to_dict() for p in predictions]}
-        return _error(rid, "RequestError", f"'op' must be 'predict', 'predict_batch' or 'status', got {str(op)[:80]!r}")
+        return self._request_error(rid, f"'op' must be 'predict', 'predict_batch' or 'status', got {str(op)[:80]!r}")
 
 
 def _numbers(values: Any) -> Any:

@@ -26,8 +26,9 @@ instead runs a *probe*: one inference on the active model's first self-test vect
 the serving path (:meth:`LoadedModel.prepare`, the runtime's ``invoke`` under the same
 interpreter lock request threads take on LiteRT and TFLite Micro, :meth:`LoadedModel.output`),
 on a thread of its own, not counted in telemetry or metrics and not fed to drift
-detection. The watchdog thread asks for a probe every half timeout and pings only when it
-returned; a runtime call that hangs (a native deadlock, an interpreter lock never
+detection. The watchdog thread asks for a probe every half timeout and pings only when a
+probe started after that ask has returned (probes are numbered: one that hung since an
+earlier tick and returns late proves nothing about now); a runtime call that hangs (a native deadlock, an interpreter lock never
 released) leaves the probe hanging with it, the pings stop, and systemd kills and restarts
 the agent (``WatchdogSignal=SIGABRT``: the faulthandler ``edgeops-agent run`` enables
 prints every thread's stack to the journal first). A probe that *raises* (a model that no
@@ -35,6 +36,8 @@ longer answers) still counts as alive: a restart cannot repair a model, and a re
 would take away the over-the-air update that can; it is reported instead (log, and
 :meth:`ServiceMonitor.problem`, which makes ``/healthz`` answer 503). An agent with no
 model is alive too (nothing can be wedged; ``/healthz`` says why it is not serving).
+Until the first probe has returned, :meth:`ServiceMonitor.problem` says the agent is
+starting (``/healthz`` 503: the listener serves before the first probe is done).
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ log = logging.getLogger(__name__)
 PROBE_PERIOD_S = 5.0
 #: Shortest ping interval: a watchdog of a few microseconds must not become a busy loop.
 MIN_PING_INTERVAL_S = 0.01
+#: systemd's ``USEC_INFINITY``: a ``$WATCHDOG_USEC`` this large (or larger) means no watchdog.
+USEC_INFINITY = 2**64 - 1
+#: Seconds the watchdog thread waits after an unexpected error in its own loop before going on.
+RETRY_S = 1.0
 #: Longest ``STATUS=`` text sent (systemd shows one line of it in ``systemctl status``).
 MAX_STATUS = 400
 
@@ -183,8 +190,8 @@ class Notifier:
 def watchdog_timeout_s(environ: Mapping[str, str] | None = None) -> float | None:
     """The watchdog timeout systemd asks this process to honour (seconds), or ``None``.
 
-    ``None`` when ``$WATCHDOG_USEC`` is unset or not a positive integer (logged), or when
-    ``$WATCHDOG_PID`` names another process.
+    ``None`` when ``$WATCHDOG_USEC`` is unset, not a positive integer (logged) or systemd's
+    infinity (``2**64 - 1`` or more), or when ``$WATCHDOG_PID`` names another process.
     """
     env = os.environ if environ is None else environ
     raw = env.get("WATCHDOG_USEC")
@@ -196,6 +203,9 @@ def watchdog_timeout_s(environ: Mapping[str, str] | None = None) -> float | None
         usec = 0
     if usec <= 0:
         log.warning("$WATCHDOG_USEC=%.40r is not a positive integer; no watchdog pings", raw)
+        return None
+    if usec >= USEC_INFINITY:  # libsystemd's sd_watchdog_enabled() reads it as "no watchdog" too
+        log.info("$WATCHDOG_USEC is infinity; no watchdog pings")
         return None
     pid = env.get("WATCHDOG_PID")
     if pid is not None:
@@ -221,11 +231,16 @@ def status_text(agent: Agent) -> str:
 class ServiceMonitor:
     """Probes the serving path on its own thread; pings the watchdog while the probe answers.
 
-    Two daemon threads: ``edgeops-probe`` runs one probe when asked; ``edgeops-watchdog``
-    asks every :attr:`period_s` (half the watchdog timeout, or :data:`PROBE_PERIOD_S`
-    without a watchdog), waits up to one period for the answer and pings only if it came.
-    A probe still running after a full period is *stuck*: logged once, shown in
-    ``STATUS=`` and in :meth:`problem`, and no new probe is started until it returns.
+    Two daemon threads: ``edgeops-probe`` runs probes when asked; ``edgeops-watchdog`` asks
+    every :attr:`period_s` (half the watchdog timeout, or :data:`PROBE_PERIOD_S` without a
+    watchdog; never more than ``threading.TIMEOUT_MAX``), waits up to one period for the
+    answer and pings only if it came. Requests and probes carry a sequence number: a tick
+    asks for probe *n* and pings only once a probe numbered *n* or later (so started after
+    the tick asked) has returned; a probe that was stuck since an earlier tick and returns
+    late proves nothing about now and pings nothing. A probe still running after a full
+    period is *stuck*: logged once, shown in ``STATUS=`` and in :meth:`problem`, and no
+    second probe is started beside it; the one asked for runs as soon as it returns. The
+    watchdog thread survives any error of its own (logged once; it retries).
 
     Attributes:
         period_s: seconds between probes (and pings).
@@ -240,14 +255,16 @@ class ServiceMonitor:
         self.agent = agent
         self.notifier = notifier
         self.watchdog_s = watchdog_s
-        self.period_s = max(MIN_PING_INTERVAL_S, watchdog_s / 2) if watchdog_s else period_s
+        period = max(MIN_PING_INTERVAL_S, watchdog_s / 2) if watchdog_s else period_s
+        self.period_s = min(period, threading.TIMEOUT_MAX)  # Event.wait raises OverflowError past it
         self.probes = 0
         self.last_duration_s: float | None = None
         self.last_error: str | None = None
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a probe was asked for, or returned
+        self._asked = 0  # the highest probe number asked for
+        self._done = 0  # the number of the last probe that returned
         self._started_at: float | None = None  # monotonic start of the probe in flight
-        self._request = threading.Event()
-        self._finished = threading.Event()
         self._stop = threading.Event()
         self._stuck = False
         self._vector: tuple[LoadedModel, np.ndarray] | None = None
@@ -275,7 +292,7 @@ class ServiceMonitor:
         _, tensor = model.prepare(cached[1])
         model.output(model.invoke(tensor))
 
-    def _run_probe(self) -> None:
+    def _run_probe(self, number: int) -> None:
         start = time.monotonic()
         with self._lock:
             self._started_at = start
@@ -287,7 +304,7 @@ class ServiceMonitor:
             error = f"{type(exc).__name__}: {str(exc)[:300]}"
         except Exception as exc:  # noqa: BLE001 - the runtime's own exception, or a bug: the watchdog goes on
             error, unexpected = f"{type(exc).__name__}: {str(exc)[:300]}", exc
-        with self._lock:
+        with self._changed:
             self._started_at = None
             self.last_duration_s = time.monotonic() - start
             if error is not None and error != self.last_error:  # once per new error, not per probe
@@ -296,46 +313,57 @@ class ServiceMonitor:
                 log.warning("serving probe: the model answers again")
             self.last_error = error
             self.probes += 1
+            self._done = max(self._done, number)
+            self._changed.notify_all()
 
     def _probe_loop(self) -> None:
         while True:
-            self._request.wait()
-            self._request.clear()
-            if self._stop.is_set():
-                return
-            self._run_probe()
-            self._finished.set()
+            with self._changed:
+                while self._asked <= self._done and not self._stop.is_set():
+                    self._changed.wait()
+                if self._stop.is_set():
+                    return
+                number = self._asked  # asked for before this start: its tick may count it
+            self._run_probe(number)
 
     # the watchdog ------------------------------------------------------------------------
 
     def _watch(self) -> None:
+        failing = False
         while not self._stop.is_set():
-            tick = time.monotonic()
-            if not self._busy():
-                self._finished.clear()
-                self._request.set()
-            answered = self._finished.wait(self.period_s)
-            if self._stop.is_set():
-                return
-            if answered:
-                if self._stuck:
-                    self._stuck = False
-                    log.warning("serving path answers again")
-                    self.notifier.status(status_text(self.agent))
-                if self.watchdog_s is not None:
-                    self.notifier.watchdog()
-            elif not self._stuck:
-                self._stuck = True
-                pings = "; watchdog pings stopped" if self.watchdog_s is not None else ""
-                log.error("serving path stuck: a probe inference has not returned for %.1f s%s", self.stuck_for(), pings)
-                self.notifier.status(f"serving path stuck: a probe inference has not returned{pings}")
-            rest = self.period_s - (time.monotonic() - tick)
-            if rest > 0:
-                self._stop.wait(rest)
+            try:
+                self._tick()
+                failing = False
+            except Exception:  # a bug here must not end the thread that sends the pings
+                if not failing:
+                    log.exception("watchdog loop failed; retrying in %.0f s", RETRY_S)
+                failing = True
+                self._stop.wait(RETRY_S)
 
-    def _busy(self) -> bool:
-        with self._lock:
-            return self._started_at is not None or self._request.is_set()
+    def _tick(self) -> None:
+        tick = time.monotonic()
+        with self._changed:
+            self._asked += 1
+            wanted = self._asked
+            self._changed.notify_all()
+            answered = self._changed.wait_for(lambda: self._done >= wanted or self._stop.is_set(), self.period_s)
+        if self._stop.is_set():
+            return
+        if answered:
+            if self._stuck:
+                self._stuck = False
+                log.warning("serving path answers again")
+                self.notifier.status(status_text(self.agent))
+            if self.watchdog_s is not None:
+                self.notifier.watchdog()
+        elif not self._stuck:
+            self._stuck = True
+            pings = "; watchdog pings stopped" if self.watchdog_s is not None else ""
+            log.error("serving path stuck: a probe inference has not returned for %.1f s%s", self.stuck_for(), pings)
+            self.notifier.status(f"serving path stuck: a probe inference has not returned{pings}")
+        rest = self.period_s - (time.monotonic() - tick)
+        if rest > 0:
+            self._stop.wait(rest)
 
     def stuck_for(self) -> float:
         """Seconds the probe in flight has been running (0 when none is)."""
@@ -344,7 +372,13 @@ class ServiceMonitor:
         return 0.0 if started is None else time.monotonic() - started
 
     def problem(self) -> str | None:
-        """Why the serving path is not answering (stuck, or the last probe raised), or ``None``."""
+        """Why the serving path is not answering, or ``None``.
+
+        Starting (no probe has returned yet), stuck (a probe has run for more than a
+        period), or failing (the last probe raised).
+        """
+        if self.probes == 0:
+            return "starting: the first probe inference has not answered yet"
         stuck = self.stuck_for()
         if stuck > self.period_s:
             return f"serving path stuck: a probe inference has not returned for {stuck:.1f} s"
@@ -358,15 +392,15 @@ class ServiceMonitor:
 
         The first probe is synchronous so that a model that hangs never reports ready.
         """
-        self._run_probe()
+        self._run_probe(0)
         self._probe_thread.start()
         self._thread.start()
 
     def stop(self) -> None:
         """Stop probing and pinging (a probe stuck in the runtime is left behind: its thread is a daemon)."""
-        self._stop.set()
-        self._request.set()
-        self._finished.set()
+        with self._changed:
+            self._stop.set()
+            self._changed.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=2)
         if self._probe_thread.is_alive():
