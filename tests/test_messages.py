@@ -128,7 +128,7 @@ def test_asyncapi_required_fields_are_the_types_fields() -> None:
     for name, sub in (("inference", None), ("latency_ms", None), ("resources", None), ("outbox", None), ("drift", None)):
         assert set(SCHEMAS["Telemetry"]["properties"][name]["required"]) == set(TELEMETRY_BODY[name]), (name, sub)
     documented = {op["channel"]["$ref"].rsplit("/", 1)[-1] for op in ASYNCAPI["operations"].values()}
-    assert documented == {"state", "telemetry", "events", "samples", "cmd"}
+    assert documented == {"state", "telemetry", "events", "samples", "cmd", "ota_request", "ota_block"}
 
 
 @pytest.mark.parametrize(

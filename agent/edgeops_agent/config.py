@@ -30,6 +30,16 @@
     socket = "agent.sock"             # the local inference socket: a name in data_dir, or an
                                       # absolute path; either way it ends in ".sock"
 
+    [ota]                             # over-the-air updates (docs/agent.md, ADR 0012)
+    health_inferences = 20            # live inferences a trial must answer without error...
+    trial_timeout_s = 600.0           # ...within this, or it is rolled back
+    latency_budget_ms = 1.0           # their p99 must stay within this (default: see OtaConfig)
+    max_boots = 3                     # start-ups during a trial before it is rolled back (crash loop)
+    window = 8                        # blocks requested and not yet arrived, at most
+    retry_initial_s = 1.0             # wait before asking again for a block (doubles, up to 30 s)
+    deadline_s = 3600.0               # a transfer must finish within this...
+    min_bytes_per_s = 256.0           # ...and not fall below this over a minute
+
     [metrics]                         # optional: Prometheus /metrics and /healthz over HTTP
     listen = "127.0.0.1:9108"         # HOST:PORT or [IPv6]:PORT (this is the default);
                                       # needs the extra edgeops[metrics] (prometheus_client)
@@ -55,9 +65,13 @@ from edgeops_agent.errors import ConfigError
 from edgeops_agent.mqtt import MqttSettings
 from edgeops_core import COMMAND_WINDOW_S, FieldReader, InputError, check_device_id, load_toml
 
-__all__ = ["DEFAULT_METRICS_LISTEN", "AgentConfig", "MetricsConfig", "load_config"]
+__all__ = ["DEFAULT_METRICS_LISTEN", "AgentConfig", "MetricsConfig", "OtaConfig", "load_config"]
 
-_TOP = {"device_id", "target", "data_dir", "mqtt", "telemetry", "outbox", "drift", "endpoint", "metrics"}
+_TOP = {"device_id", "target", "data_dir", "mqtt", "telemetry", "outbox", "drift", "endpoint", "metrics", "ota"}
+_OTA = {
+    "health_inferences", "trial_timeout_s", "latency_budget_ms", "max_boots",
+    "window", "retry_initial_s", "deadline_s", "min_bytes_per_s",
+}  # fmt: skip
 #: Telemetry more often than this is a flood, not monitoring.
 MIN_TELEMETRY_INTERVAL_S = 0.5
 _SOCKET_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.sock")
@@ -95,6 +109,51 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class OtaConfig:
+    """``[ota]``: how the agent fetches, trials and commits an over-the-air update.
+
+    Attributes:
+        health_inferences: K, the live inferences a trial must answer (after the self-test
+            vectors) with no error and a p99 latency within the budget; 0 commits right
+            after the self-test vectors.
+        trial_timeout_s: a trial that has not seen K live inferences by then is rolled back.
+        latency_budget_ms: the p99 budget; ``None``: the manifest's ``metrics.latency_budget_ms``
+            if the bundle has one, else 10 x its host-measured ``metrics.latency_p99_ms``,
+            at least 1 ms (see docs/agent.md).
+        max_boots: start-ups during one trial before the agent rolls it back by itself.
+        window, retry_initial_s, deadline_s, min_bytes_per_s: the transfer engine's policy
+            (:class:`~edgeops_agent.ota.TransferPolicy`).
+
+    Raises:
+        ConfigError: a value is out of range.
+    """
+
+    health_inferences: int = 20
+    trial_timeout_s: float = 600.0
+    latency_budget_ms: float | None = None
+    max_boots: int = 3
+    window: int = 8
+    retry_initial_s: float = 1.0
+    deadline_s: float = 3600.0
+    min_bytes_per_s: float = 256.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.health_inferences <= 4096:
+            raise ConfigError(f"ota.health_inferences must be 0..4096, got {self.health_inferences}")
+        if not 1 <= self.window <= 64:
+            raise ConfigError(f"ota.window must be 1..64, got {self.window}")
+        if self.max_boots < 1:
+            raise ConfigError(f"ota.max_boots must be >= 1, got {self.max_boots}")
+        for name in ("trial_timeout_s", "retry_initial_s", "deadline_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"ota.{name} must be > 0, got {getattr(self, name)}")
+        if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
+            raise ConfigError(f"ota.latency_budget_ms must be > 0, got {self.latency_budget_ms}")
+        if self.min_bytes_per_s < 0:
+            raise ConfigError(f"ota.min_bytes_per_s must be >= 0, got {self.min_bytes_per_s}")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """A validated agent configuration."""
 
@@ -108,6 +167,7 @@ class AgentConfig:
     socket: Path | None = None
     #: ``None`` without a ``[metrics]`` table: no listener, no prometheus_client.
     metrics: MetricsConfig | None = None
+    ota: OtaConfig = field(default_factory=OtaConfig)
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -186,7 +246,25 @@ def load_config(path: Path) -> AgentConfig:
         drift=drift,
         socket=socket,
         metrics=_metrics(r, data),
+        ota=_ota(r, data),
     )
+
+
+def _ota(r: FieldReader, data: Mapping[str, Any]) -> OtaConfig:
+    """``[ota]``: every key optional (:class:`OtaConfig`'s defaults)."""
+    t = r.mapping(data.get("ota", {}), "ota")
+    r.only(t, _OTA, "ota")
+    d = OtaConfig()
+    ints = {k: r.integer(t, k, "ota", minimum=0) for k in ("health_inferences", "max_boots", "window") if k in t}
+    nums = {
+        k: r.number(t, k, "ota", minimum=0)
+        for k in ("trial_timeout_s", "latency_budget_ms", "retry_initial_s", "deadline_s", "min_bytes_per_s")
+        if k in t
+    }
+    try:
+        return OtaConfig(**{**vars(d), **ints, **nums})
+    except ConfigError as exc:
+        raise ConfigError(f"{r.source}: {exc}") from exc
 
 
 def _metrics(r: FieldReader, data: Mapping[str, Any]) -> MetricsConfig | None:

@@ -23,6 +23,12 @@ SIGTERM/SIGINT stop it cleanly (exit 0): a final ``online: false`` state is queu
 a moment to leave, then the client disconnects. A kill -9 leaves the broker to publish the
 Last Will.
 
+Over-the-air updates (:mod:`edgeops_agent.updater`, ADR 0012): ``deploy`` commands go to the
+:class:`~edgeops_agent.updater.Updater`, which runs each deploy on its own thread; the link
+hands ``ota_block`` frames to it through a bounded queue and its block requests go out
+directly, never through the outbox. Start-up counts a start-up of a trial (a crash loop
+rolls back before the model loads) and resumes an unfinished deploy once connected.
+
 Under a service manager (:mod:`edgeops_agent.service`): ``READY=1`` once the model is loaded,
 the endpoint serves and a first probe inference answered; ``WATCHDOG=1`` while probes keep
 answering (when ``$WATCHDOG_USEC`` asks for it); ``STOPPING=1`` first thing on shutdown.
@@ -50,6 +56,7 @@ from edgeops_agent.outbox import Outbox, Pending
 from edgeops_agent.server import EndpointServer
 from edgeops_agent.service import Notifier, ServiceMonitor, status_text, watchdog_timeout_s
 from edgeops_agent.store import DataDir
+from edgeops_agent.updater import Updater
 from edgeops_core import (
     Command,
     CommandError,
@@ -109,9 +116,15 @@ def _sample_upload(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
     return {"rows": len(message.rows)}
 
 
+def _deploy(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
+    # The deploy's own events (ota_progress, one final ota_*) say how it goes; command_done
+    # only says whether it was taken on.
+    return daemon.updater.deploy(cmd.id, cmd.args)
+
+
 #: One handler per command type; each returns the ``command_done`` detail or raises
-#: :class:`CommandFailedError`. OTA adds ``deploy`` and ``rollback`` here.
-HANDLERS: dict[str, Handler] = {"ping": _ping, "status": _status, "sample_upload": _sample_upload}
+#: :class:`CommandFailedError`.
+HANDLERS: dict[str, Handler] = {"ping": _ping, "status": _status, "sample_upload": _sample_upload, "deploy": _deploy}
 
 
 class Daemon:
@@ -147,7 +160,19 @@ class Daemon:
         self.journal = CommandJournal(self.data.outbox_path.with_name("commands.sqlite"))
         prefix, dev = config.mqtt.prefix, config.device_id
         self.topics = {leaf: device_topic(prefix, dev, leaf) for leaf in ("state", "telemetry", "events", "samples")}
+        self.updater = Updater(
+            self.data,
+            config.ota,
+            device_id=dev,
+            target=config.target,
+            put_event=self._put_event,
+            publish_direct=lambda topic, message: self.link.publish_direct(topic, message),
+            request_topic=device_topic(prefix, dev, "ota_request"),
+            state_changed=self.publish_state,
+        )
+        self.updater.before_agent()  # a crash-looping trial is rolled back before its model loads
         self.agent = Agent(self.data, device_id=config.device_id, drift=config.drift, on_event=self._event)
+        self.updater.agent = self.agent
         # The Last Will is composed now and published by the broker later: no time, no seq.
         offline = {**self._state(online=False), "ts": None, "seq": None}
         self._will = offline
@@ -159,6 +184,7 @@ class Daemon:
             on_command=self._enqueue,
             on_quarantine=self._quarantined,
             on_connected=self.publish_state,
+            on_block=self.updater.on_block,
         )
         self.outbox.on_health = self._outbox_health
         self.stopping = False
@@ -187,10 +213,19 @@ class Daemon:
 
     # messages ------------------------------------------------------------------------------
 
+    def _put_event(self, kind: str, detail: Mapping[str, Any], once: str | None = None) -> None:
+        """Queue an event (``once``: only if that key was never used; see :meth:`Outbox.put`).
+
+        Raises:
+            MessageError: the event is invalid.
+            AgentError: the outbox refused it (e.g. a full disk).
+        """
+        message = Event(device_id=self.config.device_id, ts=utc_now_text(), type=kind, detail=detail)
+        self.outbox.put(self.topics["events"], message.to_dict(), once=once)
+
     def _event(self, kind: str, detail: Mapping[str, Any]) -> None:
         try:
-            message = Event(device_id=self.config.device_id, ts=utc_now_text(), type=kind, detail=detail)
-            self.outbox.put(self.topics["events"], message.to_dict())
+            self._put_event(kind, detail)
         except (MessageError, AgentError) as exc:  # a full disk or a bug: say so, keep serving
             log.error("event %s not queued: %s", kind, exc)
             return
@@ -201,6 +236,7 @@ class Daemon:
 
     def _state(self, *, online: bool) -> dict[str, Any]:
         raw = dict(self.agent.state_message(online=online))
+        raw["ota"] = self.updater.progress()
         if not self.outbox.healthy:
             raw["health"] = "degraded"
             raw["last_error"] = self.outbox.last_error or raw.get("last_error")
@@ -360,6 +396,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.start()
         self.link.start()
+        self.updater.resume(self.agent)
         interval = self.config.telemetry_interval_s
         try:
             if self.monitor is not None:
@@ -384,6 +421,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.stop()
         self.server.stop()
+        self.updater.stop()
         if self._worker.is_alive():
             # Commands still queued are dropped unprocessed: the journal never recorded them,
             # so the console may send them again and they will be acted on.

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from edgeops_agent.crash import crash_point
 from edgeops_agent.errors import (
     AgentError,
     ModelSwitchError,
@@ -59,7 +60,7 @@ from edgeops_core import (
 )
 from edgeops_core.digest import sha256_hex, sha256_new
 
-__all__ = ["InstallResult", "confirm_trial", "install_bundle", "read_bundle", "recover", "rollback_trial"]
+__all__ = ["InstallResult", "adopt_trial", "confirm_trial", "install_bundle", "read_bundle", "recover", "rollback_trial"]
 
 _CHUNK = 1024 * 1024
 _GUARDS: dict[Path, threading.Lock] = {}
@@ -247,6 +248,7 @@ def _install(
         floor = _check(state, manifest, device_target, switch_model, repair)
         model = LoadedModel(manifest, on_disk.read_model(), digest=on_disk.digest, signer=on_disk.signer, expired=False)
         tests = model.self_test()
+        crash_point("slot_written")  # test-only (edgeops_agent.crash): the slot is written, not yet active
     except BaseException:
         path.unlink(missing_ok=True)  # not claimed by the state: free the room now
         raise
@@ -323,6 +325,25 @@ def rollback_trial(data_dir: DataDir, reason: str = "the trial was rolled back")
         if state.trial is None:
             raise AgentError("no trial is pending: nothing to roll back")
         new = dataclasses.replace(state, active=state.trial.previous, trial=None, last_error=reason[:500])
+        data_dir.save_state(new)
+        return new
+
+
+def adopt_trial(data_dir: DataDir) -> AgentState:
+    """Make a trial left by an earlier process this process's own, so :func:`recover` keeps it.
+
+    Only for a caller that counts the start-ups of the trial and rolls it back itself when
+    there are too many (the daemon's over-the-air updates: a crash loop, ADR 0012).
+
+    Raises:
+        AgentError: no trial is pending (or the state cannot be written).
+        DataDirLockedError: another process works on the data directory.
+    """
+    with data_dir.lock("adopt"):
+        state = data_dir.load_state()
+        if state.trial is None:
+            raise AgentError("no trial is pending: nothing to adopt")
+        new = dataclasses.replace(state, trial=dataclasses.replace(state.trial, owner=PROCESS_TOKEN))
         data_dir.save_state(new)
         return new
 

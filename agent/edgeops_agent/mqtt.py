@@ -20,6 +20,9 @@
 * the transport reconnects by itself with exponential backoff (``reconnect_min_s``, a float,
   doubling up to ``reconnect_max_s``) and re-sends the messages that were in flight when
   the connection dropped, so the sender never hands the same ``seq`` to it twice;
+* with ``on_block``, the link also subscribes (QoS 1) to the device's ``ota_block`` and
+  hands each binary frame, unparsed, to that callback (over-the-air updates, ADR 0012);
+  :meth:`MqttLink.publish_direct` carries the block requests, never the outbox;
 * nothing raised by the outbox (disk full: :class:`~edgeops_agent.outbox.OutboxError`) or by
   ``on_command`` escapes a transport callback or ends the sender thread; the outbox reports
   its health instead.
@@ -72,6 +75,7 @@ class MqttLink:
         on_command: Callable[[bytes], None],
         on_quarantine: Callable[[Pending, int, str], None] | None = None,
         on_connected: Callable[[], None] | None = None,
+        on_block: Callable[[bytes], None] | None = None,
         transport: Transport | None = None,
         clock: Clock | None = None,
     ) -> None:
@@ -86,6 +90,8 @@ class MqttLink:
                 real work to a worker); its exceptions are logged, never propagated.
             on_quarantine: called when the broker refused a message.
             on_connected: called after every successful (re)connect.
+            on_block: called with each ``ota_block`` payload (on the transport's thread:
+                it must only hand the frame over); ``None``: not subscribed.
             transport: the MQTT client; a :class:`PahoTransport` for ``settings`` by default.
             clock: time source for the link's waits.
         """
@@ -95,6 +101,7 @@ class MqttLink:
         self._on_command = on_command
         self._on_quarantine = on_quarantine
         self._on_connected = on_connected
+        self._on_block = on_block
         self.clock: Clock = clock or RealClock()
         self.connected = threading.Event()
         self._stop = threading.Event()
@@ -106,6 +113,7 @@ class MqttLink:
         self.connects = 0
         self.cmd_topic = device_topic(settings.prefix, device_id, "cmd")
         self.state_topic = device_topic(settings.prefix, device_id, "state")
+        self.block_topic = device_topic(settings.prefix, device_id, "ota_block")
         if transport is None:
             transport = PahoTransport(
                 settings.host,
@@ -190,6 +198,8 @@ class MqttLink:
         # Subscribe even when the session is present: cheap, and it repairs a session the
         # broker lost (e.g. restarted without persistence).
         self.transport.subscribe(self.cmd_topic, qos=1)
+        if self._on_block is not None:
+            self.transport.subscribe(self.block_topic, qos=1)
         self.connected.set()
         if self._on_connected is not None:
             try:
@@ -230,6 +240,12 @@ class MqttLink:
                 log.exception("on_quarantine failed")
 
     def _message(self, topic: str, payload: bytes) -> None:
+        if topic == self.block_topic and self._on_block is not None:
+            try:
+                self._on_block(payload)
+            except Exception:  # never the network thread's end
+                log.exception("block handler failed")
+            return
         if topic != self.cmd_topic:
             return
         try:

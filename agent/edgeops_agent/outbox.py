@@ -242,8 +242,12 @@ class Outbox:
         with self._lock:
             self._db.close()
 
-    def put(self, topic: str, message: Mapping[str, Any], *, qos: int = 1, retain: bool = False) -> int:
+    def put(self, topic: str, message: Mapping[str, Any], *, qos: int = 1, retain: bool = False, once: str | None = None) -> int:
         """Append ``message`` (a JSON object; its ``seq`` is filled in) and return its seq.
+
+        With ``once``, the message is appended only if that key was never used (the key is
+        recorded in the same transaction, so even a kill -9 between two tries cannot queue it
+        twice: how each OTA deploy gets exactly one final event); a repeat returns 0.
 
         A retained message replaces any unsent retained message of the same topic (counted as
         ``superseded``). At the cap the oldest unsent non-retained messages are discarded and
@@ -255,6 +259,10 @@ class Outbox:
         """
 
         def insert() -> int:
+            if once is not None:
+                cur = self._db.execute("INSERT OR IGNORE INTO seen_commands VALUES (?, ?)", (once, time.time()))
+                if not cur.rowcount:
+                    return 0
             row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
             seq = (row[0] if row else 0) + 1
             payload = json.dumps({**message, "seq": seq}, separators=(",", ":")).encode()

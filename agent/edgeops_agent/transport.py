@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -246,6 +247,11 @@ class PahoTransport:
             log.warning("%s", self.last_error)
             return
         self.last_error = None
+        sock = client.socket()
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # OTA block requests are a request/response exchange: with Nagle's algorithm a small
+            # request or PUBACK waits behind an unacknowledged segment for a delayed ACK (~40 ms).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._call(self.on_connect, bool(flags.session_present))
 
     def _disconnected(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:

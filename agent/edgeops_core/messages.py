@@ -54,6 +54,7 @@ __all__ = [
     "COMMAND_WINDOW_S",
     "DEFAULT_BLOCK_BYTES",
     "DEPLOY_COMMAND",
+    "DEPLOY_OPTIONS",
     "EVENT_TYPES",
     "HEALTH_STATES",
     "MAX_BLOCKS",
@@ -82,12 +83,13 @@ __all__ = [
     "State",
     "Telemetry",
     "choose_block_size",
+    "deploy_args",
     "deploy_command",
     "parse_command",
 ]
 
-#: Commands the agent understands (``deploy``/``rollback`` arrive with over-the-air updates).
-COMMAND_TYPES = ("ping", "status", "sample_upload")
+#: Commands the agent understands (``deploy``: an over-the-air update, ADR 0012).
+COMMAND_TYPES = ("ping", "status", "sample_upload", "deploy")
 #: Largest command payload the agent reads (bytes).
 MAX_COMMAND_BYTES = 64 * 1024
 #: Deepest JSON nesting accepted in a command (``args`` values are flat today).
@@ -109,6 +111,7 @@ EVENT_TYPES = (
     "commands_overloaded",
     "outbox_quarantined",
     "ota_progress",
+    "ota_blocks_refused",
     "ota_committed",
     "ota_rolled_back",
     "ota_failed",
@@ -596,6 +599,8 @@ class Command:
                 raise CommandError(f"sample_upload has unknown argument {extra[0]!r}")
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
                 raise _fail(CommandError, "sample_upload 'max_rows'", "an integer >= 0", limit)
+        if self.type == DEPLOY_COMMAND:
+            deploy_args(self.args)
         if self.issued_at is not None and self.issued_time() is None:
             raise _fail(CommandError, "command 'issued_at'", "UTC text YYYY-MM-DDTHH:MM:SS.ffffffZ", self.issued_at)
         object.__setattr__(self, "args", _frozen(self.args))
@@ -658,7 +663,7 @@ def parse_command(payload: bytes | str) -> Command:
 # on ``ota_block`` as one binary MQTT payload (:class:`BlockFrame`: a 20-byte header, then the
 # bytes). Both topics sit in the device's own subtree.
 
-#: The command ``type`` of a deploy (joins :data:`COMMAND_TYPES` when the agent handles it).
+#: The command ``type`` of a deploy (one of :data:`COMMAND_TYPES`).
 DEPLOY_COMMAND = "deploy"
 #: Smallest and largest block (bytes); a block size is a power of two between them.
 MIN_BLOCK_BYTES = 4 * 1024
@@ -857,8 +862,32 @@ class Deploy:
         return frame
 
 
-def deploy_command(deploy: Deploy, *, command_id: str | None = None, issued_at: str | None = None) -> bytes:
+#: Options a ``deploy`` command's ``args`` may carry beside the :class:`Deploy` fields:
+#: ``retry_bad`` (boolean) fetches a bundle whose sha256 this device rolled back before.
+DEPLOY_OPTIONS = ("retry_bad",)
+
+
+def deploy_args(args: object) -> tuple[Deploy, bool]:
+    """Validate a ``deploy`` command's ``args``: the :class:`Deploy` and ``retry_bad``.
+
+    Raises:
+        CommandError: not an object with exactly the deploy's fields (plus the options), or invalid.
+    """
+    if not isinstance(args, Mapping):
+        raise _fail(CommandError, "deploy args", "an object", args)
+    retry = args.get("retry_bad", False)
+    if not isinstance(retry, bool):
+        raise _fail(CommandError, "deploy retry_bad", "a boolean", retry)
+    return Deploy.from_args({k: v for k, v in args.items() if k not in DEPLOY_OPTIONS}), retry
+
+
+def deploy_command(
+    deploy: Deploy, *, command_id: str | None = None, issued_at: str | None = None, retry_bad: bool = False
+) -> bytes:
     """The ``cmd`` payload announcing ``deploy`` (``id`` defaults to the deploy id).
+
+    ``retry_bad`` asks the device to fetch the bundle even if it rolled this sha256 back
+    before (the console's explicit retry).
 
     Raises:
         CommandError: the id or ``issued_at`` is invalid, or the payload exceeds :data:`MAX_COMMAND_BYTES`.
@@ -866,7 +895,8 @@ def deploy_command(deploy: Deploy, *, command_id: str | None = None, issued_at: 
     cid = deploy.deploy_id if command_id is None else command_id
     if not (isinstance(cid, str) and _COMMAND_ID.fullmatch(cid)):
         raise _fail(CommandError, "command 'id'", "1-64 characters [A-Za-z0-9._:-]", cid)
-    doc: dict[str, Any] = {"id": cid, "type": DEPLOY_COMMAND, "args": deploy.to_args()}
+    args = {**deploy.to_args(), "retry_bad": True} if retry_bad else deploy.to_args()
+    doc: dict[str, Any] = {"id": cid, "type": DEPLOY_COMMAND, "args": args}
     if issued_at is not None:
         if not (isinstance(issued_at, str) and _TS.fullmatch(issued_at)):
             raise _fail(CommandError, "command 'issued_at'", "UTC text YYYY-MM-DDTHH:MM:SS.ffffffZ", issued_at)

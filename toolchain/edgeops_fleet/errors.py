@@ -2,14 +2,15 @@
 
 EdgeopsError
 └── FleetError          the console cannot do what was asked
-    └── SenderError     a bundle cannot be served (unreadable, changed since it was verified)
+    ├── SenderError     a bundle cannot be served (unreadable, changed since it was verified)
+    └── BrokerError     the broker cannot be reached or refuses the console
 """
 
 from __future__ import annotations
 
 from edgeops_core import EdgeopsError
 
-__all__ = ["FleetError", "SenderError"]
+__all__ = ["BrokerError", "FleetError", "SenderError"]
 
 
 class FleetError(EdgeopsError):
@@ -18,3 +19,7 @@ class FleetError(EdgeopsError):
 
 class SenderError(FleetError):
     """A bundle cannot be served over the air."""
+
+
+class BrokerError(FleetError):
+    """The MQTT broker cannot be reached or refuses the console's connection."""

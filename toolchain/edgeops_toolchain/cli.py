@@ -554,3 +554,12 @@ def cache_clear(ctx: click.Context, cache_dir: Path | None) -> None:
         click.echo(f"deleted {store.clear()} entries from {store.root}")
 
     _run(ctx, False, body)
+
+
+def _add_fleet() -> None:
+    from edgeops_toolchain.fleet_cli import fleet  # it imports this module's helpers, so it comes last
+
+    main.add_command(fleet)
+
+
+_add_fleet()
