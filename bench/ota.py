@@ -1,7 +1,7 @@
 """OTA benchmark: bundle transfer throughput against raw paho QoS-1 publishing, in one run.
 
     .venv/bin/python bench/ota.py [--bundle B --key PUB.pem] [--devices 1 10] [--repeat 3]
-                                  [--nagle] [--device-nodelay]
+                                  [--nagle] [--device-nodelay] [--window N]
 
 Without ``--bundle`` it builds the example for ``ecu`` (in a temporary EDGEOPS_HOME) and
 pads its model to about 1 MiB (an ONNX doc string), signed again with that home's
@@ -11,8 +11,8 @@ interpreter (as devices are):
 
 * **ota** — the console's :class:`~edgeops_fleet.Deployer` (deploy command, block server,
   events) in this process, and N devices running the agent's own transfer code:
-  ``Staging`` (preallocated part file, journal, two ``fdatasync`` per block) and
-  ``TransferEngine`` (window 8, the agent's default) over the agent's ``PahoTransport``
+  ``Staging`` (preallocated part file, journal, two ``fdatasync`` per batch of blocks) and
+  ``TransferEngine`` (the agent's default window, or ``--window``) over the agent's ``PahoTransport``
   (tests/ota_device.py). Timed from ``Deployer.start`` to the last device's verified file
   (its whole-file sha256 checked): what an operator waits for, minus the install. Also
   reported: "blocks only", from the first block request to that moment.
@@ -87,7 +87,11 @@ if nodelay:  # --device-nodelay: force TCP_NODELAY (the current agent sets it it
     mqtt.Client._create_socket = _nodelay
 if mode == "ota":
     from ota_device import OtaDevice
-    d = OtaDevice(name, port, Path(arg))
+    from edgeops_agent.config import OtaConfig
+    from edgeops_agent.ota import TransferPolicy
+    window = int(sys.argv[7]) if len(sys.argv) > 7 else OtaConfig().window  # the agent's default unless --window
+    policy = TransferPolicy(window=window, retry_initial_s=1.0, retry_max_s=2.0, deadline_s=60)
+    d = OtaDevice(name, port, Path(arg), policy=policy)
     d.start()
     assert d.connected.wait(10)
     print("ready", flush=True)
@@ -119,13 +123,14 @@ else:
 
 
 DEVICE_NODELAY = ["0"]
+DEVICE_WINDOW: list[str] = []  # --window: the devices' window instead of the agent's default
 
 
 def _workers(mode: str, names: list[str], port: int, args: list[str]) -> list[subprocess.Popen[str]]:
     """One fresh interpreter per device (or raw subscriber), as devices are; each prints ``ready``."""
     cmd = [sys.executable, "-c", _WORKER, str(REPO / "tests"), mode]
     procs = [
-        subprocess.Popen([*cmd, n, str(port), a, DEVICE_NODELAY[0]], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([*cmd, n, str(port), a, DEVICE_NODELAY[0], *DEVICE_WINDOW], stdout=subprocess.PIPE, text=True)
         for n, a in zip(names, args, strict=True)
     ]
     for p in procs:
@@ -205,9 +210,12 @@ def main() -> None:
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--nagle", action="store_true", help="leave Mosquitto's set_tcp_nodelay at its default (false)")
+    parser.add_argument("--window", type=int, help="the devices' request window (default: the agent's [ota] window default)")
     parser.add_argument("--device-nodelay", action="store_true", help="devices (and raw subscribers) set TCP_NODELAY")
     args = parser.parse_args()
     DEVICE_NODELAY[0] = "1" if args.device_nodelay else "0"
+    if args.window is not None:
+        DEVICE_WINDOW[:] = [str(args.window)]
     with tempfile.TemporaryDirectory(prefix="edgeops-ota-bench-") as name:
         tmp = Path(name)
         if args.bundle:

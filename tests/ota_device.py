@@ -99,7 +99,7 @@ class OtaDevice:
         if topic == self.topic["ota_block"]:
             engine = self.engine
             if engine is not None:
-                engine.on_block(payload)
+                engine.offer(payload)  # written by the engine's thread, in batches, as the agent does
         elif topic == self.topic["cmd"]:
             doc = json.loads(payload)
             if doc.get("type") == "deploy" and doc["id"] not in self.seen_deploys:

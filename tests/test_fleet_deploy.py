@@ -451,6 +451,91 @@ def test_real_agent_broker_restart_mid_transfer_resends_at_most_110_percent_of_w
     assert agent.active_release() == 2
 
 
+class BlockCounter:
+    """An outside MQTT v5 client counting the block bytes published to one device, split at a marker.
+
+    The marker is a message on a topic of the same subscription: the broker delivers both in the
+    order it took them, so every block counted after it was sent after the marker was published.
+    """
+
+    def __init__(self, port: int, device_id: str) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.blocks_topic = device_topic(DEFAULT_PREFIX, device_id, "ota_block")
+        self.marker_topic = f"test/{device_id}/marker"
+        self.before = self.after = 0
+        self.marked = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe([(self.blocks_topic, 1), (self.marker_topic, 1)])
+        self.client.loop_start()
+        time.sleep(0.3)  # subscribed before anything is sent
+
+    def _on_message(self, client: object, userdata: object, msg: object) -> None:
+        if msg.topic == self.marker_topic:  # type: ignore[attr-defined]
+            self.marked.set()
+        elif self.marked.is_set():
+            self.after += len(msg.payload) - 20  # type: ignore[attr-defined]  # the 20-byte frame header
+        else:
+            self.before += len(msg.payload) - 20  # type: ignore[attr-defined]
+
+    def mark(self) -> None:
+        self.client.publish(self.marker_topic, b"restart", qos=1)
+        assert self.marked.wait(5)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_real_agent_sigkilled_mid_transfer_resumes_and_resends_at_most_110_percent_of_what_was_missing(
+    tmp_path: Path, built: Built, broker: Broker, agents: Callable[[int], list[AgentProc]]
+) -> None:
+    (agent,) = agents(1)
+    bundle = _release(built, tmp_path, 2, pad=3 * 1024 * 1024)
+    counter = BlockCounter(broker.port, agent.name)
+    at_restart: dict[str, int] = {}
+
+    def kill_mid_way() -> None:
+        journals: list[Path] = []
+        while not journals:
+            journals = list((agent.data / "ota").glob("*.journal")) if (agent.data / "ota").is_dir() else []
+            time.sleep(0.01)
+        deploy_id = journals[0].stem
+        header = json.loads(journals[0].read_bytes().split(b"\n", 1)[0])
+        size, block = int(header["size"]), int(header["block_size"])
+        count = -(-size // block)
+        while len(agent.journal_blocks(deploy_id)) < count // 3:
+            time.sleep(0.01)
+        assert agent.proc is not None
+        agent.proc.kill()  # SIGKILL: no shutdown code runs
+        agent.proc.wait(10)
+        agent.proc = None
+        time.sleep(0.5)  # the broker publishes its Will; what it had asked for must not be sent now
+        have = agent.journal_blocks(deploy_id)  # the journal as the restarted agent finds it
+        at_restart["missing"] = sum(min(block, size - i * block) for i in range(count) if i not in have)
+        at_restart["size"] = size
+        counter.mark()
+        agent.start()
+
+    chaos = threading.Thread(target=kill_mid_way, daemon=True)
+    chaos.start()
+    try:  # --max-rate 1024 KiB/s: about 3 s, long enough to kill the agent mid-way
+        done = _deploy(bundle, built, broker.port, agent.name, extra=("--json", "--timeout", "60", "--max-rate", "1024"))
+    finally:
+        counter.close()
+    chaos.join(5)
+    assert done.returncode == 0, done.stderr + agent.log.read_text()[-3000:]
+    (report,) = json.loads(done.stdout)["devices"]
+    assert (report["outcome"], report["final_events"]) == ("committed", 1)
+    assert 0 < at_restart["missing"] < at_restart["size"] * 0.8  # the kill fell mid-transfer
+    assert counter.before + counter.after == report["bytes_sent"]  # the counter saw every block the sender sent
+    assert counter.after <= 1.1 * at_restart["missing"], (counter.after, at_restart)
+    assert agent.active_release() == 2
+
+
 def test_ctrl_c_ends_the_deploy_with_one_line_and_130(tmp_path: Path, built: Built, broker: Broker) -> None:
     url = f"mqtt://127.0.0.1:{broker.port}"
     cmd = [*EDGEOPS, "fleet", "deploy", str(built.bundle), "-d", "ghost-2", "--broker", url, "--key", str(built.public_key)]

@@ -29,7 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from broker import Broker
 from conftest import AGENT, Built
-from edgeops_agent.config import load_config
+from edgeops_agent.config import OtaConfig, load_config
 from edgeops_agent.crash import CRASH_ENV
 from edgeops_agent.errors import ConfigError
 from edgeops_agent.install import install_bundle
@@ -326,7 +326,7 @@ def test_kill_9_at_every_checkpoint_then_restart_ends_the_deploy_once(
     assert all(r["ok"] for r in dev.predict(3))
     assert console.server is not None
     sent = console.server.stats(dev.name).blocks_sent
-    assert sent <= deploy.block_count + 8, (sent, deploy.block_count)  # a resume re-fetches at most the window
+    assert sent <= deploy.block_count + OtaConfig().window, (sent, deploy.block_count)  # a resume re-fetches at most the window
 
 
 def test_a_crash_looping_trial_rolls_back_once_and_is_not_fetched_again(

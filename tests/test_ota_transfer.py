@@ -8,6 +8,7 @@ and a real Mosquitto that is restarted mid-transfer.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -634,3 +635,103 @@ def test_the_sender_depends_on_the_contract_only() -> None:
     }
     assert "edgeops_core" in loaded
     assert not loaded & {"edgeops_agent", "edgeops_toolchain", "torch", "tensorflow", "onnx", "paho"}
+
+
+def test_a_batch_is_checked_frame_by_frame_and_made_durable_with_two_fdatasync_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, data = _bundle(tmp_path, 6 * BLOCK)
+    deploy = make_deploy(data)
+    staging = Staging(tmp_path / "ota", deploy)
+    engine = TransferEngine(staging, lambda ix: None, policy=TransferPolicy(window=4), clock=ManualClock())
+    engine.start()  # blocks 0..3 outstanding
+    journal_size = staging.journal_path.stat().st_size
+    calls: list[tuple[str, str]] = []
+    names = {staging._fd: "part", staging._journal: "journal"}  # which descriptor each call hits
+    for name in ("pwrite", "write", "fdatasync"):
+        real = getattr(os, name)
+
+        def spy(fd: int, *args: object, _name: str = name, _real: Callable[..., object] = real) -> object:
+            calls.append((_name, names.get(fd, "?")))
+            return _real(fd, *args)
+
+        monkeypatch.setattr(os, name, spy)
+    frame = {i: deploy.frame(i, data[i * BLOCK : (i + 1) * BLOCK]).to_bytes() for i in range(6)}
+    corrupt = BlockFrame(tag=deploy.tag, index=1, data=data[:BLOCK]).to_bytes()
+    results = engine.on_blocks([frame[2], corrupt, frame[0], frame[2], frame[5], frame[3]])
+    assert results == [None, "corrupt", None, "duplicate", "unrequested", None]
+    assert calls == [("pwrite", "part")] * 3 + [("fdatasync", "part"), ("write", "journal"), ("fdatasync", "journal")]
+    assert staging.received == 3 and staging.missing() == [1, 4, 5]
+    assert staging.journal_path.stat().st_size == journal_size + 3 * 8  # one record per written block
+    assert engine.outstanding == 1 and engine.bytes_written == 3 * BLOCK
+    assert engine.on_blocks([corrupt]) == ["corrupt"] and calls[-1] == ("fdatasync", "journal")  # nothing to write: no sync
+    staging.close()
+    assert Staging(tmp_path / "ota", deploy).missing() == [1, 4, 5]  # the batch survives a reopen
+
+
+def test_a_batch_whose_journal_write_fails_leaves_no_record_and_is_fetched_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, data = _bundle(tmp_path, 4 * BLOCK)
+    deploy = make_deploy(data)
+    staging = Staging(tmp_path / "ota", deploy)
+    engine = TransferEngine(staging, lambda ix: None, policy=TransferPolicy(window=4), clock=ManualClock())
+    engine.start()
+    assert engine.on_block(deploy.frame(0, data[:BLOCK]).to_bytes()) is None
+    journal = staging._journal
+    real_write = os.write
+
+    def full_disk(fd: int, payload: bytes) -> int:
+        if fd == journal:  # the crash window between fsync point 1 and 2: blocks on disk, no record
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, payload)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    frames = [deploy.frame(i, data[i * BLOCK : (i + 1) * BLOCK]).to_bytes() for i in (1, 2)]
+    assert engine.on_blocks(frames) == ["no_space", "no_space"]
+    with pytest.raises(TransferFailedError, match=r"cannot write block 1, 2") as info:
+        engine.tick()
+    assert info.value.reason == "no_space" and staging.received == 1
+    monkeypatch.setattr(os, "write", real_write)
+    staging.close()
+    assert Staging(tmp_path / "ota", deploy).missing() == [1, 2, 3]  # written, never journaled: fetched again
+
+
+def test_offered_frames_wait_in_a_bounded_inbox_and_run_writes_them_in_batches(tmp_path: Path) -> None:
+    path, data = _bundle(tmp_path, 40 * BLOCK + 7)
+    deploy = make_deploy(data)
+    server_out: list[bytes] = []
+    server = BlockServer(path, deploy, lambda topic, payload: server_out.append(payload), devices=[DEVICE])
+    staging = Staging(tmp_path / "ota", deploy)
+    batches: list[int] = []
+
+    def request(indexes: tuple[int, ...]) -> None:
+        assert server.on_message(REQUEST_TOPIC, _request_payload(deploy, indexes))
+        while server.serve_once() == 0:  # 0: one block sent
+            pass
+        for payload in server_out:  # as paho's thread would: queue, never write
+            engine.offer(payload)
+        server_out.clear()
+
+    engine = TransferEngine(staging, request, policy=TransferPolicy(window=8))
+    real_store = staging.store
+    staging.store = lambda frames: (batches.append(len(frames)), real_store(frames))[1]  # type: ignore[method-assign]
+    assert engine.run().read_bytes() == data
+    assert sum(batches) == deploy.block_count and max(batches) <= 8 and len(batches) < deploy.block_count
+    assert engine.dropped_frames == 0 and not engine.refused
+    full = TransferEngine(Staging(tmp_path / "ota2", deploy), lambda ix: None, policy=TransferPolicy(window=1))
+    assert [full.offer(b"x") for _ in range(7)] == [True] * 6 + [False]  # 2 x window + 4
+    assert full.dropped_frames == 1
+
+
+def test_the_sender_forgets_what_a_device_gone_offline_asked_for(tmp_path: Path) -> None:
+    path, data = _bundle(tmp_path, 6 * BLOCK)
+    deploy = make_deploy(data)
+    sent: list[bytes] = []
+    server = BlockServer(path, deploy, lambda topic, payload: sent.append(payload), devices=[DEVICE])
+    assert server.on_message(REQUEST_TOPIC, _request_payload(deploy, (0, 1, 2, 3)))
+    assert server.serve_once() == 0 and len(sent) == 1
+    assert server.forget(DEVICE) == 3 and server.forget("ecu-unknown") == 0
+    assert server.serve_once() is None and len(sent) == 1  # nothing left to send to it
+    assert server.on_message(REQUEST_TOPIC, _request_payload(deploy, (2,)))  # back: it asks again
+    assert server.serve_once() == 0 and BlockFrame.parse(sent[-1]).index == 2

@@ -11,8 +11,9 @@ the decisions are ADR 0012. This module is the device's half, as three pieces:
       <data>/ota/<deploy_id>.part      the bundle being assembled, preallocated to its size
       <data>/ota/<deploy_id>.journal   a JSON header line, then one 8-byte record per block
 
-  A block is checked against its digest, written at its offset and ``fdatasync``'d; only
-  then is its record appended to the journal and the journal ``fdatasync``'d (**fsync
+  Blocks that arrived together (a batch, at most a window) are each checked against their
+  digest, written at their offsets and the part file ``fdatasync``'d once; only then are
+  their records appended to the journal and the journal ``fdatasync``'d once (**fsync
   point 1 and 2**). The journal header is written to a temporary, fsynced and renamed, and
   the folder fsynced, before any record (**fsync point 0**). So after a power cut a
   journal record always names a block whose bytes are on disk; a torn last record fails
@@ -29,7 +30,8 @@ the decisions are ADR 0012. This module is the device's half, as three pieces:
   A frame that is malformed, foreign, out of range, of the wrong length, corrupt, a
   duplicate or not requested is refused with its reason, counted and never written.
 
-Memory is bounded by one block (at most 1 MiB) plus the bitmap (at most 512 entries):
+Memory is bounded by the frames waiting to be written (a queue of ``2 × window + 4`` and a batch
+of ``window`` blocks of at most 1 MiB) plus the bitmap (at most 512 entries):
 neither the staging file nor the sender's file is ever held whole.
 
 Errors (under :class:`~edgeops_agent.errors.AgentError`)::
@@ -50,7 +52,7 @@ import struct
 import threading
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -289,21 +291,47 @@ class Staging:
                 ``duplicate``; nothing is written.
             TransferFailedError: ``no_space`` or ``storage``: the disk refused the write.
         """
+        self.check(frame)
+        self.store([frame])
+
+    def check(self, frame: BlockFrame) -> None:
+        """Check ``frame`` against the deploy and what is on disk; nothing is written.
+
+        Raises:
+            BlockError: ``foreign``, ``out_of_range``, ``wrong_length``, ``corrupt`` or ``duplicate``.
+        """
         self.deploy.check_frame(frame)
         if self.have[frame.index]:
             raise BlockError("duplicate", f"block {frame.index} is already on disk")
+
+    def store(self, frames: Sequence[BlockFrame]) -> None:
+        """Write checked frames of distinct indexes, then journal them: one batch, two ``fdatasync``.
+
+        Every block is written at its offset and the part file synced once (fsync point 1);
+        only then are all their records appended in one write and the journal synced once
+        (fsync point 2). A crash in between loses records, never names a block not on disk.
+
+        Raises:
+            TransferFailedError: ``no_space`` or ``storage``: the disk refused the write
+                (blocks written but not journaled are fetched again after a restart).
+        """
+        if not frames:
+            return
         if self._fd is None or self._journal is None:
             raise TransferFailedError("storage", f"{self.path}: the staging is closed")
         try:
-            os.pwrite(self._fd, frame.data, frame.index * self.deploy.block_size)
-            os.fdatasync(self._fd)  # fsync point 1: the block's bytes are durable...
-            os.write(self._journal, _RECORD.pack(frame.index, self._crc(frame.index)))
+            for frame in frames:
+                os.pwrite(self._fd, frame.data, frame.index * self.deploy.block_size)
+            os.fdatasync(self._fd)  # fsync point 1: the blocks' bytes are durable...
+            os.write(self._journal, b"".join(_RECORD.pack(f.index, self._crc(f.index)) for f in frames))
             os.fdatasync(self._journal)  # fsync point 2: ...before the journal says so
         except OSError as exc:
             reason = "no_space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "storage"
-            raise TransferFailedError(reason, f"{self.path}: cannot write block {frame.index}: {exc.strerror or exc}") from exc
-        self.have[frame.index] = 1
-        self.received += 1
+            indexes = ", ".join(str(f.index) for f in frames[:4]) + (" …" if len(frames) > 4 else "")
+            raise TransferFailedError(reason, f"{self.path}: cannot write block {indexes}: {exc.strerror or exc}") from exc
+        for frame in frames:
+            self.have[frame.index] = 1
+        self.received += len(frames)
 
     def finish(self) -> Path:
         """Hash the complete file against the announced sha256; the path to install.
@@ -422,6 +450,9 @@ class TransferEngine:
         self.refused: Counter[str] = Counter()
         self.requested_blocks = 0
         self.bytes_written = 0
+        self.dropped_frames = 0
+        self._inbox: deque[bytes] = deque()
+        self._inbox_max = 2 * self.policy.window + 4
 
     @property
     def outstanding(self) -> int:
@@ -436,38 +467,57 @@ class TransferEngine:
         self.tick()
 
     def on_block(self, payload: bytes) -> str | None:
-        """Take one ``ota_block`` payload: ``None`` if written, else why not.
+        """Take one ``ota_block`` payload: ``None`` if written, else why not (see :meth:`on_blocks`)."""
+        return self.on_blocks([payload])[0]
 
+    def on_blocks(self, payloads: Sequence[bytes]) -> list[str | None]:
+        """Take ``ota_block`` payloads that arrived together: for each, ``None`` if written, else why not.
+
+        Each frame is checked on its own; the accepted ones are written as one batch
+        (:meth:`Staging.store`: one ``fdatasync`` of the part file, then one of the journal).
         A refused frame's reason (one of ``edgeops_core.BLOCK_REFUSALS``) is counted in
         :attr:`refused`; a write the disk refuses ends the transfer (``no_space`` or
-        ``storage``, raised by the next :meth:`tick`).
+        ``storage``, raised by the next :meth:`tick`) and is every accepted frame's answer.
         """
-        try:
-            frame = BlockFrame.parse(payload)
-            with self._lock:
-                if self._error is not None:  # the transfer is over: nothing more is written
-                    raise BlockError("unrequested", f"block {frame.index} arrived after the transfer failed")
-                if frame.tag == self.deploy.tag and frame.index < self.deploy.block_count:
-                    if self.staging.have[frame.index]:
-                        raise BlockError("duplicate", f"block {frame.index} is already on disk")
-                    if frame.index not in self._outstanding:
-                        raise BlockError("unrequested", f"block {frame.index} was not requested")
-                self.staging.write_block(frame)  # the deploy's own checks: foreign, range, length, digest
-                del self._outstanding[frame.index]
-                self.bytes_written += len(frame.data)
-                self._recent.append((self.clock.monotonic(), len(frame.data)))
-        except BlockError as exc:
-            with self._lock:
-                self._refuse(exc.reason)
-            log.info("block refused (%s): %s", exc.reason, exc)
-            return exc.reason
-        except TransferFailedError as exc:  # the disk refused the write: the transfer is over
-            with self._lock:
+        results: list[str | None] = []
+        accepted: list[BlockFrame] = []
+        with self._lock:
+            batch: set[int] = set()
+            for payload in payloads:
+                try:
+                    frame = BlockFrame.parse(payload)
+                    if self._error is not None:  # the transfer is over: nothing more is written
+                        raise BlockError("unrequested", f"block {frame.index} arrived after the transfer failed")
+                    if frame.tag == self.deploy.tag and frame.index < self.deploy.block_count:
+                        if self.staging.have[frame.index] or frame.index in batch:
+                            raise BlockError("duplicate", f"block {frame.index} is already on disk")
+                        if frame.index not in self._outstanding:
+                            raise BlockError("unrequested", f"block {frame.index} was not requested")
+                    self.staging.check(frame)  # the deploy's own checks: foreign, range, length, digest
+                except BlockError as exc:
+                    self._refuse(exc.reason)
+                    log.info("block refused (%s): %s", exc.reason, exc)
+                    results.append(exc.reason)
+                    continue
+                batch.add(frame.index)
+                accepted.append(frame)
+                results.append(None)
+            if not accepted:
+                return results
+            try:
+                self.staging.store(accepted)
+            except TransferFailedError as exc:  # the disk refused the write: the transfer is over
                 self._error = exc
-            self._wake.set()
-            return exc.reason
+                reason: str | None = exc.reason
+            else:
+                reason = None
+                now = self.clock.monotonic()
+                for frame in accepted:
+                    del self._outstanding[frame.index]
+                    self.bytes_written += len(frame.data)
+                    self._recent.append((now, len(frame.data)))
         self._wake.set()
-        return None
+        return [reason if r is None else r for r in results]
 
     def _refuse(self, reason: str) -> str:
         self.refused[reason] += 1
@@ -522,8 +572,29 @@ class TransferEngine:
             except Exception as exc:  # noqa: BLE001 - a lost request is retried like a lost block
                 log.warning("block request %s not sent: %s", batch[:4], exc)
 
+    def offer(self, payload: bytes) -> bool:
+        """Queue an ``ota_block`` payload for :meth:`run` (from the network thread, which never writes).
+
+        At most ``2 × window + 4`` frames wait; beyond that a frame is dropped (``False``,
+        counted in :attr:`dropped_frames`) and asked for again when its retry falls due.
+        """
+        with self._lock:
+            if len(self._inbox) >= self._inbox_max:
+                self.dropped_frames += 1
+                return False
+            self._inbox.append(payload)
+        self._wake.set()
+        return True
+
+    def _take(self) -> list[bytes]:
+        """Up to ``window`` queued payloads (one batch for :meth:`on_blocks`)."""
+        with self._lock:
+            return [self._inbox.popleft() for _ in range(min(len(self._inbox), self.policy.window))]
+
     def run(self, stop: threading.Event | None = None) -> Path:
         """Pull until complete, then check the whole file; the path to install.
+
+        Frames come through :meth:`offer` (written here, in batches) or :meth:`on_block`.
 
         Raises:
             TransferFailedError: deadline, throughput, disk, or a file that is not the announced one.
@@ -534,8 +605,12 @@ class TransferEngine:
         while not self.staging.complete:
             if stop is not None and stop.is_set():
                 raise OtaError("superseded", f"deploy {self.deploy.deploy_id} was stopped")
-            self.clock.wait(self._wake, self.policy.tick_s)
-            self._wake.clear()
+            batch = self._take()
+            if batch:
+                self.on_blocks(batch)
+            else:
+                self.clock.wait(self._wake, self.policy.tick_s)
+                self._wake.clear()
             self.tick()
         self.tick()  # a write error after the last block
         return self.staging.finish()

@@ -396,6 +396,10 @@ class Deployer:
                 report.message = str(event.detail.get("message") or "the agent rejected the deploy command")
 
     def _take_state(self, report: DeviceReport, state: State) -> None:
+        if not state.online:  # its Last Will (a crash, a kill -9, a lost link): it asks again when back
+            dropped = self.server.forget(report.device_id)
+            if dropped:
+                log.info("%s went offline: %d requested block(s) not sent", report.device_id, dropped)
         with self._shared.lock:
             report.online = state.online
             if state.bundle is not None:

@@ -248,6 +248,21 @@ class BlockServer:
             self._cond.notify()
         return True
 
+    def forget(self, device_id: str) -> int:
+        """Drop what ``device_id`` asked for and was not sent yet; how many blocks were dropped.
+
+        For a device gone offline (its Last Will): whatever it asked for before it went away
+        it asks for again, if it still lacks it, when it is back; serving the old queue
+        would send those blocks twice (once into its broker session, once on its new request).
+        """
+        with self._cond:
+            device = self._devices.get(device_id)
+            if device is None:
+                return 0
+            dropped = len(device.pending)
+            device.pending.clear()
+            return dropped
+
     # -- serving -----------------------------------------------------------------------------
 
     def start(self) -> None:
