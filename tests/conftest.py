@@ -7,11 +7,13 @@ session; tests that tamper with it work on copies.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +64,40 @@ def run_agent(*args: str | Path, timeout: float = 120) -> subprocess.CompletedPr
 def _edgeops_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep dev keys and release counters of every test out of the user's home."""
     monkeypatch.setenv("EDGEOPS_HOME", str(tmp_path / "edgeops-home"))
+
+
+@contextlib.contextmanager
+def mount_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` (``"1m"``) mounted on ``mount`` (root only, else the test is
+    skipped); unmounted afterwards. For full-disk tests that need a disk that really fills."""
+    mount.mkdir(exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs (root only); unmounted afterwards."""
+    with mount_tmpfs(tmp_path / "fs", "1m") as mount:
+        yield mount
+
+
+def fill_disk(filler: Path) -> None:
+    """Write ``filler`` until its file system is full to the last byte."""
+    with open(filler, "wb", buffering=0) as f:
+        for chunk in (65536, 512):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError:
+                pass
 
 
 @dataclass(frozen=True)

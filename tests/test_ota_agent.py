@@ -28,7 +28,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker import Broker
-from conftest import AGENT, Built
+from conftest import AGENT, Built, mount_tmpfs
 from edgeops_agent.config import OtaConfig, load_config
 from edgeops_agent.crash import CRASH_ENV
 from edgeops_agent.errors import ConfigError
@@ -551,17 +551,8 @@ def test_block_requests_never_wait_behind_a_telemetry_backlog(
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 4 MiB tmpfs at ``tmp_path/ecu-1`` (root only); unmounted afterwards."""
-    mount = tmp_path / "ecu-1"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with mount_tmpfs(tmp_path / "ecu-1", "4m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_a_full_disk_is_refused_before_fetching_and_the_model_keeps_serving(

@@ -25,7 +25,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker import Broker
-from conftest import Built
+from conftest import Built, fill_disk
 from edgeops_agent.mqtt import MqttLink, MqttSettings
 from edgeops_agent.outbox import Outbox, OutboxError
 from edgeops_agent.transport import InMemoryBroker, ManualClock, PahoTransport, SimTransport
@@ -199,22 +199,6 @@ def test_full_disk_never_escapes_a_callback_or_kills_the_sender(outbox: Outbox) 
         assert [m.json()["n"] for m in broker.messages(TELEMETRY)] == [1, 2]  # no duplicate of 1
     finally:
         link.stop()
-
-
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB tmpfs (root only); unmounted afterwards."""
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_real_full_disk_degrades_and_recovers(tiny_fs: Path) -> None:
@@ -527,17 +511,7 @@ def test_daemon_survives_a_disk_that_fills_and_empties(tmp_path: Path, built: Bu
         row = _inputs(built)[0]
         console.wait(lambda c: len(c.of("telemetry")) >= 2, what="telemetry before the disk fills")
         filler = mount / "filler"
-        with open(filler, "wb", buffering=0) as f:
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-            except OSError:
-                pass
-            try:
-                while True:
-                    f.write(b"\0" * 512)
-            except OSError:
-                pass
+        fill_disk(filler)
         served = 0
         deadline = time.monotonic() + 4
         while time.monotonic() < deadline:  # telemetry fails to queue several times meanwhile

@@ -42,7 +42,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import Broker, free_port
-from conftest import AGENT, REPO, Built, run_agent
+from conftest import AGENT, REPO, Built, fill_disk, run_agent
 from edgeops_agent.agent import LATENCY_BUCKETS_S, LATENCY_RING
 from edgeops_agent.agent import Agent as AgentApi
 from edgeops_agent.config import MetricsConfig, load_config
@@ -778,17 +778,7 @@ def test_healthz_503_while_the_outbox_cannot_write(tmp_path: Path, built: Built,
     try:
         dev.start()
         _wait_http(port, "/healthz", lambda s, b: s == 200, "healthz 200")
-        with open(filler, "wb", buffering=0) as f:  # the disk, full to the last byte
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-            except OSError:
-                pass
-            try:
-                while True:
-                    f.write(b"\0" * 512)
-            except OSError:
-                pass
+        fill_disk(filler)  # the disk, full to the last byte
         _, body = _wait_http(port, "/healthz", lambda s, b: s == 503, "healthz 503 on a full disk")
         assert body.startswith("unavailable: the outbox is not writable:") and "full" in body
         assert _metrics(port)["edgeops_agent_outbox_healthy"] == 0
