@@ -53,12 +53,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import TYPE_CHECKING, Any
 
 from edgeops_agent import __version__
 from edgeops_agent.agent import LATENCY_BUCKETS_S
 from edgeops_agent.errors import AgentError, MetricsError
+from edgeops_agent.server import BoundedThreadingMixIn
 from edgeops_agent.service import status_text
 
 try:
@@ -271,15 +272,13 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("metrics %s: " + format, self.address_string(), *args)
 
 
-class MetricsServer(ThreadingHTTPServer):
+class MetricsServer(BoundedThreadingMixIn, HTTPServer):
     """The ``[metrics]`` listener: bound at construction, served by :meth:`start`.
 
     Attributes:
         listen: the address as configured (``HOST:PORT``).
         refused: connections refused because :data:`MAX_CONNECTIONS` were open.
     """
-
-    daemon_threads = True
 
     def __init__(self, settings: MetricsConfig, daemon: Daemon) -> None:
         """Bind ``settings.host:settings.port``.
@@ -290,12 +289,10 @@ class MetricsServer(ThreadingHTTPServer):
         """
         self.daemon = daemon
         self.listen = settings.listen
-        self.refused = 0
+        self._init_bounds(MAX_CONNECTIONS)
         self.failed = 0
-        self._open = 0
         self._warned_at: float | None = None
         self._unlogged = 0
-        self._count_lock = threading.Lock()
         self.registry = CollectorRegistry()
         self.registry.register(AgentCollector(daemon))
         ProcessCollector(registry=self.registry)
@@ -341,38 +338,9 @@ class MetricsServer(ThreadingHTTPServer):
             self.shutdown()
         self.server_close()
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Serve the connection on a thread, or answer 503 past :data:`MAX_CONNECTIONS`."""
-        with self._count_lock:
-            busy = self._open >= MAX_CONNECTIONS
-            if busy:
-                self.refused += 1
-            else:
-                self._open += 1
-        if busy:
-            try:
-                request.settimeout(0.1)
-                request.sendall(BUSY_RESPONSE)
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except Exception:  # noqa: BLE001 - no thread could be started: drop the connection, free its place
-            self._release()
-            self.shutdown_request(request)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """Serve one connection, then free its place."""
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        with self._count_lock:
-            self._open -= 1
+    def busy_reply(self) -> bytes:
+        """A 503 a scraper can tell from "unhealthy"."""
+        return BUSY_RESPONSE
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Never a traceback on stderr; a client that hung up or stalled: debug; else a rate-limited warning."""

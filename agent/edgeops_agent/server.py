@@ -48,7 +48,7 @@ from edgeops_agent.agent import Agent
 from edgeops_agent.errors import ConfigError
 from edgeops_core import EdgeopsError
 
-__all__ = ["MAX_BATCH", "MAX_FRAME", "EndpointServer", "recv_frame", "send_frame"]
+__all__ = ["MAX_BATCH", "MAX_FRAME", "BoundedThreadingMixIn", "EndpointServer", "recv_frame", "send_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +120,73 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
 
 
-class EndpointServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class BoundedThreadingMixIn(socketserver.ThreadingMixIn):
+    """A thread per connection, at most ``max_connections`` at once (the endpoint and the
+    metrics listener): one more gets :meth:`busy_reply` and is closed, counted in ``refused``.
+
+    Call :meth:`_init_bounds` before the server's own ``__init__``.
+    """
+
+    daemon_threads = True
+    max_connections: int
+    refused: int
+
+    def _init_bounds(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.refused = 0
+        self._open = 0
+        self._count_lock = threading.Lock()
+
+    def busy_reply(self) -> bytes:
+        """The bytes a refused connection gets before it is closed."""
+        raise NotImplementedError
+
+    def on_refused(self) -> None:
+        """Called after a connection was refused (``refused`` counts it already)."""
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start a thread for the connection, or refuse it past the bound."""
+        with self._count_lock:
+            busy = self._open >= self.max_connections
+            if busy:
+                self.refused += 1
+            else:
+                self._open += 1
+        if busy:
+            self.on_refused()
+            try:
+                request.settimeout(0.1)  # a fresh socket's buffer takes the small reply at once
+                request.sendall(self.busy_reply())
+            except OSError:
+                pass
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:  # noqa: BLE001 - e.g. no thread could be started: drop the connection, free its place
+            self._release()
+            log.warning("%s could not start a connection thread", type(self).__name__, exc_info=False)
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, then free its place."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._count_lock:
+            self._open -= 1
+
+
+class EndpointServer(BoundedThreadingMixIn, socketserver.UnixStreamServer):
     """Serves :class:`Agent` predictions on a Unix socket, with bounded connections.
 
     Attributes:
         refused: connections refused because ``max_connections`` were already open.
     """
 
-    daemon_threads = True
     request_queue_size = BACKLOG
 
     def __init__(
@@ -144,11 +203,8 @@ class EndpointServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         """
         self.agent = agent
         self.path = path
-        self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
-        self.refused = 0
-        self._open = 0
-        self._count_lock = threading.Lock()
+        self._init_bounds(max_connections)
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_socket(path)
         super().__init__(str(path), _Handler)
@@ -165,41 +221,14 @@ class EndpointServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         self.server_close()
         self.path.unlink(missing_ok=True)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Start a thread for the connection, or refuse it (one ``Busy`` frame) past the bound."""
-        with self._count_lock:
-            busy = self._open >= self.max_connections
-            if busy:
-                self.refused += 1
-            else:
-                self._open += 1
-        if busy:
-            if self.refused == 1 or self.refused % 1000 == 0:
-                log.warning("endpoint refused a connection: %d open (the maximum); %d refused so far", self._open, self.refused)
-            try:
-                request.settimeout(0.1)  # a fresh socket's buffer takes the small frame at once
-                request.sendall(_encode(_error(None, "Busy", f"{self.max_connections} connections are open; try again later")))
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except Exception:  # noqa: BLE001 - e.g. no thread could be started: drop the connection, free its place
-            self._release()
-            log.warning("endpoint could not start a connection thread", exc_info=False)
-            self.shutdown_request(request)
+    def busy_reply(self) -> bytes:
+        """One ``Busy`` frame."""
+        return _encode(_error(None, "Busy", f"{self.max_connections} connections are open; try again later"))
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """Serve one connection, then free its place."""
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        with self._count_lock:
-            self._open -= 1
+    def on_refused(self) -> None:
+        """A warning at the first refusal and every 1000th (a flood must not flood the log)."""
+        if self.refused == 1 or self.refused % 1000 == 0:
+            log.warning("endpoint refused a connection: %d open (the maximum); %d refused so far", self._open, self.refused)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One log line, never a traceback on stderr (any local client could flood it)."""
