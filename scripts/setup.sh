@@ -4,7 +4,8 @@
 #   scripts/setup.sh --dev   plus test and lint tools, Mosquitto for the MQTT tests,
 #                            Chromium for the report rendering test, systemd-analyze
 #                            for the agent's unit file test and gcc/g++ (with binutils' nm)
-#                            for the firmware export test
+#                            for the firmware export test, PostgreSQL's server for the
+#                            console store's tests
 # Safe to re-run: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +60,16 @@ if [ "$dev" = 1 ] && ! { command -v gcc && command -v g++ && command -v nm; } >/
   fi
 fi
 
+if [ "$dev" = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing postgresql (Debian packages; the fleet console's store is tested on PostgreSQL too)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+  else
+    say "warning: PostgreSQL is missing and cannot be installed here; the console store's PostgreSQL tests will be skipped"
+  fi
+fi
+
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
   say "need Python >= 3.11, found $("$PY" --version 2>&1)"; exit 1
@@ -69,7 +80,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
 
-extras=host,ort,litert,tflm
+extras=host,ort,litert,tflm,console
 [ "$dev" = 1 ] && extras=$extras,dev
 say "installing edgeops[$extras] (torch pinned to the CPU build)"
 # torch first, from the exact pin, so nothing else can choose another build.

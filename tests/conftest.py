@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import edgeops_toolchain  # noqa: F401  (sets MKL's reproducibility mode before any test imports torch)
+from broker import Broker
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "vibration"
@@ -64,6 +65,17 @@ def run_agent(*args: str | Path, timeout: float = 120) -> subprocess.CompletedPr
 def _edgeops_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep dev keys and release counters of every test out of the user's home."""
     monkeypatch.setenv("EDGEOPS_HOME", str(tmp_path / "edgeops-home"))
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A Mosquitto of the test's own on a free loopback port (persistence on: stop/start keep sessions)."""
+    b = Broker(tmp_path / "broker")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from edgeops_core import (
     device_topic,
     utc_now_text,
 )
+from edgeops_core.messages import deploy_args
 
 
 class OtaDevice:
@@ -105,7 +106,7 @@ class OtaDevice:
             if doc.get("type") == "deploy" and doc["id"] not in self.seen_deploys:
                 self.times["command"] = time.perf_counter()
                 self.seen_deploys.add(doc["id"])
-                deploy = Deploy.from_args(doc["args"])
+                deploy, _ = deploy_args(doc["args"])  # a fake device ignores retry_bad and hold_s
                 threading.Thread(target=self._run, args=(deploy,), daemon=True).start()
 
     def _finish(self, outcome: OtaOutcome) -> None:

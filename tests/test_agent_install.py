@@ -127,7 +127,15 @@ def test_predict_rejects_bad_tensors_and_counts_them(built: Built, device: DataD
             agent.predict(x)
     assert agent.predict(good.astype(np.float64)).class_index == agent.model.manifest.self_test.vectors[0].label  # type: ignore[union-attr]
     t = agent.telemetry(1.0)
-    assert t["inference"] == {"count": 1, "window_count": 1, "errors": {"TensorInputError": 5}, "error_count": 5}
+    predicted = [0] * len(agent.model.manifest.labels)  # type: ignore[union-attr]
+    predicted[agent.model.manifest.self_test.vectors[0].label] = 1  # type: ignore[union-attr]
+    assert t["inference"] == {
+        "count": 1,
+        "window_count": 1,
+        "errors": {"TensorInputError": 5},
+        "error_count": 5,
+        "predicted": predicted,  # only the good input was predicted
+    }
     assert agent.telemetry(1.0)["inference"]["window_count"] == 0  # the window resets, the totals do not
 
 

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,14 +138,6 @@ def _ask(sock: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
     payload = recv_frame(sock)
     assert payload is not None
     return dict(json.loads(payload))
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
 
 
 def _device(tmp_path: Path, built: Built, broker: Broker, name: str, *, interval: float = 0.5, extra: str = "") -> Device:

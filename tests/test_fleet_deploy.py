@@ -62,16 +62,6 @@ def _release(built: Built, tmp: Path, release: int, *, pad: int = 0, target: str
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker")
-    b.start()
-    try:
-        yield b
-    finally:
-        b.stop()
-
-
-@pytest.fixture
 def devices(tmp_path: Path, broker: Broker) -> Iterator[list[OtaDevice]]:
     fleet = [OtaDevice(f"ecu-{i}", broker.port, tmp_path / f"dev-{i}") for i in range(3)]
     for d in fleet:

@@ -33,6 +33,8 @@ def _loaded_after_import(module: str) -> set[str]:
         "edgeops_agent.runtime",
         "edgeops_agent.agent",
         "edgeops_agent.daemon",
+        "edgeops_sim.cli",
+        "edgeops_sim.host",
     ],
 )
 def test_device_packages_import_no_host_library(module: str) -> None:
@@ -71,6 +73,15 @@ def test_agent_sources_never_import_host_code() -> None:
         assert "edgeops_agent" not in _imports(path), f"{path}: edgeops_core must not depend on edgeops_agent"
 
 
+def test_sim_sources_depend_on_the_agent_and_core_only() -> None:
+    """firmware-sim runs the device code: edgeops_core <- edgeops_agent <- edgeops_sim, no host package."""
+    files = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "firmware-sim").rglob("*.py"))
+    assert files
+    for path in files:
+        bad = _imports(path) & {*HOST_ONLY, "edgeops_fleet", "sqlalchemy", "starlette"}
+        assert not bad, f"{path} imports {sorted(bad)}"
+
+
 #: The contract's public names. Changing them is a decision: update this list with the docs.
 CORE_API = [
     "BLOCK_HEADER_BYTES",
@@ -94,6 +105,8 @@ CORE_API = [
     "OtaProgress",
     "choose_block_size",
     "deploy_command",
+    "commit_command",
+    "rollback_command",
     "Budgets",
     "BundleError",
     "BundleFormatError",
@@ -158,6 +171,7 @@ CORE_API = [
     "parse_topic",
     "read_bundle_file",
     "read_members",
+    "set_clock_skew",
     "utc_now_text",
     "verify_bundle",
     "verify_bundle_file",
@@ -170,7 +184,8 @@ CORE_API = [
 AGENT_API = [
     "ActiveSlotDamagedError", "DataDirLockedError", "ModelOutputError", "ModelSwitchError",
     "StateMissingError", "TrialPendingError",
-    "Agent", "AgentConfig", "AgentError", "ConfigError", "Daemon", "DataDir", "InstallRejectedError", "InstallResult",
+    "Agent", "AgentConfig", "AgentError", "ConfigError", "Daemon", "DataDir", "FeedbackError", "InstallRejectedError",
+    "InstallResult",
     "LoadedModel", "ModelLoadError", "Prediction", "RollbackError", "RuntimeUnavailableError", "SelfTestError",
     "StateCorruptedError", "TensorInputError", "WrongTargetError", "__version__", "install_bundle", "load_config",
 ]  # fmt: skip

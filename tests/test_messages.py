@@ -84,8 +84,12 @@ def _examples() -> list[tuple[str, Any]]:
         last_error="x",
     )
     quiet = {**TELEMETRY_BODY, "model": None, "drift": None, "latency_ms": dict.fromkeys(("p50", "p95", "p99", "max"))}
-    out: list[tuple[str, Any]] = [("State", state), ("State", will), ("State", empty)]
+    tagged = dataclasses.replace(state, tags={"site": "plant-a", "line": "3", "x.y_z-1": "A.b_c-2"})
+    counted = {**TELEMETRY_BODY, "inference": {**TELEMETRY_BODY["inference"], "predicted": [0, 2, 0]}}
+    nomodel = {**quiet, "inference": {**TELEMETRY_BODY["inference"], "predicted": None}}
+    out: list[tuple[str, Any]] = [("State", state), ("State", will), ("State", empty), ("State", tagged)]
     out += [("Telemetry", Telemetry(**head, **TELEMETRY_BODY)), ("Telemetry", Telemetry(**head, **quiet))]
+    out += [("Telemetry", Telemetry(**head, **counted)), ("Telemetry", Telemetry(**head, **nomodel))]
     out += [("Event", Event(**head, type=t, detail={"id": "c-1", "n": 2})) for t in EVENT_TYPES]
     out += [
         ("Samples", Samples(**head, command_id="c-1", model=ModelRef("m", 1), feature_names=("a", "b"), rows=((1.0, 2),))),
@@ -95,6 +99,8 @@ def _examples() -> list[tuple[str, Any]]:
         ("Command", Command(id="c-1", type="ping")),
         ("Command", Command(id="c:2", type="sample_upload", args={"max_rows": 4}, issued_at=TS)),
         ("Command", Command(id="c.3", type="status")),
+        ("Command", Command(id="c.4", type="commit", args={"deploy_id": "d-1"})),
+        ("Command", Command(id="c.5", type="rollback", args={"deploy_id": "d-1"}, issued_at=TS)),
     ]
     return out
 
@@ -129,6 +135,36 @@ def test_asyncapi_required_fields_are_the_types_fields() -> None:
         assert set(SCHEMAS["Telemetry"]["properties"][name]["required"]) == set(TELEMETRY_BODY[name]), (name, sub)
     documented = {op["channel"]["$ref"].rsplit("/", 1)[-1] for op in ASYNCAPI["operations"].values()}
     assert documented == {"state", "telemetry", "events", "samples", "cmd", "ota_request", "ota_block"}
+
+
+def _tagged() -> State:
+    return State(
+        device_id="d", ts=TS, online=True, agent_version="1", target=None, runtime=None, bundle=None, health="ok",
+        last_error=None, tags={"site": "a"},
+    )  # fmt: skip
+
+
+def test_state_without_tags_parses_as_no_tags_and_tags_are_frozen() -> None:
+    state = _tagged()
+    old = {k: v for k, v in state.to_dict().items() if k != "tags"}  # an agent from before issue 9
+    assert dict(State.from_dict(old).tags) == {}
+    with pytest.raises(TypeError):
+        state.tags["site"] = "b"  # type: ignore[index]
+
+
+def test_commit_and_rollback_builders_make_valid_commands_with_fresh_ids() -> None:
+    from edgeops_core import commit_command, rollback_command
+
+    first, second = parse_command(commit_command("d-1")), parse_command(commit_command("d-1"))
+    assert (first.type, dict(first.args)) == ("commit", {"deploy_id": "d-1"})
+    assert first.id != second.id  # a commit refused as early can go again
+    back = parse_command(rollback_command("d" * 64, command_id="c-1"))
+    assert (back.id, back.type, dict(back.args)) == ("c-1", "rollback", {"deploy_id": "d" * 64})
+    _validate("Command", back.to_dict())
+    with pytest.raises(CommandError, match="deploy_id"):
+        commit_command("no spaces")
+    with pytest.raises(CommandError, match="'id'"):
+        rollback_command("d-1", command_id="")
 
 
 @pytest.mark.parametrize(
@@ -226,6 +262,26 @@ def test_asyncapi_required_fields_are_the_types_fields() -> None:
         (lambda: Command(id="a", type="sample_upload", args={"max_rows": -1}), "max_rows"),
         (lambda: Command(id="a", type="sample_upload", args={"rows": 1}), "unknown argument"),
         (lambda: Command(id="a", type="ping", issued_at="now"), "issued_at"),
+        (lambda: Command(id="a", type="commit"), "commit 'deploy_id'"),
+        (lambda: Command(id="a", type="rollback", args={"deploy_id": "d 1"}), "rollback 'deploy_id'"),
+        (lambda: Command(id="a", type="commit", args={"deploy_id": "d", "force": True}), "unknown argument"),
+        (lambda: dataclasses.replace(_tagged(), tags={"site": "a b"}), "state.tags.site"),
+        (lambda: dataclasses.replace(_tagged(), tags={"": "a"}), "state.tags key"),
+        (lambda: dataclasses.replace(_tagged(), tags={"site": 3}), "state.tags.site"),
+        (lambda: dataclasses.replace(_tagged(), tags={f"k{i}": "v" for i in range(33)}), "at most 32"),
+        (lambda: dataclasses.replace(_tagged(), tags=["site"]), "state.tags"),
+        (
+            lambda: Telemetry(
+                device_id="d", ts=TS, **{**TELEMETRY_BODY, "inference": {**TELEMETRY_BODY["inference"], "predicted": [1, -2]}}
+            ),
+            "predicted[1]",
+        ),
+        (
+            lambda: Telemetry(
+                device_id="d", ts=TS, **{**TELEMETRY_BODY, "inference": {**TELEMETRY_BODY["inference"], "predicted": [0] * 4097}}
+            ),
+            "at most 4096",
+        ),
     ],
 )
 def test_constructing_an_invalid_message_raises_message_error(build: Any, fragment: str) -> None:
@@ -354,3 +410,39 @@ def test_journal_full_refuses_new_ids_rather_than_forgetting(tmp_path: Path) -> 
     assert reopened.interrupted() == [("c3", "ping")]  # a crash mid-command is seen at the next start
     assert reopened.status("c3") == "failed" and reopened.interrupted() == []
     reopened.close()
+
+
+def test_deploy_hold_s_is_optional_bounded_and_documented() -> None:
+    from edgeops_core import OTA_PHASES, OTA_REASONS, Deploy, OtaOutcome, OtaProgress, deploy_command
+    from edgeops_core.messages import MAX_HOLD_S
+
+    digest = "ab" * 32
+    deploy = Deploy(
+        deploy_id="d-1", name="m", version="1", release=2, target="ecu", size=10, sha256=digest,
+        block_size=4096, block_count=1, block_sha256=(digest,),
+    )  # fmt: skip
+    plain = parse_command(deploy_command(deploy))
+    assert "hold_s" not in plain.args  # hold_s=0 leaves the payload as older consoles sent it
+    held = parse_command(deploy_command(deploy, hold_s=MAX_HOLD_S))
+    assert held.args["hold_s"] == MAX_HOLD_S == 7 * 86400
+    args = SCHEMAS["DeployArgs"]
+    jsonschema.validate(dict(held.args), {**args, "components": ASYNCAPI["components"]})
+    assert args["properties"]["hold_s"]["maximum"] == MAX_HOLD_S
+    for bad in (-1, MAX_HOLD_S + 1, True, 1.5, "60"):
+        with pytest.raises(CommandError, match="hold_s"):
+            deploy_command(deploy, hold_s=bad)  # type: ignore[arg-type]
+        with pytest.raises(CommandError, match="hold_s"):
+            parse_command(json.dumps({"id": "c", "type": "deploy", "args": {**deploy.to_args(), "hold_s": bad}}))
+    assert "held" in OTA_PHASES and SCHEMAS["OtaProgress"]["properties"]["phase"]["enum"] == list(OTA_PHASES)
+    _validate("OtaProgress", OtaProgress("d-1", 2, "held", 1, 1).to_dict())
+    assert {"console_rollback", "hold_expired"} <= set(OTA_REASONS)
+    expired = OtaOutcome(type="ota_committed", deploy_id="d-1", release=2, reason="hold_expired", message="held 60 s")
+    back = OtaOutcome(type="ota_rolled_back", deploy_id="d-1", release=2, reason="console_rollback", message="by the console")
+    for outcome in (expired, back):
+        _validate("OtaOutcome", dict(outcome.to_event("ecu-1", TS).detail))
+    with pytest.raises(MessageError, match="no reason"):
+        OtaOutcome(type="ota_committed", deploy_id="d-1", release=2, reason="console_rollback", message="x")
+    with pytest.raises(MessageError, match="ota_committed only"):
+        OtaOutcome(type="ota_failed", deploy_id="d-1", release=2, reason="hold_expired", message="x")
+    with pytest.raises(MessageError, match="message"):
+        OtaOutcome(type="ota_committed", deploy_id="d-1", release=2, reason="hold_expired")

@@ -75,14 +75,6 @@ def releases(built: Built, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     }
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
-
-
 class Device:
     """One agent process on its own data directory."""
 

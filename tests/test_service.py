@@ -333,14 +333,6 @@ def test_watchdog_environment(caplog: pytest.LogCaptureFixture) -> None:
 # devices ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
-
-
 def _inputs(built: Built) -> list[list[float]]:
     m = Manifest.from_json(read_members(built.bundle.read_bytes())["manifest.json"])
     return [list(v.input) for v in m.self_test.vectors]

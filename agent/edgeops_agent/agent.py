@@ -17,6 +17,17 @@ vectorized (about 1 ms for 256 inputs of 106 features), after its own prediction
 timed. A background thread was tried and measured worse: on a two-core device it competed
 with LiteRT's two worker threads on every inference, not once per 256. Bad input raises
 :class:`TensorInputError`, is counted by type in telemetry, and never disturbs serving.
+
+Ground truth arrives late in the field. Every prediction has an id (:attr:`Prediction.id`);
+:meth:`Agent.feedback` attaches a label to one of the last :data:`FEEDBACK_RING` predictions
+of the active model by that id, and telemetry's ``inference.feedback`` counts the labelled,
+the correct and the refused ones per interval. The prediction path pays one numpy store for it
+(the predicted index, in a ring indexed by the id).
+
+The per-label prediction counts of telemetry (``inference.predicted``) cost nothing per
+prediction either: the predicted indexes are in the drift buffer already, and they are
+counted with one ``np.bincount`` when the buffer is handed over or a telemetry record is
+taken (:meth:`Agent._tally`), under the lock that guards the buffer.
 """
 
 from __future__ import annotations
@@ -35,13 +46,15 @@ import numpy as np
 
 from edgeops_agent import __version__
 from edgeops_agent.drift import DriftConfig, DriftDetector
-from edgeops_agent.errors import ActiveSlotDamagedError, AgentError, DataDirLockedError
+from edgeops_agent.errors import ActiveSlotDamagedError, AgentError, DataDirLockedError, FeedbackError
+from edgeops_agent.fault import FaultInjection
 from edgeops_agent.install import recover
 from edgeops_agent.model import LoadedModel, Prediction
 from edgeops_agent.store import DataDir
 from edgeops_core import MESSAGE_SCHEMA, EdgeopsError, utc_now_text
+from edgeops_core.messages import MAX_PREDICTED_LABELS
 
-__all__ = ["LATENCY_BUCKETS_S", "Agent", "Counters", "process_resources"]
+__all__ = ["FEEDBACK_RING", "LATENCY_BUCKETS_S", "Agent", "Counters", "process_resources"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +64,13 @@ _new_tuple = tuple.__new__
 LATENCY_RING = 8192
 #: Inputs buffered before the monitor thread runs the drift detector on them.
 DRIFT_BATCH = 256
+#: Recent predictions a late label can still be attached to (a power of two).
+FEEDBACK_RING = 1 << 14
+_RING_MASK = FEEDBACK_RING - 1
+#: Prediction ids are ``boot << _ID_SHIFT | n``: ``n`` counts this process's predictions and
+#: ``boot`` is drawn at start, so a label meant for a previous run is refused, never misfiled.
+_ID_SHIFT = 40
+
 #: Upper bounds (seconds, inclusive) of the cumulative latency histogram (:meth:`Agent.counters`).
 LATENCY_BUCKETS_S = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0)
 
@@ -144,6 +164,18 @@ class Agent:
         self._buf = np.zeros((0, 0), dtype=np.float32)
         self._pred = np.zeros(0, dtype=np.int64)
         self._fill = 0
+        # Per-label counts of the active model's predictions this interval: buffer entries
+        # [0, _counted) are in _pred_counts already (see _tally).
+        self._pred_counts = np.zeros(0, dtype=np.int64)
+        self._counted = 0
+        # Feedback: predicted index per prediction number n (n & _RING_MASK); a labelled one is
+        # stored as -1 - index. Numbers <= _ring_from were made by an earlier model.
+        self._id_base = (int.from_bytes(os.urandom(3), "big") + 1) << _ID_SHIFT
+        self._recent = np.zeros(FEEDBACK_RING, dtype=np.int64)
+        self._ring_from = 0
+        self._fb_labelled = self._fb_correct = self._fb_rejected = 0
+        #: Test-only (:mod:`edgeops_agent.fault`): slow or failing predictions of one release.
+        self.injected_fault: FaultInjection | None = None
         self._drift_jobs: queue.SimpleQueue[tuple[DriftDetector, np.ndarray, np.ndarray]] = queue.SimpleQueue()
         self._drift_lock = threading.Lock()
         #: Why the active slot cannot be served (missing, changed, unloadable); ``None`` if it can.
@@ -194,6 +226,9 @@ class Agent:
             self._buf = np.zeros((DRIFT_BATCH, model.n_features), dtype=np.float32)
             self._pred = np.zeros(DRIFT_BATCH, dtype=np.int64)
             self._fill = 0
+            self._pred_counts = np.zeros(len(model.labels), dtype=np.int64)
+            self._counted = 0
+            self._ring_from = self._count
 
     def install(self, source: Any, *, target: str | None = None, switch_model: str | None = None) -> Any:
         """Install a bundle (see :func:`edgeops_agent.install.install_bundle`) and serve it.
@@ -245,11 +280,14 @@ class Agent:
         if model is None:
             self.count_error("NoModel")
             raise self._no_model()
+        fault = self.injected_fault
         try:
             row, tensor = model.prepare(features)
             logits = model.output(model.invoke(tensor))
+            if fault is not None and fault.release == model.manifest.release:
+                fault.apply()
         except EdgeopsError as exc:
-            self.count_error(type(exc).__name__)
+            self.count_error(getattr(exc, "counted_as", type(exc).__name__))
             raise
         except Exception as exc:  # the runtime's own exception (e.g. onnxruntime's Fail): counted, then raised
             self.count_error(type(exc).__name__)
@@ -258,6 +296,8 @@ class Agent:
         elapsed = time.perf_counter_ns() - start
         with self._lock:
             self._count += 1
+            n = self._count
+            self._recent[n & _RING_MASK] = index
             if self._lat_n - self._harvested >= LATENCY_RING:
                 self._harvest()
             self._latency[self._lat_n % LATENCY_RING] = elapsed
@@ -273,7 +313,7 @@ class Agent:
         if full:
             self._drain()
         # tuple.__new__ skips NamedTuple's Python-level __new__ (0.35 us of a ~15 us call).
-        return _new_tuple(Prediction, (model.labels[index], index, logits.tolist(), elapsed / 1e6))
+        return _new_tuple(Prediction, (model.labels[index], index, logits.tolist(), elapsed / 1e6, self._id_base + n))
 
     def predict_batch(self, rows: Any) -> list[Prediction]:
         """Run the active model on ``rows`` (``[n, features]``), one :class:`Prediction` per row.
@@ -294,12 +334,16 @@ class Agent:
         if model is None:
             self.count_error("NoModel")
             raise self._no_model()
+        fault = self.injected_fault
         try:
             x, tensors = model.prepare_batch(rows)
             invoke = model.invoke
             logits = model.output_batch(np.stack([invoke(t) for t in tensors]))
+            if fault is not None and fault.release == model.manifest.release:
+                for _ in range(len(tensors)):
+                    fault.apply()
         except EdgeopsError as exc:
-            self.count_error(type(exc).__name__)
+            self.count_error(getattr(exc, "counted_as", type(exc).__name__))
             raise
         except Exception as exc:  # the runtime's own exception: counted once, then raised
             self.count_error(type(exc).__name__)
@@ -308,7 +352,9 @@ class Agent:
         n = len(x)
         per_row = (time.perf_counter_ns() - start) / n
         with self._lock:
+            first = self._count + 1
             self._count += n
+            self._recent[np.arange(first, first + n) & _RING_MASK] = index
             self._batches += 1
             self._batch_rows += n
             k = min(n, LATENCY_RING)
@@ -333,8 +379,59 @@ class Agent:
                     drain = True
         if drain:
             self._drain()
-        labels, ms = model.labels, per_row / 1e6
-        return [_new_tuple(Prediction, (labels[k], k, row, ms)) for k, row in zip(index.tolist(), logits.tolist(), strict=True)]
+        labels, ms, base = model.labels, per_row / 1e6, self._id_base + first
+        return [
+            _new_tuple(Prediction, (labels[k], k, row, ms, base + i))
+            for i, (k, row) in enumerate(zip(index.tolist(), logits.tolist(), strict=True))
+        ]
+
+    def feedback(self, prediction_id: int, label: str | int) -> bool:
+        """Attach the ground-truth ``label`` (a name or an index) to a recent prediction; ``True`` if it was right.
+
+        Counted in telemetry ``inference.feedback``: labelled and correct, or rejected.
+
+        Raises:
+            FeedbackError: the id is not one of the last :data:`FEEDBACK_RING` predictions of
+                the active model (or of this run), it has its label already, or the label is
+                not one of the model's.
+            AgentError: no model is installed.
+        """
+        if isinstance(prediction_id, bool) or not isinstance(prediction_id, int):
+            with self._lock:
+                self._fb_rejected += 1
+            raise FeedbackError(f"a prediction id is an integer, got {type(prediction_id).__name__}")
+        model = self.model
+        if model is None:
+            raise self._no_model()
+        labels = model.labels
+        if isinstance(label, str) and label in labels:
+            truth = labels.index(label)
+        elif isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(labels):
+            truth = label
+        else:
+            with self._lock:
+                self._fb_rejected += 1
+            raise FeedbackError(
+                f"label {str(label)[:80]!r} is not one of the model's labels ({', '.join(labels)}) or their index"
+            )
+        with self._lock:
+            n = prediction_id - self._id_base
+            if not self._ring_from < n <= self._count or self._count - n >= FEEDBACK_RING:
+                self._fb_rejected += 1
+                raise FeedbackError(
+                    f"prediction {prediction_id} is unknown here: not one of the last {FEEDBACK_RING} predictions "
+                    "of the active model since the agent started"
+                )
+            slot = n & _RING_MASK
+            predicted = int(self._recent[slot])
+            if predicted < 0:
+                self._fb_rejected += 1
+                raise FeedbackError(f"prediction {prediction_id} has its label already")
+            self._recent[slot] = -1 - predicted
+            self._fb_labelled += 1
+            correct = predicted == truth
+            self._fb_correct += correct
+        return correct
 
     def count_error(self, kind: str) -> None:
         """Count a rejected inference request of type ``kind`` (telemetry ``inference.errors``)."""
@@ -363,11 +460,20 @@ class Agent:
                 latency_sum_s=self._hist_sum_ns / 1e9,
             )
 
+    def _tally(self) -> None:
+        """Add the buffered predictions not yet counted to the per-label counts (caller holds ``self._lock``)."""
+        if self._fill > self._counted:
+            counts = np.bincount(self._pred[self._counted : self._fill], minlength=self._pred_counts.size)
+            self._pred_counts += counts[: self._pred_counts.size]
+            self._counted = self._fill
+
     def _hand_over(self) -> None:
         """Queue the buffered inputs for the detector (caller holds ``self._lock``)."""
+        self._tally()
         if self._fill and self.detector is not None:
             self._drift_jobs.put((self.detector, self._buf[: self._fill].copy(), self._pred[: self._fill].copy()))
         self._fill = 0
+        self._counted = 0
 
     def _drain(self) -> None:
         """Run the drift detector on every queued batch, in this thread, one thread at a time."""
@@ -414,6 +520,11 @@ class Agent:
             idx = (np.arange(lat_n - fresh, lat_n) % LATENCY_RING) if fresh else np.zeros(0, dtype=np.int64)
             lat = self._latency[idx] / 1e6
             errors = dict(self._errors)
+            self._tally()
+            predicted = self._pred_counts.tolist() if self.model is not None else None
+            self._pred_counts[:] = 0
+            feedback = {"labelled": self._fb_labelled, "correct": self._fb_correct, "rejected": self._fb_rejected}
+            self._fb_labelled = self._fb_correct = self._fb_rejected = 0
         resources, self._resources = process_resources(self._resources)
         pct = (lambda q: round(float(np.percentile(lat, q)), 4)) if lat.size else (lambda q: None)
         status = self.detector.status() if self.detector else None
@@ -429,6 +540,8 @@ class Agent:
                 "window_count": count - prev_count,
                 "errors": errors,
                 "error_count": sum(errors.values()),
+                "predicted": predicted if predicted is None or len(predicted) <= MAX_PREDICTED_LABELS else None,
+                "feedback": feedback,
             },
             "latency_ms": {
                 "p50": pct(50),

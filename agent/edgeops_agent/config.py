@@ -40,6 +40,10 @@
     deadline_s = 3600.0               # a transfer must finish within this...
     min_bytes_per_s = 256.0           # ...and not fall below this over a minute
 
+    [tags]                            # optional: reported in the retained state; the fleet
+    site = "plant-a"                  # console groups devices by target and tags. At most 32;
+    line = "3"                        # keys and values [A-Za-z0-9_.-]{1,64}, strings only
+
     [metrics]                         # optional: Prometheus /metrics and /healthz over HTTP
     listen = "127.0.0.1:9108"         # HOST:PORT or [IPv6]:PORT (this is the default);
                                       # needs the extra edgeops[metrics] (prometheus_client)
@@ -58,16 +62,18 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from edgeops_agent.drift import DriftConfig
 from edgeops_agent.errors import ConfigError
 from edgeops_agent.mqtt import MqttSettings
-from edgeops_core import COMMAND_WINDOW_S, FieldReader, InputError, check_device_id, load_toml
+from edgeops_core import COMMAND_WINDOW_S, FieldReader, InputError, MessageError, check_device_id, load_toml
+from edgeops_core.messages import MAX_TAGS, check_tags
 
 __all__ = ["DEFAULT_METRICS_LISTEN", "AgentConfig", "MetricsConfig", "OtaConfig", "load_config"]
 
-_TOP = {"device_id", "target", "data_dir", "mqtt", "telemetry", "outbox", "drift", "endpoint", "metrics", "ota"}
+_TOP = {"device_id", "target", "data_dir", "mqtt", "telemetry", "outbox", "drift", "endpoint", "metrics", "ota", "tags"}
 _OTA = {
     "health_inferences", "trial_timeout_s", "latency_budget_ms", "max_boots",
     "window", "retry_initial_s", "deadline_s", "min_bytes_per_s",
@@ -168,6 +174,8 @@ class AgentConfig:
     #: ``None`` without a ``[metrics]`` table: no listener, no prometheus_client.
     metrics: MetricsConfig | None = None
     ota: OtaConfig = field(default_factory=OtaConfig)
+    #: ``[tags]``: reported in the retained state (``State.tags``).
+    tags: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -247,7 +255,21 @@ def load_config(path: Path) -> AgentConfig:
         socket=socket,
         metrics=_metrics(r, data),
         ota=_ota(r, data),
+        tags=_tags(r, data),
     )
+
+
+def _tags(r: FieldReader, data: Mapping[str, Any]) -> Mapping[str, str]:
+    """``[tags]``: at most :data:`MAX_TAGS` string values; keys and values ``[A-Za-z0-9_.-]{1,64}``."""
+    t = r.mapping(data.get("tags", {}), "tags")
+    if len(t) > MAX_TAGS:
+        raise ConfigError(f"{r.source}: [tags] must have at most {MAX_TAGS} tags, got {len(t)}")
+    for key, value in t.items():
+        try:
+            check_tags({key: value}, "tags")
+        except MessageError as exc:
+            raise ConfigError(f"{r.source}: {exc}") from exc  # names the key: "tags.site must be ..."
+    return MappingProxyType(dict(t))
 
 
 def _ota(r: FieldReader, data: Mapping[str, Any]) -> OtaConfig:

@@ -28,6 +28,11 @@ Over-the-air updates (:mod:`edgeops_agent.updater`, ADR 0012): ``deploy`` comman
 hands ``ota_block`` frames to it through a bounded queue and its block requests go out
 directly, never through the outbox. Start-up counts a start-up of a trial (a crash loop
 rolls back before the model loads) and resumes an unfinished deploy once connected.
+``commit`` and ``rollback`` end a held deploy (issue 9); for a deploy that is not held they
+are answered ``command_rejected`` (:class:`~edgeops_agent.errors.CommandRejectedError`).
+
+Test-only: ``EDGEOPS_AGENT_FAULT`` (:mod:`edgeops_agent.fault`) is parsed before anything
+starts; a malformed value stops the start with one :class:`ConfigError` line.
 
 Under a service manager (:mod:`edgeops_agent.service`): ``READY=1`` once the model is loaded,
 the endpoint serves and a first probe inference answered; ``WATCHDOG=1`` while probes keep
@@ -50,7 +55,8 @@ from typing import TYPE_CHECKING, Any
 from edgeops_agent.agent import Agent
 from edgeops_agent.commands import CommandJournal
 from edgeops_agent.config import AgentConfig
-from edgeops_agent.errors import AgentError, ConfigError
+from edgeops_agent.errors import AgentError, CommandRejectedError, ConfigError
+from edgeops_agent.fault import fault_from_environ
 from edgeops_agent.mqtt import MqttLink
 from edgeops_agent.outbox import Outbox, Pending
 from edgeops_agent.server import EndpointServer
@@ -122,27 +128,51 @@ def _deploy(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
     return daemon.updater.deploy(cmd.id, cmd.args)
 
 
+def _commit(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
+    return daemon.updater.commit(str(cmd.args["deploy_id"]))
+
+
+def _rollback(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
+    return daemon.updater.rollback(str(cmd.args["deploy_id"]))
+
+
 #: One handler per command type; each returns the ``command_done`` detail or raises
-#: :class:`CommandFailedError`.
-HANDLERS: dict[str, Handler] = {"ping": _ping, "status": _status, "sample_upload": _sample_upload, "deploy": _deploy}
+#: :class:`CommandFailedError` (``command_failed``) or :class:`CommandRejectedError`
+#: (``command_rejected``: the command does not apply now, e.g. a commit of a deploy not held).
+HANDLERS: dict[str, Handler] = {
+    "ping": _ping,
+    "status": _status,
+    "sample_upload": _sample_upload,
+    "deploy": _deploy,
+    "commit": _commit,
+    "rollback": _rollback,
+}
 
 
 class Daemon:
     """One running agent process."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, endpoint: bool = True) -> None:
         """Open the data directory, the outbox, the command journal and the active model.
+
+        ``endpoint=False`` leaves out the local socket endpoint: for callers in the same
+        process that use :attr:`agent` directly (the fleet simulator's devices).
 
         Raises:
             DataDirLockedError: another process works on the data directory.
             StateCorruptedError, BundleError, AgentError: the agent cannot start.
         """
         self.config = config
+        self._serve_endpoint = endpoint
+        fault = fault_from_environ()  # test-only; a malformed value stops the start (one line)
         self.data = DataDir(config.data_dir)
         # One process per data directory, for the daemon's whole life (installs it runs nest).
         self._hold = self.data.lock("daemon")
         try:
             self._open(config)
+            if fault is not None:
+                log.warning("test-only fault injection is on: %s", fault)
+                self.agent.injected_fault = fault
         except BaseException:
             self._hold.release()
             raise
@@ -237,6 +267,7 @@ class Daemon:
     def _state(self, *, online: bool) -> dict[str, Any]:
         raw = dict(self.agent.state_message(online=online))
         raw["ota"] = self.updater.progress()
+        raw["tags"] = dict(self.config.tags)
         if not self.outbox.healthy:
             raw["health"] = "degraded"
             raw["last_error"] = self.outbox.last_error or raw.get("last_error")
@@ -371,6 +402,10 @@ class Daemon:
         self._mark(cmd.id, "running")
         try:
             detail = HANDLERS[cmd.type](self, cmd)
+        except CommandRejectedError as exc:
+            self._mark(cmd.id, "failed", str(exc))
+            self._reject({"id": cmd.id, "type": cmd.type, "error": type(exc).__name__, "message": str(exc)})
+            return
         except (AgentError, MessageError) as exc:  # CommandFailedError, a full disk, a bad sample
             self._mark(cmd.id, "failed", str(exc))
             self._event("command_failed", {"id": cmd.id, "type": cmd.type, "error": type(exc).__name__, "message": str(exc)})
@@ -386,13 +421,17 @@ class Daemon:
 
     # life cycle ----------------------------------------------------------------------------
 
+    def _ready(self) -> None:
+        self.notifier.ready(status_text(self.agent))
+
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT (or :meth:`stop`)."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
             signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         self._worker.start()
-        self.server.start()
+        if self._serve_endpoint:
+            self.server.start()
         if self.metrics is not None:
             self.metrics.start()
         self.link.start()
@@ -400,8 +439,10 @@ class Daemon:
         interval = self.config.telemetry_interval_s
         try:
             if self.monitor is not None:
-                self.monitor.start()  # one probe first: a model that hangs never reports ready
-            self.notifier.ready(status_text(self.agent))
+                # One probe first (a model that hangs never reports ready), READY=1, then pings.
+                self.monitor.start(on_ready=self._ready)
+            else:
+                self._ready()
             while not self._stop.wait(interval):
                 self.agent.flush_drift()
                 self._telemetry(interval)
@@ -420,7 +461,8 @@ class Daemon:
         self.notifier.stopping("stopping: saying goodbye to the broker")
         if self.metrics is not None:
             self.metrics.stop()
-        self.server.stop()
+        if self._serve_endpoint:
+            self.server.stop()
         self.updater.stop()
         if self._worker.is_alive():
             # Commands still queued are dropped unprocessed: the journal never recorded them,

@@ -3,6 +3,7 @@
 EdgeopsError
 ├── InputError
 │   ├── TensorInputError     an inference input has the wrong shape, dtype or NaN/inf
+│   ├── FeedbackError        a ground-truth label for an unknown/expired prediction, or a bad label
 │   └── ConfigError          agent.toml is missing, malformed or invalid
 ├── BundleError              (edgeops_core) tampered, untrusted, expired, malformed bundle
 └── AgentError               the agent cannot do what was asked
@@ -14,6 +15,8 @@ EdgeopsError
     ├── DataDirLockedError       another process holds the data directory
     ├── ActiveSlotDamagedError   the active slot no longer loads (install to repair)
     ├── MetricsError             the [metrics] listener cannot start (address in use, extra missing)
+    ├── CommandRejectedError     a valid command that does not apply now (commit of a deploy not held)
+    ├── InjectedFaultError       (edgeops_agent.fault) a test-only injected prediction failure
     └── InstallRejectedError     a verified bundle is not acceptable here
         ├── WrongTargetError     built for another target
         ├── RollbackError        release not newer than the highest ever installed
@@ -29,8 +32,10 @@ from edgeops_core import EdgeopsError, InputError
 __all__ = [
     "ActiveSlotDamagedError",
     "AgentError",
+    "CommandRejectedError",
     "ConfigError",
     "DataDirLockedError",
+    "FeedbackError",
     "InstallRejectedError",
     "MetricsError",
     "ModelLoadError",
@@ -57,6 +62,11 @@ class ConfigError(InputError):
 
 class AgentError(EdgeopsError):
     """The agent cannot do what was asked (not the caller's input, not the bundle's trust)."""
+
+
+class FeedbackError(InputError):
+    """A ground-truth label cannot be attached: an unknown or expired prediction id, a label
+    the model does not have, or a prediction that already has its label."""
 
 
 class RuntimeUnavailableError(AgentError):
@@ -89,6 +99,13 @@ class ActiveSlotDamagedError(AgentError):
 
 class MetricsError(AgentError):
     """The ``[metrics]`` listener cannot start: its address is in use or unusable, or ``prometheus_client`` is missing."""
+
+
+class CommandRejectedError(AgentError):
+    """A well-formed command that does not apply in the device's present state (``command_rejected``).
+
+    E.g. ``commit`` or ``rollback`` for a deploy that is not held on this device.
+    """
 
 
 class InstallRejectedError(AgentError):

@@ -47,10 +47,18 @@ class Prediction(NamedTuple):
     class_index: int
     logits: list[float]
     latency_ms: float
+    #: The prediction's id: a label that arrives later is attached to it (:meth:`Agent.feedback`).
+    id: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (the local endpoint's reply)."""
-        return {"label": self.label, "index": self.class_index, "logits": self.logits, "latency_ms": self.latency_ms}
+        """JSON-ready form (the local endpoint's reply; its ``id`` is the request's, so this is ``prediction_id``)."""
+        return {
+            "label": self.label,
+            "index": self.class_index,
+            "logits": self.logits,
+            "latency_ms": self.latency_ms,
+            "prediction_id": self.id,
+        }
 
 
 class LoadedModel:

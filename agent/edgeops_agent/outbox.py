@@ -96,12 +96,17 @@ class Pending:
 
 @dataclass(frozen=True)
 class OutboxStats:
-    """Outbox counters for telemetry."""
+    """Outbox counters for telemetry; ``last_seq`` is the highest seq ever assigned (0: none).
+
+    Every seq up to ``last_seq`` was acknowledged by the broker, is pending, or is counted in
+    ``dropped``, ``quarantined`` or ``superseded``: how the simulator accounts for each message.
+    """
 
     pending: int
     dropped: int
     quarantined: int
     superseded: int = 0
+    last_seq: int = 0
 
 
 class Outbox:
@@ -422,6 +427,7 @@ class Outbox:
         with self._lock:
             ((pending,),) = self._read("stats", "SELECT count(*) FROM outbox")
             counters = dict(self._read("stats", "SELECT name, value FROM counters"))
+            last = self._read("stats", "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'")
             pending -= len(self._unsaved_acks)
             unsaved = self._unsaved
         return OutboxStats(
@@ -429,6 +435,7 @@ class Outbox:
             dropped=counters.get("dropped", 0) + unsaved,
             quarantined=counters.get("quarantined", 0),
             superseded=counters.get("superseded", 0),
+            last_seq=last[0][0] if last else 0,
         )
 
     def first_time(self, command_id: str) -> bool:

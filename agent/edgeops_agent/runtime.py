@@ -28,6 +28,12 @@ callers' Python runs meanwhile), and the Python around each call holds the GIL f
 as the call itself. One interpreter also keeps memory at one arena, which matters on a
 microcontroller-sized target. An uncontended lock costs about 0.1 us per call.
 
+**Sharing.** Many agents in one process (the fleet simulator's devices) can share one runtime
+per model: after :func:`share_runtimes`, :func:`open_runtime` returns the runtime already
+open for the same runtime name, model bytes (sha256), threads and arena. Sharing is safe for
+the reason above (each runtime serves concurrent callers); off by default, because a device
+runs one agent.
+
 Each runtime's package is imported when a runtime is opened, never at module import, and a
 missing one raises :class:`RuntimeUnavailableError` naming the extra.
 """
@@ -309,8 +315,19 @@ def _captured_stdout() -> Iterator[_Captured]:
             captured.data = tmp.read()
 
 
+_shared: dict[tuple[str, str, int, int | None], Runtime] | None = None
+_shared_lock = threading.Lock()
+
+
+def share_runtimes(enabled: bool = True) -> None:
+    """Make :func:`open_runtime` hand out one runtime per (runtime, model, threads, arena) in this process."""
+    global _shared
+    with _shared_lock:
+        _shared = {} if enabled else None
+
+
 def open_runtime(runtime: str, model: bytes, threads: int, *, arena_size: int | None = None) -> Runtime:
-    """Load ``model`` into the named runtime.
+    """Load ``model`` into the named runtime (or return the shared one: :func:`share_runtimes`).
 
     Args:
         runtime: ``onnxruntime``, ``litert`` or ``tflite-micro``.
@@ -321,6 +338,19 @@ def open_runtime(runtime: str, model: bytes, threads: int, *, arena_size: int | 
         RuntimeUnavailableError: unknown runtime, or its package is not installed.
         ModelLoadError: the runtime rejects the model.
     """
+    if _shared is None:
+        return _open(runtime, model, threads, arena_size)
+    from edgeops_core.digest import sha256_hex
+
+    key = (runtime, sha256_hex(model), threads, arena_size)
+    with _shared_lock:
+        shared = _shared.get(key)
+        if shared is None:
+            shared = _shared[key] = _open(runtime, model, threads, arena_size)
+        return shared
+
+
+def _open(runtime: str, model: bytes, threads: int, arena_size: int | None) -> Runtime:
     if runtime == "onnxruntime":
         return OnnxRuntime(model, threads)
     if runtime == "litert":

@@ -8,11 +8,14 @@ Requests::
 
     {"op": "predict", "features": [0.1, 2.3, ...], "id": <anything, echoed>}
     {"op": "predict_batch", "rows": [[0.1, ...], [...], ...], "id": ...}   (at most 1 024 rows)
+    {"op": "feedback", "prediction_id": 1099511627777, "label": "normal"}   (or the label's index)
     {"op": "status"}
 
 Replies::
 
-    {"ok": true, "id": ..., "label": "normal", "index": 0, "logits": [...], "latency_ms": 0.05}
+    {"ok": true, "id": ..., "label": "normal", "index": 0, "logits": [...], "latency_ms": 0.05,
+     "prediction_id": 1099511627777}
+    {"ok": true, "id": ..., "correct": true}
     {"ok": true, "id": ..., "predictions": [{"label": ..., "index": ..., "logits": [...], "latency_ms": ...}, ...]}
     {"ok": true, "status": {...the retained state message...}}
     {"ok": false, "id": ..., "error": {"type": "TensorInputError", "message": "input feature 3 is nan; ..."}}
@@ -274,6 +277,12 @@ class EndpointServer(BoundedThreadingMixIn, socketserver.UnixStreamServer):
             except EdgeopsError as exc:
                 return _error(rid, type(exc).__name__, str(exc))
             return {"ok": True, "id": rid, **result.to_dict()}
+        if op == "feedback":
+            try:
+                correct = self.agent.feedback(request.get("prediction_id"), request.get("label"))  # type: ignore[arg-type]
+            except EdgeopsError as exc:
+                return _error(rid, type(exc).__name__, str(exc))
+            return {"ok": True, "id": rid, "correct": correct}
         if op == "predict_batch":
             rows = request.get("rows")
             if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_BATCH:
@@ -293,7 +302,7 @@ class EndpointServer(BoundedThreadingMixIn, socketserver.UnixStreamServer):
             except EdgeopsError as exc:
                 return _error(rid, type(exc).__name__, str(exc))
             return {"ok": True, "id": rid, "predictions": [p.to_dict() for p in predictions]}
-        return self._request_error(rid, f"'op' must be 'predict', 'predict_batch' or 'status', got {str(op)[:80]!r}")
+        return self._request_error(rid, f"'op' must be 'predict', 'predict_batch', 'feedback' or 'status', got {str(op)[:80]!r}")
 
 
 def _numbers(values: Any) -> Any:

@@ -47,7 +47,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -387,12 +387,17 @@ class ServiceMonitor:
 
     # life cycle --------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Run one probe in the calling thread, then start probing (and pinging) in the background.
+    def start(self, *, on_ready: Callable[[], object] | None = None) -> None:
+        """Run one probe in the calling thread, call ``on_ready``, then start probing (and
+        pinging) in the background.
 
-        The first probe is synchronous so that a model that hangs never reports ready.
+        The first probe is synchronous so that a model that hangs never reports ready, and
+        ``on_ready`` (``READY=1``) runs before the pinging thread exists, so no ``WATCHDOG=1``
+        can precede ``READY=1``.
         """
         self._run_probe(0)
+        if on_ready is not None:
+            on_ready()
         self._probe_thread.start()
         self._thread.start()
 

@@ -22,6 +22,15 @@ pull engine) and :mod:`edgeops_agent.install` (the one install path, trials). On
    ``trial_timeout_s``. Pass: :func:`~edgeops_agent.install.confirm_trial` (floor raised),
    ``ota_committed``. Fail: :func:`~edgeops_agent.install.rollback_trial`, the old model
    serves again, the sha256 is marked bad, ``ota_rolled_back``/``health_check``.
+5. held (issue 9): a deploy whose args carry ``hold_s > 0`` does not commit when its health
+   check passes: it stays in phase ``held`` (floor not raised, old slot kept), with an
+   absolute deadline (wall clock, ``hold_until`` in ``ota.json``, so it survives restarts).
+   A ``commit`` command (:meth:`Updater.commit`) confirms the trial (``ota_committed``); a
+   ``rollback`` (:meth:`Updater.rollback`) serves the old slot again, marks the sha256 bad
+   (``ota_rolled_back``/``console_rollback``); the deadline passing with neither commits
+   (``ota_committed`` with reason ``hold_expired``), so a vanished console never strands a
+   device on an uncommitted release. Either command for a deploy that is not held is
+   refused (:class:`~edgeops_agent.errors.CommandRejectedError` → ``command_rejected``).
 
 Persistence: ``<data>/ota.json`` (replaced whole, fsynced, like the state) holds the
 current deploy (its :class:`~edgeops_core.Deploy`, phase, start-ups during its trial and,
@@ -30,6 +39,13 @@ start (:meth:`Updater.before_agent`, before the model is loaded), a trial that h
 than ``max_boots`` start-ups is rolled back (``crash_loop``); a younger one is adopted so it
 survives the start-up's recovery; then :meth:`Updater.resume` picks the deploy up where it
 stopped: fetching resumes from the staging journal, a decided outcome is reported.
+
+Crash loops while held: a held model passed its health check, so ordinary restarts (a
+reboot, an agent upgrade, a power cut) must not roll it back. Start-ups still count (a model
+that crashes the agent after its K inferences is a crash loop too), but the count goes back
+to 0 when the process stops cleanly (:meth:`Updater.stop`) and once it has served held for
+:data:`HELD_STABLE_S` seconds; so only more than ``max_boots`` start-ups in a row, each dying
+within a minute, roll a held deploy back (``crash_loop``).
 
 Exactly one final event per deploy id: the outcome is written to ``ota.json`` first, then
 the event goes into the outbox with ``once=ota-final:<deploy id>`` (the key and the message
@@ -55,13 +71,13 @@ import numpy as np
 from edgeops_agent.agent import LATENCY_RING
 from edgeops_agent.config import OtaConfig
 from edgeops_agent.crash import crash_point
-from edgeops_agent.errors import AgentError
+from edgeops_agent.errors import AgentError, CommandRejectedError
 from edgeops_agent.install import adopt_trial, confirm_trial, rollback_trial
 from edgeops_agent.model import LoadedModel
 from edgeops_agent.ota import OTA_DIR, OtaError, Staging, TransferEngine, TransferPolicy, install_staged, preflight
 from edgeops_agent.store import DataDir, write_durably
 from edgeops_core import BlockRequest, CommandError, Deploy, EdgeopsError, MessageError, OtaOutcome, OtaProgress, utc_now_text
-from edgeops_core.messages import deploy_args
+from edgeops_core.messages import deploy_args, deploy_hold_s
 
 if TYPE_CHECKING:
     from edgeops_agent.agent import Agent
@@ -81,6 +97,9 @@ PROGRESS_INTERVAL_S = 1.0
 REFUSED_INTERVAL_S = 1.0
 #: Error types that are the caller's fault, not the model's: they do not fail a trial.
 INPUT_ERRORS = frozenset({"TensorInputError", "RequestError"})
+#: Seconds a held deploy must serve in one process before its start-up count is reset (see
+#: the module docstring: ordinary restarts never roll a held deploy back).
+HELD_STABLE_S = 60.0
 
 
 @dataclass
@@ -89,11 +108,13 @@ class _Current:
 
     command_id: str
     deploy: Deploy
-    phase: str  # fetching | installing | trial | ended
+    phase: str  # fetching | installing | trial | held | ended
     boots: int = 0
     outcome: dict[str, Any] | None = None
     emitted: bool = False
     received: int = 0
+    hold_s: int = 0  # the deploy's hold_s (0: commit right after the health check)
+    hold_until: float | None = None  # once held: the wall-clock time it commits by itself
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +125,8 @@ class _Current:
             "outcome": self.outcome,
             "emitted": self.emitted,
             "received": self.received,
+            "hold_s": self.hold_s,
+            "hold_until": self.hold_until,
         }
 
     @classmethod
@@ -116,6 +139,8 @@ class _Current:
             outcome=dict(raw["outcome"]) if raw["outcome"] is not None else None,
             emitted=bool(raw["emitted"]),
             received=int(raw.get("received", 0)),
+            hold_s=int(raw.get("hold_s", 0)),
+            hold_until=float(raw["hold_until"]) if raw.get("hold_until") is not None else None,
         )
 
 
@@ -124,6 +149,8 @@ class _Record:
     current: _Current | None = None
     bad: list[str] = field(default_factory=list)
     ended: list[str] = field(default_factory=list)
+    #: How each remembered ended deploy ended (its final phase), for the refusal of a late commit/rollback.
+    how: dict[str, str] = field(default_factory=dict)
     last: dict[str, Any] | None = None  # the retained state's ``ota`` once the current one ended
 
 
@@ -133,6 +160,7 @@ class _Job:
     def __init__(self, current: _Current) -> None:
         self.current = current
         self.stop = threading.Event()
+        self.wake = threading.Event()  # a held deploy ended by a command: its thread exits now
         self.thread: threading.Thread | None = None
 
 
@@ -192,10 +220,17 @@ class Updater:
             if raw["version"] != _RECORD_VERSION:
                 raise ValueError(f"version {raw['version']!r}, this agent reads {_RECORD_VERSION}")
             current = _Current.from_dict(raw["current"]) if raw["current"] is not None else None
-            return _Record(current, [str(s) for s in raw["bad"]], [str(s) for s in raw["ended"]], raw.get("last"))
+            how = {str(k): str(v) for k, v in raw.get("how", {}).items()}
+            return _Record(
+                current=current,
+                bad=[str(s) for s in raw["bad"]],
+                ended=[str(s) for s in raw["ended"]],
+                how=how,
+                last=raw.get("last"),
+            )
         except FileNotFoundError:
             return _Record()
-        except (OSError, KeyError, TypeError, ValueError, CommandError) as exc:
+        except (OSError, AttributeError, KeyError, TypeError, ValueError, CommandError) as exc:
             # The record is replaced whole and fsynced, so only a disk damaged at rest gets
             # here. It must not keep the model from serving: set it aside and start empty
             # (the floor is in the state; a trial it no longer knows is rolled back at start-up).
@@ -213,6 +248,7 @@ class Updater:
             "bad": r.bad[-_KEEP_BAD:],
             "ended": r.ended[-_KEEP_ENDED:],
             "last": r.last,
+            "how": {k: v for k, v in r.how.items() if k in set(r.ended[-_KEEP_ENDED:])},
         }
         write_durably(self.path, json.dumps(doc, sort_keys=True).encode())
 
@@ -224,7 +260,7 @@ class Updater:
             cur = self.record.current
             if cur is None or cur.phase == "ended":
                 return self.record.last
-            phase = {"fetching": "fetching", "installing": "installing", "trial": "trial"}.get(cur.phase, "fetching")
+            phase = cur.phase if cur.phase in ("fetching", "installing", "trial", "held") else "fetching"
             d = cur.deploy
             received = d.block_count if cur.phase != "fetching" else min(self._received, d.block_count)
             return OtaProgress(d.deploy_id, d.release, phase, received, d.block_count).to_dict()
@@ -241,16 +277,22 @@ class Updater:
             AgentError, StateCorruptedError: the state cannot be read or written.
         """
         cur = self.record.current
-        if cur is None or cur.outcome is not None or cur.phase not in ("installing", "trial"):
+        if cur is None or cur.outcome is not None or cur.phase not in ("installing", "trial", "held"):
             return
         state = self.data.load_state()
         trial_info = state.slots.get(state.trial.slot) if state.trial is not None else None
         if trial_info is not None and trial_info.sha256 == cur.deploy.sha256:
-            cur.phase, cur.boots = "trial", cur.boots + 1
+            held = cur.phase == "held"
+            cur.phase, cur.boots = ("held" if held else "trial"), cur.boots + 1
             self._save()
             if cur.boots > self.config.max_boots:
+                how = (
+                    f"in a row while held, each dying within {HELD_STABLE_S:g} s and without a clean stop,"
+                    if held
+                    else "on trial"
+                )
                 message = (
-                    f"release {cur.deploy.release} started {cur.boots} times on trial without being committed "
+                    f"release {cur.deploy.release} started {cur.boots} times {how} without being committed "
                     f"(ota.max_boots = {self.config.max_boots}): rolled back"
                 )
                 log.error("%s", message)
@@ -260,7 +302,7 @@ class Updater:
                 return
             adopt_trial(self.data)
             return
-        if cur.phase == "trial":
+        if cur.phase in ("trial", "held"):
             # The trial ended between the state's write and ours (a kill -9 there): the state decides.
             info = state.slots.get(state.active) if state.active else None
             if info is not None and info.sha256 == cur.deploy.sha256:
@@ -290,13 +332,25 @@ class Updater:
                 self._start(cur)
 
     def stop(self) -> None:
-        """Stop the deploy's thread (it resumes at the next start)."""
+        """Stop the deploy's thread (it resumes at the next start).
+
+        A clean stop while held resets the start-up count: an ordinary restart is not a crash.
+        """
         self._stopping.set()
         job = self._job
         if job is not None:
             job.stop.set()
+            job.wake.set()
             if job.thread is not None:
                 job.thread.join(timeout=5)
+        with self._lock:
+            cur = self.record.current
+            if cur is not None and cur.phase == "held" and cur.outcome is None and cur.boots:
+                cur.boots = 0
+                try:
+                    self._save()
+                except AgentError as exc:  # a full disk: the next start counts one start-up more
+                    log.error("update record not saved at stop: %s", exc)
 
     # -- intake --------------------------------------------------------------------------------
 
@@ -314,13 +368,14 @@ class Updater:
             CommandError: the args are not a deploy (the command was validated already: a bug).
         """
         deploy, retry_bad = deploy_args(args)
+        hold_s = deploy_hold_s(args)
         with self._lock:
             cur = self.record.current
             active = cur is not None and cur.phase != "ended" and cur.outcome is None
             if deploy.deploy_id in self.record.ended or (cur is not None and cur.deploy.deploy_id == deploy.deploy_id):
                 log.info("deploy %s seen before: ignored", deploy.deploy_id)
                 return {"deploy_id": deploy.deploy_id, "accepted": False, "ignored": "seen before"}
-            new = _Current(command_id, deploy, "fetching")
+            new = _Current(command_id, deploy, "fetching", hold_s=hold_s)
             supersedes = cur is not None and cur.phase == "fetching" and deploy.release > cur.deploy.release
             if active and cur is not None and not (supersedes and deploy.name == cur.deploy.name):
                 return self._refuse(
@@ -356,6 +411,7 @@ class Updater:
         )
         self._put_final(outcome)
         self.record.ended.append(current.deploy.deploy_id)
+        self.record.how[current.deploy.deploy_id] = "failed"
         running = self.record.current is not None and self.record.current.outcome is None
         if not running:  # the state shows the running deploy if there is one, else this refusal
             d = current.deploy
@@ -404,6 +460,8 @@ class Updater:
                 self._install(job, staging)
             if cur.phase == "trial":
                 self._trial(job)
+            if cur.phase == "held":
+                self._held(job)
         except OtaError as exc:
             if exc.reason == "superseded" or self._stopping.is_set():
                 return  # the superseding deploy (or the next start) decides
@@ -557,19 +615,130 @@ class Updater:
                 break
             time.sleep(0.05)
         with self._lock:
-            if failure is None:
-                confirm_trial(self.data)
-                agent.state = self.data.load_state()
-                self._decide(cur, "ota_committed", None, None, emit=False)
-                crash_point("committed")
-                self._emit(cur)
+            if failure is None and cur.hold_s > 0:
+                cur.phase, cur.boots = "held", 0
+                cur.hold_until = time.time() + cur.hold_s
+                self._save()
+                log.info(
+                    "deploy %s (release %d) passed its health check: held for up to %d s, waiting for commit or rollback",
+                    cur.deploy.deploy_id, cur.deploy.release, cur.hold_s,
+                )  # fmt: skip
+                # Under the lock: a commit arriving now cannot put its final event before this one.
+                self._state_changed()
+                self._progress(job, force=True)
                 return
+            if failure is None:
+                self._commit_trial(cur, None, None)
+                return
+        with self._lock:
             message = f"deploy {cur.deploy.deploy_id} (release {cur.deploy.release}): {failure}; rolled back"
             log.error("%s", message)
             rollback_trial(self.data, message)
             self._serve_active()
             self._mark_bad(cur.deploy.sha256)
             self._decide(cur, "ota_rolled_back", "health_check", message)
+
+    def _commit_trial(self, cur: _Current, reason: str | None, message: str | None) -> None:
+        """Confirm the trial (floor raised), record and report ``ota_committed`` (caller holds the lock)."""
+        confirm_trial(self.data)  # before the outcome: an outcome of "committed" is never ahead of the state
+        if self.agent is not None:
+            self.agent.state = self.data.load_state()
+        self._decide(cur, "ota_committed", reason, message, emit=False)
+        crash_point("committed")
+        self._emit(cur)
+
+    def _held(self, job: _Job) -> None:
+        """Wait, held, for a command or the deadline; at the deadline commit by ourselves."""
+        cur = job.current
+        started = time.monotonic()
+        stable = False
+        while not (self._stopping.is_set() or job.stop.is_set()):
+            with self._lock:
+                if cur.outcome is not None or cur.phase != "held":
+                    return  # a commit or rollback command ended it
+                now = time.time()
+                if cur.hold_until is None or cur.hold_until > now + cur.hold_s:
+                    # Never set (a record from a bug) or the wall clock went back: at most hold_s from now.
+                    cur.hold_until = now + cur.hold_s
+                    self._save()
+                remaining = cur.hold_until - now
+                if remaining <= 0:
+                    message = (
+                        f"deploy {cur.deploy.deploy_id} (release {cur.deploy.release}) was held {cur.hold_s} s "
+                        "without a commit or rollback from the console: committed by the device"
+                    )
+                    log.warning("%s", message)
+                    self._commit_trial(cur, "hold_expired", message)
+                    return
+                if not stable and time.monotonic() - started >= HELD_STABLE_S:
+                    stable = True  # this start-up was no crash: the loop count starts over
+                    if cur.boots:
+                        cur.boots = 0
+                        self._save()
+            job.wake.wait(min(remaining, 1.0))
+
+    def _held_deploy(self, deploy_id: str, kind: str) -> _Current:
+        """The current deploy if it is ``deploy_id`` and held (caller holds the lock).
+
+        Raises:
+            CommandRejectedError: it is not held here, saying what it is instead.
+        """
+        cur = self.record.current
+        if cur is not None and cur.deploy.deploy_id == deploy_id and cur.outcome is None:
+            if cur.phase == "held":
+                return cur
+            raise CommandRejectedError(
+                f"{kind} of deploy {deploy_id}: it is {cur.phase}, not held; {kind} applies only to a deploy "
+                "held after its health check (send it again once the device reports phase held)"
+            )
+        verb = "roll back" if kind == "rollback" else kind
+        if deploy_id in self.record.ended or (cur is not None and cur.deploy.deploy_id == deploy_id):
+            how = self.record.how.get(deploy_id)
+            text = f"{kind} of deploy {deploy_id}: it has ended ({how or 'committed, rolled back or failed'}); nothing to {verb}"
+            if kind == "rollback" and how in (None, "committed"):
+                text += "; a committed release raised the anti-rollback floor: ship a newer release to replace it"
+            raise CommandRejectedError(text)
+        raise CommandRejectedError(f"{kind} of deploy {deploy_id}: no such deploy on this device; nothing to {verb}")
+
+    def commit(self, deploy_id: str) -> dict[str, Any]:
+        """Handle a ``commit`` command: confirm a held deploy (``ota_committed``); the ``command_done`` detail.
+
+        Raises:
+            CommandRejectedError: that deploy is not held on this device (unknown, running, ended).
+        """
+        with self._lock:
+            cur = self._held_deploy(deploy_id, "commit")
+            log.info("deploy %s (release %d): committed by the console", deploy_id, cur.deploy.release)
+            self._commit_trial(cur, None, None)
+            job = self._job
+        if job is not None:
+            job.wake.set()
+        return {"deploy_id": deploy_id, "committed": True}
+
+    def rollback(self, deploy_id: str) -> dict[str, Any]:
+        """Handle a ``rollback`` command: the old slot serves again, the sha256 is marked bad.
+
+        Reports ``ota_rolled_back`` with reason ``console_rollback``; returns the
+        ``command_done`` detail.
+
+        Raises:
+            CommandRejectedError: that deploy is not held on this device (a committed one included).
+        """
+        with self._lock:
+            cur = self._held_deploy(deploy_id, "rollback")
+            message = f"deploy {deploy_id} (release {cur.deploy.release}) was held and rolled back by the console"
+            log.warning("%s", message)
+            # Outcome first: a kill -9 after it leaves an unadopted trial, which the next
+            # start-up's recovery rolls back, and the recorded outcome is then reported.
+            self._mark_bad(cur.deploy.sha256)
+            self._decide(cur, "ota_rolled_back", "console_rollback", message, emit=False)
+            rollback_trial(self.data, message)
+            self._serve_active()
+            self._emit(cur)
+            job = self._job
+        if job is not None:
+            job.wake.set()
+        return {"deploy_id": deploy_id, "rolled_back": True}
 
     def _serve_active(self) -> None:
         """After a rollback: serve the (old) active slot again."""
@@ -620,6 +789,7 @@ class Updater:
             self.record.last = OtaProgress(d.deploy_id, d.release, phase, received, d.block_count).to_dict()
             if d.deploy_id not in self.record.ended:
                 self.record.ended.append(d.deploy_id)
+            self.record.how[d.deploy_id] = phase
             if self.record.current is cur:
                 self.record.current = None
             self._save()

@@ -82,8 +82,10 @@ from edgeops_core.messages import (
     State,
     Telemetry,
     choose_block_size,
+    commit_command,
     deploy_command,
     parse_command,
+    rollback_command,
 )
 from edgeops_core.preprocess import apply_preprocessing
 from edgeops_core.profile import FORMATS_BY_RUNTIME, Budgets, TargetProfile, find_profile, list_profiles, load_profile
@@ -95,6 +97,7 @@ from edgeops_core.topics import (
     check_device_id,
     device_topic,
     parse_topic,
+    set_clock_skew,
     utc_now_text,
 )
 
@@ -172,6 +175,7 @@ __all__ = [
     "apply_preprocessing",
     "check_device_id",
     "choose_block_size",
+    "commit_command",
     "deploy_command",
     "device_topic",
     "find_profile",
@@ -186,6 +190,8 @@ __all__ = [
     "parse_topic",
     "read_bundle_file",
     "read_members",
+    "rollback_command",
+    "set_clock_skew",
     "utc_now_text",
     "verify_bundle",
     "verify_bundle_file",

@@ -63,6 +63,11 @@ def load_untrusted_json(data: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     except RecursionError as exc:
         # The C decoder stops at the interpreter's recursion limit and unwinds cleanly.
         raise ValueError(f"nested deeper than {max_depth} levels") from exc
+    # Each nesting level opens one bracket, so a text with at most max_depth brackets cannot
+    # be too deep (brackets inside strings only make this bound looser): small documents, such
+    # as every MQTT message, skip the walk.
+    if text.count("{") + text.count("[") <= max_depth:
+        return doc
     depth = _depth(doc)
     if depth > max_depth:
         raise ValueError(f"nested {depth} levels deep, deeper than {max_depth} levels")

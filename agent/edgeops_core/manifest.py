@@ -149,6 +149,8 @@ class Lineage:
 
     ``runtime_version`` is the version of the runtime (``Manifest.runtime``) the build
     validated the model with; ``None`` in bundles built before it was recorded.
+    ``reverted_to`` is set only on a release made by ``edgeops release revert``: the earlier
+    release whose model this one ships again, byte for byte (``None`` for a build).
     """
 
     dataset_digest: str
@@ -157,6 +159,7 @@ class Lineage:
     toolchain_version: str
     parent_release: int | None
     runtime_version: str | None = None
+    reverted_to: int | None = None
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,17 @@ class Manifest:
             return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "quantization": q}
 
         d = self.drift_reference
+        lineage: dict[str, Any] = {
+            "dataset_digest": self.lineage.dataset_digest,
+            "code_digest": self.lineage.code_digest,
+            "hyperparameters": dict(self.lineage.hyperparameters),
+            "toolchain_version": self.lineage.toolchain_version,
+            "parent_release": self.lineage.parent_release,
+            "runtime_version": self.lineage.runtime_version,
+        }
+        # Written only when set, so every build's manifest stays byte-identical to before.
+        if self.lineage.reverted_to is not None:
+            lineage["reverted_to"] = self.lineage.reverted_to
         return {
             "schema_version": self.schema_version,
             "name": self.name,
@@ -248,14 +262,7 @@ class Manifest:
                 ],
             },
             "metrics": dict(self.metrics),
-            "lineage": {
-                "dataset_digest": self.lineage.dataset_digest,
-                "code_digest": self.lineage.code_digest,
-                "hyperparameters": dict(self.lineage.hyperparameters),
-                "toolchain_version": self.lineage.toolchain_version,
-                "parent_release": self.lineage.parent_release,
-                "runtime_version": self.lineage.runtime_version,
-            },
+            "lineage": lineage,
             "created": self.created,
             "expires": self.expires,
         }
@@ -342,6 +349,7 @@ def _from_dict(raw: object) -> Manifest:
     metrics = {str(k): _R.as_number(v, f"metrics.{k}") for k, v in metrics_raw.items()}
     lin = _R.mapping(_R.get(m, "lineage", ""), "lineage")
     parent = _R.get(lin, "parent_release", "lineage")
+    reverted = lin.get("reverted_to")
     return Manifest(
         schema_version=schema,
         name=_R.string(m, "name"),
@@ -374,6 +382,7 @@ def _from_dict(raw: object) -> Manifest:
             toolchain_version=_R.string(lin, "toolchain_version", "lineage"),
             parent_release=None if parent is None else _R.as_int(parent, "lineage.parent_release", minimum=1),
             runtime_version=None if lin.get("runtime_version") is None else _R.string(lin, "runtime_version", "lineage"),
+            reverted_to=None if reverted is None else _R.as_int(reverted, "lineage.reverted_to", minimum=1),
         ),
         created=_R.string(m, "created"),
         expires=_R.string(m, "expires"),
@@ -459,3 +468,5 @@ def _check_invariants(m: Manifest) -> None:  # noqa: C901 - one flat list of sch
         raise _fail(f"created/expires must be UTC timestamps like 2026-01-31T12:00:00Z: {exc}") from exc
     if expires <= created:
         raise _fail(f"expires {m.expires} is not after created {m.created}")
+    if m.lineage.reverted_to is not None and m.lineage.reverted_to >= m.release:
+        raise _fail(f"lineage.reverted_to {m.lineage.reverted_to} must be an earlier release than release {m.release}")

@@ -26,12 +26,19 @@ sha256 of every block), :class:`BlockRequest` (JSON, device → console, ``ota_r
 retained state's ``ota`` and ``ota_progress`` events) and :class:`OtaOutcome` (the one
 final event of each deploy). A frame is refused with a :class:`BlockError` whose
 ``reason`` says why.
+
+Held trials (issue 9): a ``deploy`` may carry ``hold_s``; a device whose health check passed
+then stays in phase ``held`` (floor not raised, old slot kept) until a ``commit`` or
+``rollback`` command (:func:`commit_command`, :func:`rollback_command`) for that deploy id
+arrives, or commits on its own when ``hold_s`` has passed (``ota_committed`` with reason
+``hold_expired``), so a console that vanished never strands a device.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from collections.abc import Mapping
@@ -61,8 +68,11 @@ __all__ = [
     "MAX_BLOCK_BYTES",
     "MAX_COMMAND_BYTES",
     "MAX_COMMAND_DEPTH",
+    "MAX_HOLD_S",
+    "MAX_PREDICTED_LABELS",
     "MAX_REQUEST_BLOCKS",
     "MAX_REQUEST_BYTES",
+    "MAX_TAGS",
     "MIN_BLOCK_BYTES",
     "OTA_FINAL_EVENTS",
     "OTA_PHASES",
@@ -82,14 +92,23 @@ __all__ = [
     "Samples",
     "State",
     "Telemetry",
+    "check_tags",
     "choose_block_size",
+    "commit_command",
     "deploy_args",
     "deploy_command",
+    "deploy_hold_s",
     "parse_command",
+    "rollback_command",
 ]
 
-#: Commands the agent understands (``deploy``: an over-the-air update, ADR 0012).
-COMMAND_TYPES = ("ping", "status", "sample_upload", "deploy")
+#: Commands the agent understands (``deploy``: an over-the-air update, ADR 0012; ``commit`` and
+#: ``rollback``: end a held deploy, args ``{"deploy_id"}``).
+COMMAND_TYPES = ("ping", "status", "sample_upload", "deploy", "commit", "rollback")
+#: Most tags in a state (``[tags]`` in agent.toml).
+MAX_TAGS = 32
+#: Most labels whose prediction counts a telemetry record carries (``inference.predicted``).
+MAX_PREDICTED_LABELS = 4096
 #: Largest command payload the agent reads (bytes).
 MAX_COMMAND_BYTES = 64 * 1024
 #: Deepest JSON nesting accepted in a command (``args`` values are flat today).
@@ -123,6 +142,7 @@ _RUNTIMES = ("onnxruntime", "litert", "tflite-micro")
 _COMMAND_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+_TAG = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class MessageError(InputError):
@@ -193,6 +213,27 @@ def _load(data: bytes | str, what: str, error: type[MessageError] = MessageError
     if not isinstance(doc, dict):
         raise error(f"{what} payload must be a JSON object, got {type(doc).__name__}")
     return doc
+
+
+def check_tags(tags: object, where: str = "state.tags") -> dict[str, str]:
+    """Validate device tags: at most :data:`MAX_TAGS`, keys and values ``[A-Za-z0-9_.-]{1,64}``.
+
+    Returns:
+        The tags as a plain dict.
+
+    Raises:
+        MessageError: not a mapping of strings, a key or value outside the pattern, too many.
+    """
+    if not isinstance(tags, Mapping):
+        raise _fail(MessageError, where, "an object of strings", tags)
+    if len(tags) > MAX_TAGS:
+        raise MessageError(f"{where} must have at most {MAX_TAGS} tags, got {len(tags)}")
+    for key, value in tags.items():
+        if not (isinstance(key, str) and _TAG.fullmatch(key)):
+            raise _fail(MessageError, f"{where} key", "1-64 characters [A-Za-z0-9_.-]", key)
+        if not (isinstance(value, str) and _TAG.fullmatch(value)):
+            raise _fail(MessageError, f"{where}.{key}", "a string of 1-64 characters [A-Za-z0-9_.-]", value)
+    return dict(tags)
 
 
 # -- the header shared by device → console messages ------------------------------------------
@@ -324,8 +365,13 @@ def _ref_dict(ref: ModelRef | BundleInfo | None) -> dict[str, Any] | None:
     return None if ref is None else {k: getattr(ref, k) for k in ref.__dataclass_fields__}
 
 
-OTA_PHASES = ("fetching", "verifying", "installing", "trial", "committed", "rolled_back", "failed")
-"""The ``phase`` of an over-the-air update (``state.ota.phase``, ``ota_progress`` events)."""
+OTA_PHASES = ("fetching", "verifying", "installing", "trial", "held", "committed", "rolled_back", "failed")
+"""The ``phase`` of an over-the-air update (``state.ota.phase``, ``ota_progress`` events).
+
+``held``: the new model passed the device's health check and serves, not yet committed
+(floor not raised, old slot kept): it waits for the console's ``commit`` or ``rollback``,
+at most the deploy's ``hold_s``.
+"""
 
 
 @dataclass(frozen=True)
@@ -393,6 +439,8 @@ class State(_Header):
     last_error: str | None
     #: The update in progress or the last one's end (ADR 0012); ``None`` when none ran.
     ota: OtaProgress | None = None
+    #: ``[tags]`` of agent.toml (see :func:`check_tags`); the console groups devices by them.
+    tags: Mapping[str, str] = field(default_factory=dict)
 
     _KIND: ClassVar[str] = "state"
     _BODY: ClassVar[tuple[str, ...]] = (
@@ -404,6 +452,7 @@ class State(_Header):
         "health",
         "last_error",
         "ota",
+        "tags",
     )
 
     def _check(self) -> None:
@@ -420,6 +469,7 @@ class State(_Header):
         _str("state.last_error", self.last_error, nullable=True)
         if self.ota is not None and not isinstance(self.ota, OtaProgress):
             raise _fail(MessageError, "state.ota", "an OtaProgress or null", self.ota)
+        object.__setattr__(self, "tags", _frozen(check_tags(self.tags)))
 
     def _body(self) -> dict[str, Any]:
         return {**super()._body(), "bundle": _ref_dict(self.bundle), "ota": None if self.ota is None else self.ota.to_dict()}
@@ -430,13 +480,15 @@ class State(_Header):
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Self:
-        """As :meth:`_Header.from_dict`; an absent ``ota`` (an agent before OTA) reads as ``null``.
+        """As :meth:`_Header.from_dict`; an absent ``ota`` (an agent before OTA) reads as ``null``,
+        absent ``tags`` (an agent before issue 9) as no tags.
 
         Raises:
             MessageError: a field is missing, unknown or invalid.
         """
-        if isinstance(raw, Mapping) and "ota" not in raw:
-            raw = {**raw, "ota": None}
+        if isinstance(raw, Mapping):
+            defaults: dict[str, Any] = {"ota": None, "tags": {}}
+            raw = {**{k: v for k, v in defaults.items() if k not in raw}, **raw}
         return super().from_dict(raw)
 
 
@@ -445,11 +497,36 @@ _LATENCY = ("p50", "p95", "p99", "max")
 _DRIFT = ("alarm", "samples", "max_psi", "max_feature", "max_cusum", "prediction_psi")
 _RESOURCES = ("rss_bytes", "cpu_percent")
 _OUTBOX = ("pending", "dropped", "quarantined", "superseded")
+_FEEDBACK = ("labelled", "correct", "rejected")
+_INFERENCE_OPTIONAL = ("predicted", "feedback")
+
+
+def _predicted(value: object) -> tuple[int, ...] | None:
+    """``telemetry.inference.predicted``: at most :data:`MAX_PREDICTED_LABELS` counts, or null."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or len(value) > MAX_PREDICTED_LABELS:
+        raise _fail(
+            MessageError, "telemetry.inference.predicted", f"a list of at most {MAX_PREDICTED_LABELS} counts or null", value
+        )
+    for i, n in enumerate(value):
+        _int(f"telemetry.inference.predicted[{i}]", n)
+    return tuple(value)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Telemetry(_Header):
-    """One periodic ``telemetry`` record: counters, latency percentiles, drift, resources, outbox."""
+    """One periodic ``telemetry`` record: counters, latency percentiles, drift, resources, outbox.
+
+    ``inference.predicted`` (optional: older agents leave it out; ``null`` without a model):
+    per label index of the model in ``model``, how many of this interval's predictions chose
+    it (since the interval began, or since that model was activated within it).
+
+    ``inference.feedback`` (optional, likewise): the ground-truth labels attached to
+    predictions this interval (``labelled``), how many of them the prediction got right
+    (``correct`` ≤ ``labelled``) and how many labels were refused (``rejected``: unknown or
+    expired prediction ids, labels the model does not have).
+    """
 
     interval_s: float
     model: ModelRef | None
@@ -466,9 +543,14 @@ class Telemetry(_Header):
         _num("telemetry.interval_s", self.interval_s, positive=True)
         if self.model is not None and not isinstance(self.model, ModelRef):
             raise _fail(MessageError, "telemetry.model", "a ModelRef or null", self.model)
-        inf = _obj("telemetry.inference", self.inference, _INFERENCE)
+        present = self.inference if isinstance(self.inference, Mapping) else {}
+        keys = (*_INFERENCE, *(k for k in _INFERENCE_OPTIONAL if k in present))
+        inf = _obj("telemetry.inference", self.inference, keys)
         for k in ("count", "window_count", "error_count"):
             _int(f"telemetry.inference.{k}", inf[k])
+        predicted = _predicted(inf.get("predicted"))
+        if "feedback" in inf:
+            _feedback(inf["feedback"])
         errors = inf["errors"]
         if not isinstance(errors, Mapping) or not all(isinstance(k, str) for k in errors):
             raise _fail(MessageError, "telemetry.inference.errors", "an object of counts", errors)
@@ -496,7 +578,10 @@ class Telemetry(_Header):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, _frozen(value))
-        object.__setattr__(self, "inference", _frozen({**self.inference, "errors": _frozen(errors)}))
+        inference = {**self.inference, "errors": _frozen(errors)}
+        if "predicted" in inference:
+            inference["predicted"] = predicted
+        object.__setattr__(self, "inference", _frozen(inference))
 
     def _body(self) -> dict[str, Any]:
         return {**super()._body(), "model": _ref_dict(self.model)}
@@ -504,6 +589,14 @@ class Telemetry(_Header):
     @classmethod
     def _fields(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
         return {**super()._fields(raw), "model": ModelRef.parse(raw["model"])}
+
+
+def _feedback(raw: Any) -> None:
+    fb = _obj("telemetry.inference.feedback", raw, _FEEDBACK)
+    for k in _FEEDBACK:
+        _int(f"telemetry.inference.feedback.{k}", fb[k])
+    if fb["correct"] > fb["labelled"]:
+        raise _fail(MessageError, "telemetry.inference.feedback.correct", "at most labelled", fb["correct"])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -601,6 +694,9 @@ class Command:
                 raise _fail(CommandError, "sample_upload 'max_rows'", "an integer >= 0", limit)
         if self.type == DEPLOY_COMMAND:
             deploy_args(self.args)
+            deploy_hold_s(self.args)
+        if self.type in ("commit", "rollback"):
+            _deploy_id_args(self.type, self.args)
         if self.issued_at is not None and self.issued_time() is None:
             raise _fail(CommandError, "command 'issued_at'", "UTC text YYYY-MM-DDTHH:MM:SS.ffffffZ", self.issued_at)
         object.__setattr__(self, "args", _frozen(self.args))
@@ -704,6 +800,8 @@ OTA_REASONS = (
     "health_check",  # the trial failed its health check
     "crash_loop",  # the trial crashed on start-up too often
     "marked_bad",  # this sha256 was rolled back on this device before
+    "console_rollback",  # a held deploy was rolled back by the console's ``rollback`` command
+    "hold_expired",  # ota_committed only: the hold ran out with no command, the device committed by itself
 )
 
 
@@ -863,8 +961,12 @@ class Deploy:
 
 
 #: Options a ``deploy`` command's ``args`` may carry beside the :class:`Deploy` fields:
-#: ``retry_bad`` (boolean) fetches a bundle whose sha256 this device rolled back before.
-DEPLOY_OPTIONS = ("retry_bad",)
+#: ``retry_bad`` (boolean) fetches a bundle whose sha256 this device rolled back before;
+#: ``hold_s`` (integer 0..:data:`MAX_HOLD_S`) keeps a deploy that passed its health check
+#: ``held`` for up to that many seconds, waiting for ``commit`` or ``rollback``.
+DEPLOY_OPTIONS = ("retry_bad", "hold_s")
+#: Longest hold a deploy may ask for (seconds): 7 days.
+MAX_HOLD_S = 7 * 86400
 
 
 def deploy_args(args: object) -> tuple[Deploy, bool]:
@@ -881,30 +983,109 @@ def deploy_args(args: object) -> tuple[Deploy, bool]:
     return Deploy.from_args({k: v for k, v in args.items() if k not in DEPLOY_OPTIONS}), retry
 
 
+def _check_hold(hold_s: object) -> int:
+    if not isinstance(hold_s, int) or isinstance(hold_s, bool) or not 0 <= hold_s <= MAX_HOLD_S:
+        raise _fail(CommandError, "deploy hold_s", f"an integer 0..{MAX_HOLD_S} (seconds)", hold_s)
+    return hold_s
+
+
+def deploy_hold_s(args: Mapping[str, Any]) -> int:
+    """A ``deploy`` command's ``hold_s`` (0 when absent: commit right after the health check).
+
+    Raises:
+        CommandError: not an integer 0..:data:`MAX_HOLD_S`.
+    """
+    return _check_hold(args.get("hold_s", 0))
+
+
+def _command_bytes(doc: dict[str, Any], what: str) -> bytes:
+    payload = json.dumps(doc, separators=(",", ":")).encode()
+    if len(payload) > MAX_COMMAND_BYTES:  # unreachable with MAX_BLOCKS; kept as the contract's guard
+        raise CommandError(f"{what} command is {len(payload)} bytes, the limit is {MAX_COMMAND_BYTES}")
+    return payload
+
+
+def _check_command_id(cid: object) -> str:
+    if not (isinstance(cid, str) and _COMMAND_ID.fullmatch(cid)):
+        raise _fail(CommandError, "command 'id'", "1-64 characters [A-Za-z0-9._:-]", cid)
+    return cid
+
+
 def deploy_command(
-    deploy: Deploy, *, command_id: str | None = None, issued_at: str | None = None, retry_bad: bool = False
+    deploy: Deploy,
+    *,
+    command_id: str | None = None,
+    issued_at: str | None = None,
+    retry_bad: bool = False,
+    hold_s: int = 0,
 ) -> bytes:
     """The ``cmd`` payload announcing ``deploy`` (``id`` defaults to the deploy id).
 
     ``retry_bad`` asks the device to fetch the bundle even if it rolled this sha256 back
-    before (the console's explicit retry).
+    before (the console's explicit retry). ``hold_s > 0`` asks the device to stay ``held``
+    after its health check, for up to ``hold_s`` seconds, until a :func:`commit_command` or
+    :func:`rollback_command` arrives; then it commits on its own.
 
     Raises:
-        CommandError: the id or ``issued_at`` is invalid, or the payload exceeds :data:`MAX_COMMAND_BYTES`.
+        CommandError: the id, ``issued_at`` or ``hold_s`` is invalid, or the payload exceeds
+            :data:`MAX_COMMAND_BYTES`.
     """
-    cid = deploy.deploy_id if command_id is None else command_id
-    if not (isinstance(cid, str) and _COMMAND_ID.fullmatch(cid)):
-        raise _fail(CommandError, "command 'id'", "1-64 characters [A-Za-z0-9._:-]", cid)
+    cid = _check_command_id(deploy.deploy_id if command_id is None else command_id)
     args = {**deploy.to_args(), "retry_bad": True} if retry_bad else deploy.to_args()
+    if _check_hold(hold_s):
+        args["hold_s"] = hold_s
     doc: dict[str, Any] = {"id": cid, "type": DEPLOY_COMMAND, "args": args}
     if issued_at is not None:
         if not (isinstance(issued_at, str) and _TS.fullmatch(issued_at)):
             raise _fail(CommandError, "command 'issued_at'", "UTC text YYYY-MM-DDTHH:MM:SS.ffffffZ", issued_at)
         doc["issued_at"] = issued_at
-    payload = json.dumps(doc, separators=(",", ":")).encode()
-    if len(payload) > MAX_COMMAND_BYTES:  # unreachable with MAX_BLOCKS; kept as the contract's guard
-        raise CommandError(f"deploy command is {len(payload)} bytes, the limit is {MAX_COMMAND_BYTES}")
-    return payload
+    return _command_bytes(doc, "deploy")
+
+
+def _deploy_id_args(kind: str, args: Mapping[str, Any]) -> str:
+    """The ``deploy_id`` of a ``commit`` / ``rollback`` command's args (exactly that field)."""
+    extra = sorted(set(args) - {"deploy_id"})
+    if extra:
+        raise CommandError(f"{kind} has unknown argument {extra[0]!r}")
+    deploy_id = args.get("deploy_id")
+    if not (isinstance(deploy_id, str) and _COMMAND_ID.fullmatch(deploy_id)):
+        raise _fail(CommandError, f"{kind} 'deploy_id'", "1-64 characters [A-Za-z0-9._:-]", deploy_id)
+    return deploy_id
+
+
+def _end_hold_command(kind: str, deploy_id: str, command_id: str | None) -> bytes:
+    _deploy_id_args(kind, {"deploy_id": deploy_id})
+    # A fresh id by default: a commit or rollback refused because the deploy was not held yet
+    # must be able to go again, and the device acts on a command id only once.
+    # os.urandom, not secrets: importing secrets loads hmac and _hashlib, which the serving
+    # agent keeps out of memory (test_serving_agent_does_not_load_the_signature_stack).
+    cid = _check_command_id(f"{kind}-{os.urandom(8).hex()}" if command_id is None else command_id)
+    return _command_bytes({"id": cid, "type": kind, "args": {"deploy_id": deploy_id}}, kind)
+
+
+def commit_command(deploy_id: str, *, command_id: str | None = None) -> bytes:
+    """The ``cmd`` payload committing a held deploy (``id``: a fresh one unless given).
+
+    The device answers ``ota_committed`` (floor raised, old slot freed for the next update),
+    or ``command_rejected`` when that deploy is not held there (unknown, still running, ended).
+
+    Raises:
+        CommandError: the deploy id or the command id is invalid.
+    """
+    return _end_hold_command("commit", deploy_id, command_id)
+
+
+def rollback_command(deploy_id: str, *, command_id: str | None = None) -> bytes:
+    """The ``cmd`` payload rolling a held deploy back (``id``: a fresh one unless given).
+
+    The device serves its previous model again, marks the bundle's sha256 bad and answers
+    ``ota_rolled_back`` with reason ``console_rollback``; or ``command_rejected`` when that
+    deploy is not held there (a rollback after a commit is refused: the floor was raised).
+
+    Raises:
+        CommandError: the deploy id or the command id is invalid.
+    """
+    return _end_hold_command("rollback", deploy_id, command_id)
 
 
 @dataclass(frozen=True)
@@ -995,7 +1176,8 @@ class OtaOutcome:
     """How a deploy ended: the detail of its one final event (:data:`OTA_FINAL_EVENTS`).
 
     ``reason`` (one of :data:`OTA_REASONS`) and ``message`` are ``None`` for ``ota_committed``
-    and required otherwise.
+    and required otherwise; except that an ``ota_committed`` the device decided by itself at
+    the end of a hold carries reason ``hold_expired`` and a message saying so.
     """
 
     type: str
@@ -1011,9 +1193,12 @@ class OtaOutcome:
             raise _fail(MessageError, f"{self.type}.deploy_id", "1-64 characters [A-Za-z0-9._:-]", self.deploy_id)
         _int(f"{self.type}.release", self.release, minimum=1)
         if self.type == "ota_committed":
-            if self.reason is not None or self.message is not None:
-                raise MessageError("ota_committed carries no reason or message")
-            return
+            if self.reason is None and self.message is None:
+                return
+            if self.reason != "hold_expired":
+                raise MessageError("ota_committed carries no reason or message, except reason 'hold_expired' with a message")
+        elif self.reason == "hold_expired":
+            raise MessageError(f"{self.type}.reason 'hold_expired' belongs to ota_committed only")
         if self.reason not in OTA_REASONS:
             raise _fail(MessageError, f"{self.type}.reason", f"one of {', '.join(OTA_REASONS)}", self.reason)
         if not isinstance(self.message, str) or not self.message:

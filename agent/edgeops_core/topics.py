@@ -22,7 +22,7 @@ The payloads themselves are the types in :mod:`edgeops_core.messages`;
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from edgeops_core.errors import InputError
 
@@ -33,6 +33,7 @@ __all__ = [
     "check_device_id",
     "device_topic",
     "parse_topic",
+    "set_clock_skew",
     "utc_now_text",
 ]
 
@@ -83,6 +84,15 @@ def parse_topic(prefix: str, topic: str) -> tuple[str, str]:
     return check_device_id(rest[0]), rest[1]
 
 
+_skew = timedelta(0)
+
+
+def set_clock_skew(seconds: float) -> None:
+    """Shift the time :func:`utc_now_text` tells by ``seconds`` (test-only: a device whose clock is wrong)."""
+    global _skew
+    _skew = timedelta(seconds=seconds)
+
+
 def utc_now_text() -> str:
-    """The current UTC time as messages carry it."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """The current UTC time as messages carry it (as this device's clock tells it: :func:`set_clock_skew`)."""
+    return (datetime.now(UTC) + _skew).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

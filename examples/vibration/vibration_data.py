@@ -19,12 +19,16 @@ energy of 32 spectral bands of 32 Hz (0-1024 Hz), log RMS, kurtosis and crest fa
 the shaft speed in rpm from the engine bus: 3 * 35 + 1 = 106 features.
 
 :class:`Shift` distorts the generator on demand (sensor gain, noise, speed range, fault mix,
-an offset on one feature), which the simulator and the drift tests use to create realistic
-distribution shift. Only numpy is used, so devices and the simulator can run it too.
+an offset on one feature), which the drift tests use to create realistic distribution shift.
+:func:`simulate` draws windows from named physical quantities (:data:`QUANTITIES`: shaft
+speed, load, bearing wear, sensor gain, noise), each a scalar or one value per window; the
+fleet simulator (firmware-sim) drives it for many devices in one vectorized call. Only
+numpy is used, so devices and the simulator can run it too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,17 +73,28 @@ class Shift:
     feature_offsets: dict[int, float] = field(default_factory=dict)
 
 
-def _signals(labels: np.ndarray, rng: np.random.Generator, shift: Shift) -> tuple[np.ndarray, np.ndarray]:
+Scale = float | np.ndarray  # one value, or one per window
+
+
+def _signals(
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    rpm_range: tuple[Scale, Scale],
+    noise_scale: Scale,
+    sensor_gain: Scale,
+    load: Scale = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
     n = labels.shape[0]
     t = np.arange(WINDOW) / SAMPLE_RATE_HZ
-    rpm = rng.uniform(*shift.rpm_range, size=n)
+    rpm = rng.uniform(*rpm_range, size=n)
     f_r = (rpm / 60.0)[:, None]  # shaft frequency, Hz
     phase = rng.uniform(0, 2 * np.pi, size=(n, 1))
     severity = rng.uniform(0.15, 1.0, size=(n, 1))
-    base = rng.uniform(0.05, 0.15, size=(n, 1))
+    base = rng.uniform(0.05, 0.15, size=(n, 1)) * _column(load, n)
     start = rng.uniform(0, 1, size=(n, 1))  # where in the impact period a window starts
-    noise = rng.uniform(0.05, 0.2, size=(n, 1, 1)) * shift.noise_scale
-    gain = rng.normal(1.0, 0.05, size=(n, 1, 1)) * shift.sensor_gain
+    noise = rng.uniform(0.05, 0.2, size=(n, 1, 1)) * _column(noise_scale, n, 3)
+    gain = rng.normal(1.0, 0.05, size=(n, 1, 1)) * _column(sensor_gain, n, 3)
+    mesh = 0.08 * _column(load, n)
     sig = noise * rng.standard_normal((n, 3, WINDOW))
 
     def tone(rows: np.ndarray, order: float, amp: np.ndarray | float, ph: float = 0.0) -> np.ndarray:
@@ -88,7 +103,7 @@ def _signals(labels: np.ndarray, rng: np.random.Generator, shift: Shift) -> tupl
     every = np.arange(n)
     # Baseline machine: residual unbalance, small 2x, gear-mesh tone.
     for a in range(3):
-        sig[:, a] += tone(every, 1, base) + tone(every, 2, base * 0.5, a) + tone(every, GEAR_MESH_ORDER, 0.08, a)
+        sig[:, a] += tone(every, 1, base) + tone(every, 2, base * 0.5, a) + tone(every, GEAR_MESH_ORDER, mesh, a)
 
     r = np.flatnonzero(labels == 1)  # imbalance: 1x radial, x and y in quadrature
     sig[r, 0] += tone(r, 1, 0.7 * severity[r])
@@ -115,6 +130,13 @@ def _signals(labels: np.ndarray, rng: np.random.Generator, shift: Shift) -> tupl
         sig[r, a] += g * loose
 
     return sig * gain, rpm
+
+
+def _column(value: Scale, n: int, dims: int = 2) -> np.ndarray | float:
+    """``value`` shaped ``(n, 1)`` (or ``(n, 1, 1)``) when it has one value per window, else as is."""
+    if np.ndim(value) == 0:
+        return float(value)
+    return np.asarray(value, dtype=np.float64).reshape((n,) + (1,) * (dims - 1))
 
 
 def _features(sig: np.ndarray, rpm: np.ndarray) -> np.ndarray:
@@ -148,11 +170,63 @@ def generate(n: int, seed: int, shift: Shift | None = None) -> tuple[np.ndarray,
     rng = np.random.default_rng(seed)
     weights = np.asarray(shift.class_weights, dtype=np.float64)
     labels = rng.choice(len(LABELS), size=n, p=weights / weights.sum())
-    sig, rpm = _signals(labels, rng, shift)
+    sig, rpm = _signals(labels, rng, shift.rpm_range, shift.noise_scale, shift.sensor_gain)
     x = _features(sig, rpm)
     for index, offset in shift.feature_offsets.items():
         x[:, index] += offset
     return x.astype(np.float32), labels.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A physical quantity the simulator can set per device: its nominal value and range."""
+
+    nominal: float
+    low: float
+    high: float
+    unit: str
+    doc: str
+
+
+#: The named quantities :func:`simulate` takes; at nominal values it draws the reference
+#: distribution that :func:`generate` draws (same label mix, same speed range).
+QUANTITIES: dict[str, Quantity] = {
+    "shaft_rpm": Quantity(1800.0, 300.0, 6000.0, "rpm", "centre of the shaft speed; each window is within ±600 rpm of it"),
+    "load": Quantity(1.0, 0.0, 4.0, "x", "drive load: scales the residual unbalance, 2x order and gear-mesh tones"),
+    "bearing_wear": Quantity(
+        0.2, 0.0, 1.0, "", "share of windows showing the outer-race defect (the rest: the other four conditions evenly)"
+    ),
+    "sensor_gain": Quantity(1.0, 0.1, 10.0, "x", "sensor sensitivity: multiplies every acceleration"),
+    "noise": Quantity(1.0, 0.0, 20.0, "x", "broadband noise level"),
+}
+RPM_SPREAD = 600.0
+
+
+def simulate(n: int, rng: np.random.Generator, quantities: Mapping[str, float | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` windows under the given physical quantities (each a scalar or one value per window).
+
+    Missing quantities take their nominal value. The labels are the machine's true condition:
+    a window is ``bearing_outer`` with probability ``bearing_wear``, else one of the other four
+    conditions, evenly.
+
+    Returns:
+        ``(features float32 [n, 106], labels int64 [n])``.
+    """
+
+    def value(name: str) -> np.ndarray:
+        q = QUANTITIES[name]
+        v = np.broadcast_to(np.asarray(quantities.get(name, q.nominal), dtype=np.float64), (n,))
+        return np.clip(v, q.low, q.high)
+
+    wear = value("bearing_wear")
+    u = rng.random(n)
+    others = np.array([0, 1, 2, 4])
+    pick = np.minimum(((u - wear) / np.maximum(1.0 - wear, 1e-12) * 4).astype(np.int64), 3)
+    labels = np.where(u < wear, 3, others[np.clip(pick, 0, 3)])
+    rpm = value("shaft_rpm")
+    low = np.maximum(rpm - RPM_SPREAD, QUANTITIES["shaft_rpm"].low)
+    sig, rpm_drawn = _signals(labels, rng, (low, rpm + RPM_SPREAD), value("noise"), value("sensor_gain"), value("load"))
+    return _features(sig, rpm_drawn).astype(np.float32), labels.astype(np.int64)
 
 
 def load_dataset(n_train: int = 6000, n_val: int = 1000, n_test: int = 2000, seed: int = 7) -> dict[str, object]:

@@ -1,25 +1,33 @@
 """Errors of the fleet console, under the shared tree of :mod:`edgeops_core`::
 
 EdgeopsError
+├── SenderError         a bundle cannot be served (unreadable, changed since it was verified);
+│                       defined in edgeops_core.ota_server with the block server, re-exported here
 └── FleetError          the console cannot do what was asked
-    ├── SenderError     a bundle cannot be served (unreadable, changed since it was verified)
-    └── BrokerError     the broker cannot be reached or refuses the console
+    ├── BrokerError     the broker cannot be reached or refuses the console
+    ├── StoreError      the console's database is unreachable, locked, newer, or refuses a row
+    └── ConsoleError    the CLI cannot reach the console's HTTP API, or it answers with an error
 """
 
 from __future__ import annotations
 
 from edgeops_core import EdgeopsError
+from edgeops_core.ota_server import SenderError
 
-__all__ = ["BrokerError", "FleetError", "SenderError"]
+__all__ = ["BrokerError", "ConsoleError", "FleetError", "SenderError", "StoreError"]
 
 
 class FleetError(EdgeopsError):
     """The fleet console cannot do what was asked."""
 
 
-class SenderError(FleetError):
-    """A bundle cannot be served over the air."""
-
-
 class BrokerError(FleetError):
     """The MQTT broker cannot be reached or refuses the console's connection."""
+
+
+class StoreError(FleetError):
+    """The console's database cannot be opened, migrated, reached in time, or refuses a row."""
+
+
+class ConsoleError(FleetError):
+    """The console's HTTP API cannot be reached, refuses the request's token, or answers with an error."""

@@ -556,6 +556,100 @@ def cache_clear(ctx: click.Context, cache_dir: Path | None) -> None:
     _run(ctx, False, body)
 
 
+@main.group()
+def release() -> None:
+    """Manage releases (see docs/cache-and-registry.md)."""
+
+
+@release.command("revert")
+@click.argument("name")
+@click.option("--to", "to", type=int, required=True, help="The earlier release whose model is shipped again.")
+@click.option("--target", "-t", default=None, help="Target of the releases [default: the only one NAME has].")
+@_registry_option
+@click.option(
+    "--key",
+    "-k",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="ECDSA private key (PEM) to sign with [default: per-user development key].",
+)
+@click.option(
+    "--verify-key",
+    "verify_keys",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Public key (PEM) the earlier bundle is verified against [default: the public half of --key]. Repeatable.",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("dist"),
+    show_default=True,
+    help="Where the new bundle is written.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def release_revert(
+    ctx: click.Context,
+    name: str,
+    to: int,
+    target: str | None,
+    registry: Path | None,
+    key: Path | None,
+    verify_keys: tuple[Path, ...],
+    out: Path,
+    as_json: bool,
+) -> None:
+    """Sign release --to of NAME again as a new, higher release.
+
+    Devices never go back to a lower release (anti-rollback), so a bad release is taken
+    back by shipping the earlier model forward: same model bytes, the next release number,
+    lineage.reverted_to naming the release it reverts to. A rollout then ships it.
+    """
+    from edgeops_toolchain.revert import revert_release
+
+    def body() -> None:
+        result = revert_release(name, to=to, target=target, registry=registry, key=key, verify_keys=verify_keys, out_dir=out)
+        m = result.manifest
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {
+                        "ok": True,
+                        "bundle": str(result.bundle_path),
+                        "name": m.name,
+                        "version": m.version,
+                        "release": m.release,
+                        "target": m.target,
+                        "reverted_to": m.lineage.reverted_to,
+                        "parent_release": m.lineage.parent_release,
+                        "sha256": result.bundle_sha256,
+                        "model_sha256": result.model_sha256,
+                        "signer": result.signer,
+                        "public_key": str(result.public_key) if result.public_key else None,
+                        "created": m.created,
+                        "expires": m.expires,
+                    }
+                )
+            )
+            return
+        click.echo(
+            f"release {m.release} of {m.name} for {m.target} ships release {m.lineage.reverted_to}'s model "
+            f"(reverts from release {m.lineage.parent_release}); version {m.version}, expires {m.expires}"
+        )
+        click.echo(f"bundle: {result.bundle_path}")
+        click.echo(f"model sha256: {result.model_sha256} (unchanged)")
+        if result.public_key is not None:
+            click.echo(
+                f"signed with the development key; verify with: edgeops verify {result.bundle_path} --key {result.public_key}"
+            )
+        else:
+            click.echo(f"signed with {key} (key sha256:{result.signer[:16]}…)")
+
+    _run(ctx, as_json, body)
+
+
 def _add_fleet() -> None:
     from edgeops_toolchain.fleet_cli import fleet  # it imports this module's helpers, so it comes last
 

@@ -827,16 +827,19 @@ def _publish(s: BuildState, *, reused: bool) -> tuple[Path, Path]:
     report_path = s.out_dir / (manifest.bundle_filename().removesuffix(".edgeops") + ".report.html")
     registry = s.registry
     if registry is not None:
+        # The registry records absolute paths: a later `release revert` or `registry show`
+        # may run from another working directory.
+        where, report_where = path.absolute(), report_path.absolute()
         if reused:
-            registry.update_location(manifest.name, manifest.target, manifest.release, path, report_path)
+            registry.update_location(manifest.name, manifest.target, manifest.release, where, report_where)
         else:
             # Record before writing: if the write then fails the number is skipped, which
             # devices tolerate; handing the same number out twice they would not.
             registry.record_release(
                 manifest,
                 bundle_sha256=hashlib.sha256(data).hexdigest(),
-                path=path,
-                report_path=report_path,
+                path=where,
+                report_path=report_where,
                 signer=s.trusted.fingerprint,
             )
     try:

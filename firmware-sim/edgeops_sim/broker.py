@@ -1,0 +1,105 @@
+"""A Mosquitto of the simulator's own, on a free loopback port, that it can stop and restart.
+
+Persistence is on (saved every second and on a clean stop), so a restart keeps the
+sessions and their queued messages: a broker restart fault tests the devices' and the
+subscribers' reconnects, not the broker's memory. The tests use the same class.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from edgeops_sim.errors import SimError
+
+__all__ = ["Broker", "free_port", "mosquitto_binary"]
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_binary() -> str:
+    """The mosquitto executable.
+
+    Raises:
+        SimError: mosquitto is not installed.
+    """
+    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    raise SimError("mosquitto is not installed (apt-get install mosquitto; scripts/setup.sh does it), or pass --broker URL")
+
+
+def _more_files() -> None:
+    """In the child: as many open files as the hard limit allows (one per connection)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Broker:
+    """One Mosquitto process; ``stop()``/``start()`` keep the port and (with persistence) the sessions."""
+
+    def __init__(self, folder: Path, *, acl: str | None = None, persistence: bool = True) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            f"persistence {'true' if persistence else 'false'}",
+            f"persistence_location {folder}/",
+            "autosave_interval 1",
+            "max_queued_messages 100000",
+            "max_inflight_messages 100",
+            "log_dest stderr",
+            "log_type error",
+        ]
+        if os.geteuid() == 0:  # started as root, mosquitto would drop to a user that cannot read our folders
+            lines.append("user root")
+        if acl is not None:
+            (folder / "acl").write_text(acl)
+            lines.append(f"acl_file {folder / 'acl'}")
+        self.conf = folder / "mosquitto.conf"
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``mqtt://host:port`` of this broker."""
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        """Start it and wait until it accepts connections.
+
+        Raises:
+            SimError: mosquitto is missing or did not listen within 10 s.
+        """
+        with open(self.folder / "log", "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_more_files
+            )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise SimError(f"mosquitto did not listen on {self.port}: {(self.folder / 'log').read_text()[-500:]}")
+
+    def stop(self) -> None:
+        """Stop it cleanly (it saves its persistence file)."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
