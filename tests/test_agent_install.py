@@ -135,6 +135,7 @@ def test_predict_rejects_bad_tensors_and_counts_them(built: Built, device: DataD
         "errors": {"TensorInputError": 5},
         "error_count": 5,
         "predicted": predicted,  # only the good input was predicted
+        "feedback": {"labelled": 0, "correct": 0, "rejected": 0},
     }
     assert agent.telemetry(1.0)["inference"]["window_count"] == 0  # the window resets, the totals do not
 
@@ -192,7 +193,7 @@ def test_outbox_cap_drops_oldest_and_counts(tmp_path: Path) -> None:
     assert box.stats().dropped == 3
     box.ack(4)
     assert box.quarantine(5, 0x87, "Not authorized") is not None and box.quarantine(5, 0x87, "again") is None
-    assert box.stats() == type(box.stats())(pending=3, dropped=3, quarantined=1)
+    assert box.stats() == type(box.stats())(pending=3, dropped=3, quarantined=1, last_seq=8)
     box.close()
     reopened = Outbox(tmp_path / "o.sqlite", cap=5)  # survives a restart
     assert [p.seq for p in reopened.pending()] == [6, 7, 8] and reopened.put("t", {}) == 9

@@ -346,6 +346,71 @@ def test_set_will_reaches_the_broker_without_losing_commands(outbox: Outbox) -> 
         link.stop()
 
 
+# an idle sender sleeps (no polling) and is woken by what concerns it --------------------------
+
+
+def test_outbox_wait_returns_on_wake_even_a_wake_that_came_first(outbox: Outbox) -> None:
+    outbox.wake()  # before anyone waits: the next wait must not sleep
+    started = time.monotonic()
+    outbox.wait(10.0)
+    assert time.monotonic() - started < 1.0
+    threading.Timer(0.1, outbox.wake).start()
+    started = time.monotonic()
+    outbox.wait(10.0)
+    assert 0.05 < time.monotonic() - started < 2.0
+
+
+def test_idle_sender_wakes_for_a_put_a_new_will_and_stop(outbox: Outbox) -> None:
+    from edgeops_agent.mqtt import IDLE_WAIT_S
+
+    assert IDLE_WAIT_S >= 3.0  # the checks below tell a wake-up from the idle timeout
+    broker = InMemoryBroker()
+    link, _ = make_link(outbox, broker)
+    link.start()
+    try:
+        until(link.connected.is_set, what="connect")
+        time.sleep(0.3)  # the sender is asleep in outbox.wait now
+        started = time.monotonic()
+        outbox.put(TELEMETRY, {"n": 1})
+        until(lambda: len(broker.messages(TELEMETRY)) == 1, timeout=2.0, what="the put to be sent")
+        time.sleep(0.3)
+        link.set_will({"online": False, "device_id": DEV, "bundle": {"release": 9}})
+        until(lambda: link.connects == 2, timeout=2.0, what="the controlled reconnect")
+        time.sleep(0.3)
+        started = time.monotonic()
+    finally:
+        link.stop()
+    assert time.monotonic() - started < 2.0  # stop() woke the idle sender instead of waiting it out
+    assert not link._sender.is_alive()
+
+
+def test_a_full_window_sends_on_as_soon_as_a_puback_frees_a_slot(outbox: Outbox) -> None:
+    from edgeops_agent.mqtt import WINDOW_WAIT_S
+
+    broker = InMemoryBroker()
+    broker.hold_acks = True
+    link, _ = make_link(outbox, broker, inflight=2)
+    link.start()
+    try:
+        until(link.connected.is_set, what="connect")
+        for n in range(6):
+            outbox.put(TELEMETRY, {"n": n})
+        until(lambda: len(broker.messages(TELEMETRY)) == 2, what="the first window")
+        time.sleep(0.2)
+        assert len(broker.messages(TELEMETRY)) == 2  # the window is full: nothing more goes out
+        for sent in (4, 6):
+            started = time.monotonic()
+            broker.release_acks()
+            until(lambda n=sent: len(broker.messages(TELEMETRY)) == n, what=f"{sent} messages")
+            assert time.monotonic() - started < WINDOW_WAIT_S / 2  # woken by the PUBACK, not a timer
+        broker.hold_acks = False
+        broker.release_acks()
+        until(lambda: outbox.stats().pending == 0, what="the outbox to drain")
+        assert [json.loads(m.payload)["n"] for m in broker.messages(TELEMETRY)] == list(range(6))
+    finally:
+        link.stop()
+
+
 # defect 13 (second half): commands published while the agent is down ------------------------
 
 

@@ -95,16 +95,16 @@ class Counters:
     latency_sum_s: float
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 def process_resources(prev: tuple[float, float] | None = None) -> tuple[dict[str, float], tuple[float, float]]:
     """``({"rss_bytes", "cpu_percent"}, sample)``: resident memory, and CPU use since ``prev``'s sample."""
     rss = 0.0
     try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    rss = float(line.split()[1]) * 1024
-                    break
-    except OSError:
+        with open("/proc/self/statm", "rb") as fh:  # "size resident shared ...", in pages
+            rss = float(fh.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
         pass
     t = os.times()
     sample = (t.user + t.system, time.monotonic())
@@ -526,7 +526,8 @@ class Agent:
             feedback = {"labelled": self._fb_labelled, "correct": self._fb_correct, "rejected": self._fb_rejected}
             self._fb_labelled = self._fb_correct = self._fb_rejected = 0
         resources, self._resources = process_resources(self._resources)
-        pct = (lambda q: round(float(np.percentile(lat, q)), 4)) if lat.size else (lambda q: None)
+        # One percentile call for the three (each call costs ~30 µs however few the samples).
+        p50, p95, p99 = (round(float(v), 4) for v in np.percentile(lat, (50, 95, 99))) if lat.size else (None, None, None)
         status = self.detector.status() if self.detector else None
         model = self.model
         return {
@@ -544,9 +545,9 @@ class Agent:
                 "feedback": feedback,
             },
             "latency_ms": {
-                "p50": pct(50),
-                "p95": pct(95),
-                "p99": pct(99),
+                "p50": p50,
+                "p95": p95,
+                "p99": p99,
                 "max": round(float(lat.max()), 4) if lat.size else None,
             },
             "drift": {

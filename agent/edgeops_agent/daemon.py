@@ -370,8 +370,13 @@ class Daemon:
     def _work(self) -> None:
         last_report = time.monotonic()
         while True:
+            # Idle, the worker sleeps until a command comes (no polling: a device on a battery
+            # sleeps too); with an overload to report, at most until its one-second turn.
+            with self._count_lock:
+                owed = self._refused or self._unreported
+            timeout = max(0.0, last_report + 1.0 - time.monotonic()) if owed else None
             try:
-                payload = self._commands.get(timeout=0.2)
+                payload = self._commands.get(timeout=timeout)
             except queue.Empty:
                 payload = b""
             if payload is None:

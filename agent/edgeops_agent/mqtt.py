@@ -45,6 +45,11 @@ __all__ = ["MqttLink", "MqttSettings"]
 
 log = logging.getLogger(__name__)
 
+#: How long the idle sender sleeps when nothing wakes it (a put, a new Will, stop).
+IDLE_WAIT_S = 5.0
+#: How long the sender waits for a PUBACK to free a slot of a full in-flight window.
+WINDOW_WAIT_S = 1.0
+
 
 @dataclass(frozen=True)
 class MqttSettings:
@@ -106,6 +111,7 @@ class MqttLink:
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._will_dirty = threading.Event()
+        self._room = threading.Event()  # set when a PUBACK frees a slot of the in-flight window
         self._lock = threading.Lock()
         self._mids: dict[int, int] = {}  # transport message id -> outbox seq
         self._early: dict[int, tuple[int, str]] = {}  # acks that arrived before publish() returned their mid
@@ -144,6 +150,8 @@ class MqttLink:
     def stop(self) -> None:
         """Disconnect cleanly (the broker then does not send the Last Will)."""
         self._stop.set()
+        self._room.set()
+        self.outbox.wake()
         try:
             self.transport.disconnect()
         finally:
@@ -182,6 +190,7 @@ class MqttLink:
         self._set_transport_will(offline_state)
         if self._started:
             self._will_dirty.set()
+            self.outbox.wake()
 
     def _set_transport_will(self, offline_state: Mapping[str, Any]) -> None:
         payload = json.dumps(dict(offline_state), separators=(",", ":")).encode()
@@ -221,6 +230,7 @@ class MqttLink:
             if seq is None:
                 self._early[mid] = (reason_code, reason)
                 return
+        self._room.set()
         self._settle(seq, reason_code, reason)
 
     def _settle(self, seq: int, reason_code: int, reason: str) -> None:
@@ -271,8 +281,10 @@ class MqttLink:
             return
         with self._lock:
             room = self.settings.inflight - len(self._mids)
+            if room <= 0:
+                self._room.clear()  # under the lock: a PUBACK that frees a slot sets it after
         if room <= 0:
-            self._stop.wait(0.005)
+            self._room.wait(WINDOW_WAIT_S)
             return
         try:
             batch = self.outbox.next_batch(room)
@@ -281,7 +293,7 @@ class MqttLink:
             self._stop.wait(1.0)
             return
         if not batch:
-            self.outbox.wait(timeout=0.5)
+            self.outbox.wait(timeout=IDLE_WAIT_S)
             return
         for i, msg in enumerate(batch):
             if not self.connected.is_set() or self._stop.is_set():

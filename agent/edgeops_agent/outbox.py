@@ -140,6 +140,7 @@ class Outbox:
         self._cursor = 0  # highest non-retained seq handed out
         self._health_calls: list[tuple[bool, str | None]] = []
         self._puts = self._puts_seen = 0  # so wait() does not sleep through a put it raced with
+        self._woken = False  # wake() came before wait(): the next wait() returns at once
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Create the file ourselves so it is 0600 from the first byte; SQLite copies the
@@ -370,11 +371,18 @@ class Outbox:
             self._cursor = 0
 
     def wait(self, timeout: float) -> None:
-        """Block until :meth:`put` adds a message after the last :meth:`next_batch`, or
-        ``timeout`` seconds pass."""
+        """Block until :meth:`put` adds a message after the last :meth:`next_batch`,
+        :meth:`wake` is called, or ``timeout`` seconds pass."""
         with self._new:
-            if self._puts == self._puts_seen:
+            if self._puts == self._puts_seen and not self._woken:
                 self._new.wait(timeout)
+            self._woken = False
+
+    def wake(self) -> None:
+        """End a :meth:`wait` now (or the next one, if nobody waits): the sender has news."""
+        with self._new:
+            self._woken = True
+            self._new.notify_all()
 
     def ack(self, seq: int) -> None:
         """The broker accepted ``seq``: remove it.

@@ -13,6 +13,10 @@ import os
 # bits of the first layer). MKL reads this once, at its first call, so it is set when the
 # package is imported, before any step imports torch. A user's own setting wins.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# Strict CNR holds only for a fixed thread count, and MKL by default may use fewer threads
+# than asked when the machine is busy (seen again in CI: a rebuild under load differed from
+# the first build in one weight's last bit). Fix it.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 __version__ = "0.1.0"
 
