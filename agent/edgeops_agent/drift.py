@@ -117,7 +117,7 @@ class DriftDetector:
         w = self.config.window
         self._ring = np.zeros((w, self.n), dtype=np.int16)
         self._counts = np.zeros((self.n, self._nbins), dtype=np.int64)
-        self._rows = np.arange(self.n)
+        self._base = np.arange(self.n) * self._nbins  # each feature's first slot in the flat counts
         self._pred_ring = np.zeros(w, dtype=np.int32)
         self._labels = labels
         self._pred_ref = np.maximum(np.asarray(reference.prediction_fractions, dtype=np.float64), 1e-4)
@@ -154,17 +154,16 @@ class DriftDetector:
 
     def _chunk(self, rows: np.ndarray, predicted: np.ndarray) -> list[tuple[int, bool]]:
         m, w, nb = rows.shape[0], self.config.window, self._nbins
-        bins = np.zeros(rows.shape, dtype=np.int16)
-        for j in range(self._edges.shape[1]):  # a value's bin: how many edges are <= it
-            bins += rows >= self._edges[:, j]
+        # A value's bin: how many edges are <= it (one comparison of every row with every edge).
+        bins = (rows[:, :, None] >= self._edges).sum(axis=2, dtype=np.int16)
         preds = np.where((predicted >= 0) & (predicted < self._labels), predicted, 0)
         slots = (self._samples + np.arange(m)) % w
         filled = (self._samples + np.arange(m)) >= w
         if filled.any():
             old = self._ring[slots[filled]]
-            self._counts -= np.bincount((self._rows * nb + old).ravel(), minlength=self.n * nb).reshape(self.n, nb)
+            self._counts -= np.bincount((self._base + old).ravel(), minlength=self.n * nb).reshape(self.n, nb)
             self._pred_counts -= np.bincount(self._pred_ring[slots[filled]], minlength=self._labels)
-        self._counts += np.bincount((self._rows * nb + bins).ravel(), minlength=self.n * nb).reshape(self.n, nb)
+        self._counts += np.bincount((self._base + bins).ravel(), minlength=self.n * nb).reshape(self.n, nb)
         self._pred_counts += np.bincount(preds, minlength=self._labels)
         self._ring[slots] = bins
         self._pred_ring[slots] = preds

@@ -306,6 +306,11 @@ class MqttLink:
                     self._mids[mid] = msg.seq
             if early is not None:  # the PUBACK beat us to it
                 self._settle(msg.seq, *early)
+        else:
+            if len(batch) < room:
+                # That was all there was: sleep now rather than ask the outbox again (wait()
+                # returns at once if a put came in since next_batch).
+                self.outbox.wait(timeout=IDLE_WAIT_S)
 
     def _reconnect_for_will(self) -> None:
         deadline = self.clock.monotonic() + 2.0

@@ -74,6 +74,13 @@ CREATE TABLE IF NOT EXISTS seen_commands (id TEXT PRIMARY KEY, at REAL NOT NULL)
 """
 
 
+_STATS = (
+    "SELECT (SELECT count(*) FROM outbox), (SELECT seq FROM sqlite_sequence WHERE name = 'outbox'),"
+    " (SELECT value FROM counters WHERE name = 'dropped'), (SELECT value FROM counters WHERE name = 'quarantined'),"
+    " (SELECT value FROM counters WHERE name = 'superseded')"
+)
+
+
 def _json_ints(values: Iterable[int]) -> str:
     # "seq NOT IN" a set of ints passed as one JSON array parameter: no SQL built from data.
     return json.dumps(sorted(values))
@@ -433,17 +440,16 @@ class Outbox:
             OutboxError: the database cannot be read.
         """
         with self._lock:
-            ((pending,),) = self._read("stats", "SELECT count(*) FROM outbox")
-            counters = dict(self._read("stats", "SELECT name, value FROM counters"))
-            last = self._read("stats", "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'")
+            # One statement (telemetry asks every interval; each statement hands the GIL over).
+            ((pending, last, dropped, quarantined, superseded),) = self._read("stats", _STATS)
             pending -= len(self._unsaved_acks)
             unsaved = self._unsaved
         return OutboxStats(
             pending=pending,
-            dropped=counters.get("dropped", 0) + unsaved,
-            quarantined=counters.get("quarantined", 0),
-            superseded=counters.get("superseded", 0),
-            last_seq=last[0][0] if last else 0,
+            dropped=(dropped or 0) + unsaved,
+            quarantined=quarantined or 0,
+            superseded=superseded or 0,
+            last_seq=last or 0,
         )
 
     def first_time(self, command_id: str) -> bool:

@@ -147,6 +147,43 @@ class ManualClock:
 # paho ----------------------------------------------------------------------------------------
 
 
+def _str16(data: bytes) -> bytes:
+    return len(data).to_bytes(2, "big") + data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class PublishProperties:
+    """The MQTT v5 PUBLISH properties of one outbox message, packed directly.
+
+    Payload Format Indicator 1 (UTF-8), Content Type ``application/json`` and the User
+    Property ``seq``. paho only calls ``pack()`` on a PUBLISH's properties; its generic
+    :class:`paho.mqtt.properties.Properties` costs ~40 µs a message to build and pack (a
+    tenth of a simulated device's CPU), this a few.
+    """
+
+    _HEAD = b"\x01\x01" + b"\x03" + _str16(b"application/json") + b"\x26" + _str16(b"seq")
+
+    def __init__(self, seq: int) -> None:
+        """Properties carrying ``seq``."""
+        self.seq = seq
+
+    def pack(self) -> bytes:
+        """The properties as they go on the wire: their length, then each one."""
+        body = self._HEAD + _str16(str(self.seq).encode())
+        return _varint(len(body)) + body
+
+    def __str__(self) -> str:
+        return f"[PayloadFormatIndicator: 1, ContentType: application/json, UserProperty: [('seq', '{self.seq}')]]"
+
+
 class PahoTransport:
     """:class:`Transport` over one paho-mqtt 2.x client (MQTT v5)."""
 
@@ -205,14 +242,8 @@ class PahoTransport:
 
     def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool, seq: int) -> int:
         """Queue a publish (paho re-sends it by itself after a reconnect); its mid."""
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.UserProperty = ("seq", str(seq))
-        props.PayloadFormatIndicator = 1
-        props.ContentType = "application/json"
-        return int(self.client.publish(topic, payload, qos=qos, retain=retain, properties=props).mid)
+        props = PublishProperties(seq)
+        return int(self.client.publish(topic, payload, qos=qos, retain=retain, properties=props).mid)  # type: ignore[arg-type]
 
     def subscribe(self, topic: str, *, qos: int) -> None:
         """Subscribe (from any thread, paho's own callbacks included)."""

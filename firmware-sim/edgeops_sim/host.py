@@ -60,7 +60,7 @@ START_TIMEOUT_S = 120.0
 #: The p99 an update's trial must meet on a simulated device (shared cores, not the target's).
 TRIAL_LATENCY_BUDGET_MS = 50.0
 #: The GIL switch interval of a host process (see main()).
-SWITCH_INTERVAL_S = 0.0005
+SWITCH_INTERVAL_S = 0.005
 #: Pause before a crashed device's daemon is started again.
 RESTART_PAUSE_S = 0.5
 
@@ -205,6 +205,8 @@ class Host:
     def run(self) -> None:
         """Tick until told to stop."""
         period = 1.0 / self.scenario.predict_hz
+        # Every host ticks from time 0. Spreading the hosts' phases over the period was tried
+        # and did no better within run-to-run noise (bench/fleet.py, docs/benchmarks.md).
         next_tick = time.monotonic()
         next_line = time.monotonic()
         while not self.stopping.is_set():
@@ -327,14 +329,19 @@ def main() -> int:
     # Each device holds ~8 descriptors (outbox and journal with their WAL files, a socket).
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    # Hundreds of I/O threads share one GIL here. A thread back from a syscall waits for the
-    # GIL up to the switch interval (5 ms by default) while another runs Python, and every
-    # message takes a few such returns: ~100 messages/s per process whatever the CPU.
+    # Hundreds of I/O threads share one GIL here, and every SQLite statement and socket call
+    # hands it over (~60 context switches per device-second, measured). A shorter interval
+    # than Python's 5 ms made each handover dearer: 0.5 ms cost 23 % more CPU per
+    # device-second (2.83 vs 2.30 ms, bench/fleet.py, 160 devices) once the agent's idle
+    # threads stopped polling; it had helped only while they polled. Set explicitly, so a
+    # change is a measured one.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     spec = json.loads(sys.stdin.readline())
     host = Host(spec)
     host.start()
-    print(json.dumps({"ready": sum(d.daemon is not None and d.daemon.agent.model is not None for d in host.devices)}), flush=True)
+    started = resource.getrusage(resource.RUSAGE_SELF)
+    serving = sum(d.daemon is not None and d.daemon.agent.model is not None for d in host.devices)
+    print(json.dumps({"ready": serving, "cpu_s": round(started.ru_utime + started.ru_stime, 2)}), flush=True)
     if spec.get("t0") is None:  # a first start: the runner says when time 0 is, for every host at once
         for line in sys.stdin:
             op = json.loads(line)

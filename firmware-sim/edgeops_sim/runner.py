@@ -97,6 +97,7 @@ class _Host:
     restarts: int = 0
     expected_exit: bool = False
     usage: dict[str, Any] = field(default_factory=dict)
+    start_cpu_s: float | None = None  # CPU the first start took, up to serving
     reader: threading.Thread | None = None
 
     def send(self, op: dict[str, Any]) -> None:
@@ -253,6 +254,7 @@ class Run:
             for h in self._hosts:
                 line = _wait_line(h, "ready", READY_TIMEOUT_S)
                 ready += int(line["ready"])
+                h.start_cpu_s = line.get("cpu_s")
             self._start_updates(host, port)
             t0 = self._t0 = time.time()
             for h in self._hosts:
@@ -555,7 +557,12 @@ def summarize(
         ),
         "host_restarts": {h.name: h.restarts for h in hosts if h.restarts},
         "host_usage": {
-            h.name: {"devices": len(h.devices), "peak_rss_mb": h.usage.get("peak_rss_mb"), "cpu_s": h.usage.get("cpu_s")}
+            h.name: {
+                "devices": len(h.devices),
+                "peak_rss_mb": h.usage.get("peak_rss_mb"),
+                "cpu_s": h.usage.get("cpu_s"),
+                "start_cpu_s": h.start_cpu_s,
+            }
             for h in hosts
         },
         "device_crashes": sum(r["crashes"] for r in per_device.values()),
