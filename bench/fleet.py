@@ -1,6 +1,6 @@
 """Fleet-scale simulator benchmark: the largest fleet that runs at 1 Hz with nothing lost.
 
-    .venv/bin/python bench/fleet.py [--devices 250,500,1000,1500] [--duration 120] [--per-process 80]
+    .venv/bin/python bench/fleet.py [--devices 250,500,1000,1500] [--duration 120] [--per-process 125]
                                     [--bundle dist/vibration-classifier-1.0.0-ecu.edgeops]
                                     [--key ~/.edgeops/keys/dev-signing.pub.pem] [--json]
 
@@ -70,7 +70,7 @@ def fleet(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     text = text.replace("start_s = 60", f"start_s = {args.duration / 2:g}", 1).replace(
         "ramp_s = 30", f"ramp_s = {args.duration / 4:g}", 1
     )
-    text = text.replace("devices_per_process = 80", f"devices_per_process = {args.per_process}", 1)
+    text = text.replace("devices_per_process = 125", f"devices_per_process = {args.per_process}", 1)
     generator = REPO / "examples" / "vibration" / "vibration_data.py"
     text = text.replace('generator = "../vibration/vibration_data.py"', f'generator = "{generator}"')
     path = folder / f"fleet-{n}.toml"
@@ -108,7 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", default="250,500,1000,1500")
     ap.add_argument("--duration", type=float, default=120.0)
-    ap.add_argument("--per-process", type=int, default=80)
+    ap.add_argument("--per-process", type=int, default=125)
     ap.add_argument("--bundle", type=Path, default=REPO / "dist" / "vibration-classifier-1.0.0-ecu.edgeops")
     ap.add_argument("--key", type=Path, default=Path.home() / ".edgeops" / "keys" / "dev-signing.pub.pem")
     ap.add_argument("--scratch", type=Path, default=None, help="folder for the run's files (default: /dev/shm)")

@@ -21,9 +21,11 @@ mid (paho does that on a fast broker), so callers must handle an unknown mid.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import selectors
 import socket
 import threading
 import time
@@ -35,11 +37,13 @@ __all__ = [
     "Clock",
     "InMemoryBroker",
     "ManualClock",
+    "NetworkLoop",
     "PahoTransport",
     "RealClock",
     "SimMessage",
     "SimTransport",
     "Transport",
+    "share_network_loop",
 ]
 
 log = logging.getLogger(__name__)
@@ -224,6 +228,18 @@ class PahoTransport:
         self.client = client
         self.last_error: str | None = None
         self._running = False
+        self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
+        self._backoff = reconnect_min_s
+        # With a shared loop (share_network_loop()), no paho thread of its own: the loop reads,
+        # and whoever queues a packet (the sender's publish, the loop's PUBACK) writes it at once.
+        self._loop = _shared_loop
+        self._wlock = threading.RLock()
+        if self._loop is not None:
+            client.connect_timeout = LOOP_CONNECT_TIMEOUT_S
+            client.on_socket_open = lambda c, u, sock: self._loop.watch(self, sock) if self._loop else None
+            client.on_socket_close = lambda c, u, sock: self._loop.unwatch(sock) if self._loop else None
+            client.on_socket_register_write = lambda c, u, sock: self._flush()
+            client.on_socket_unregister_write = lambda c, u, sock: None
 
     def set_will(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
         """Set the Will for the next CONNECT (paho reads it only when connecting)."""
@@ -237,8 +253,12 @@ class PahoTransport:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = session_expiry_s
         self.client.connect_async(self.host, self.port, keepalive=self.keepalive_s, clean_start=clean_start, properties=props)
-        self.client.loop_start()
         self._running = True
+        if self._loop is not None:
+            self._backoff = self.reconnect_min_s
+            self._loop.add(self)
+            return
+        self.client.loop_start()
 
     def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool, seq: int) -> int:
         """Queue a publish (paho re-sends it by itself after a reconnect); its mid."""
@@ -254,10 +274,58 @@ class PahoTransport:
         if not self._running:
             return
         self._running = False
+        if self._loop is not None:
+            self._loop.remove(self)
+            self.client.disconnect()  # written at once by _flush; paho then closes the socket
+            if self.client.socket() is not None:  # DISCONNECT could not be written: close anyway
+                with contextlib.suppress(Exception):
+                    self.client._sock_close()
+            return
         try:
             self.client.disconnect()
         finally:
             self.client.loop_stop()
+
+    # the shared loop's side (share_network_loop) -----------------------------------------------
+
+    # Lock order: paho takes its message mutexes and then calls _flush (a publish from the
+    # sender; a PUBACK queued while reading), so _wlock is only ever held around loop_write,
+    # never around a paho call that may take those mutexes (loop_read, reconnect, loop_misc).
+
+    def _flush(self) -> None:
+        """Write what paho queued, now, in the calling thread; what does not fit, the loop writes."""
+        with self._wlock:
+            self.client.loop_write()
+            pending = self.client.want_write()
+        if pending and self._loop is not None:
+            self._loop.want_write(self)
+
+    def _try_connect(self) -> None:
+        """One connection attempt (the loop's thread); on failure the next one is scheduled."""
+        if not self._running or self._loop is None:
+            return
+        try:
+            self.client.reconnect()
+        except (OSError, ValueError) as exc:
+            log.debug("connect to %s:%s failed: %s", self.host, self.port, exc)
+            self._retry_later()
+
+    def _retry_later(self) -> None:
+        if self._running and self._loop is not None:
+            self._loop.schedule(self, self._backoff)
+            self._backoff = min(self._backoff * 2, self.reconnect_max_s)
+
+    def _service(self) -> None:
+        """Keepalive and any write left over (the loop calls this a few times a second)."""
+        if self.client.socket() is None:
+            return
+        self.client.loop_misc()  # a PINGREQ, or the socket closed (on_disconnect: reconnect)
+        if self.client.want_write():
+            self._flush()
+
+    def _lost(self) -> None:
+        """The connection is gone: reconnect with back-off (unless we are stopping)."""
+        self._retry_later()
 
     # paho callbacks: each hook is guarded, because paho re-raises a callback's exception
     # and that ends its network loop (the agent would stop talking for good).
@@ -278,6 +346,7 @@ class PahoTransport:
             log.warning("%s", self.last_error)
             return
         self.last_error = None
+        self._backoff = self.reconnect_min_s
         sock = client.socket()
         if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
             # OTA block requests are a request/response exchange: with Nagle's algorithm a small
@@ -287,12 +356,176 @@ class PahoTransport:
 
     def _disconnected(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self._call(self.on_disconnect)
+        if self._loop is not None and self._running:
+            self._lost()
 
     def _published(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         self._call(self.on_publish, mid, int(reason_code.value), str(reason_code))
 
     def _message(self, client: Any, userdata: Any, message: Any) -> None:
         self._call(self.on_message, str(message.topic), bytes(message.payload))
+
+
+#: The shared loop's wake-up period: keepalives, leftover writes, due reconnects.
+LOOP_TICK_S = 0.25
+#: How long a shared loop's connection attempt may block it (loopback brokers answer at once).
+LOOP_CONNECT_TIMEOUT_S = 2.0
+
+_shared_loop: NetworkLoop | None = None
+_shared_loop_lock = threading.Lock()
+
+
+def share_network_loop(enabled: bool = True) -> NetworkLoop | None:
+    """Make every :class:`PahoTransport` created from now on in this process use one
+    :class:`NetworkLoop` (started now) instead of a paho network thread of its own; the loop.
+
+    For a process that runs many agents (the fleet simulator): each client keeps its own
+    socket, session, Will and callbacks, only the thread that reads their sockets is shared.
+    ``enabled=False`` stops the loop and goes back to a thread per client.
+    """
+    global _shared_loop
+    with _shared_loop_lock:
+        if not enabled:
+            if _shared_loop is not None:
+                _shared_loop.stop()
+            _shared_loop = None
+            return None
+        if _shared_loop is None:
+            _shared_loop = NetworkLoop()
+            _shared_loop.start()
+        return _shared_loop
+
+
+class NetworkLoop:
+    """One thread that drives the sockets of many :class:`PahoTransport` (paho's external-loop API).
+
+    It waits on every client's socket with an epoll selector (no 1 024-descriptor limit, unlike
+    paho's select()), reads what arrives (``loop_read``; the clients' callbacks run here, so
+    they must be short: the agent's are an outbox ack, a queue put, a block write), writes what
+    a client could not write at once, sends keepalives (``loop_misc``) and makes the connection
+    attempts, each client with its own back-off. A packet a client queues (a publish from the
+    outbox sender, a PUBACK) is written by the thread that queued it, under the client's write
+    lock, so a message does not wait for this thread to wake.
+    """
+
+    def __init__(self) -> None:
+        """An idle loop; :meth:`start` runs it."""
+        self._sel = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._clients: set[PahoTransport] = set()
+        self._due: dict[PahoTransport, float] = {}  # connection attempts, by monotonic time
+        self._writers: set[PahoTransport] = set()  # clients with bytes the socket did not take
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="edgeops-network-loop", daemon=True)
+
+    def start(self) -> None:
+        """Run the loop's thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread (clients still connected are left as they are)."""
+        self._stopping = True
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full: it is awake already
+            self._wake_w.send(b"x")
+
+    def add(self, client: PahoTransport) -> None:
+        """Start serving ``client``: a first connection attempt right away."""
+        with self._lock:
+            self._clients.add(client)
+            self._due[client] = time.monotonic()
+        self._wake()
+
+    def remove(self, client: PahoTransport) -> None:
+        """Stop serving ``client`` (no more reconnects)."""
+        with self._lock:
+            self._clients.discard(client)
+            self._due.pop(client, None)
+            self._writers.discard(client)
+
+    def schedule(self, client: PahoTransport, delay_s: float) -> None:
+        """A connection attempt for ``client`` in ``delay_s`` seconds."""
+        with self._lock:
+            if client in self._clients:
+                self._due[client] = time.monotonic() + delay_s
+        self._wake()
+
+    def want_write(self, client: PahoTransport) -> None:
+        """``client`` has bytes its socket did not take: write them when it is writable."""
+        with self._lock:
+            self._writers.add(client)
+        self._wake()
+
+    def watch(self, client: PahoTransport, sock: Any) -> None:
+        """paho opened ``client``'s socket: read from it."""
+        with self._lock:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._sel.unregister(sock)
+            self._sel.register(sock, selectors.EVENT_READ, client)
+        self._wake()
+
+    def unwatch(self, sock: Any) -> None:
+        """paho is closing a socket."""
+        with self._lock, contextlib.suppress(KeyError, ValueError, OSError):
+            self._sel.unregister(sock)
+
+    def _run(self) -> None:
+        next_service = time.monotonic() + LOOP_TICK_S
+        while not self._stopping:
+            now = time.monotonic()
+            with self._lock:
+                soonest = min(self._due.values(), default=now + LOOP_TICK_S)
+                writers = bool(self._writers)
+            timeout = 0.0 if writers else max(0.0, min(soonest, next_service) - now)
+            for key, _ in self._sel.select(timeout):
+                client = key.data
+                if client is None:
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
+                    continue
+                self._guard(client, self._read)
+            now = time.monotonic()
+            with self._lock:
+                due = [c for c, t in self._due.items() if t <= now]
+                for c in due:
+                    del self._due[c]
+                writers_now, self._writers = self._writers, set()
+            for client in due:
+                self._guard(client, PahoTransport._try_connect)
+            for client in writers_now:
+                self._guard(client, PahoTransport._flush)
+            if now >= next_service:
+                next_service = now + LOOP_TICK_S
+                with self._lock:
+                    clients = list(self._clients)
+                for client in clients:
+                    self._guard(client, PahoTransport._service)
+
+    @staticmethod
+    def _read(client: PahoTransport) -> None:
+        # A lost connection: paho closes the socket and calls on_disconnect, which schedules
+        # the reconnect.
+        client.client.loop_read()
+        if client.client.want_write():
+            client._flush()
+
+    @staticmethod
+    def _guard(client: PahoTransport, fn: Callable[[PahoTransport], None]) -> None:
+        try:
+            fn(client)
+        except Exception:  # one client's failure must not stop the others' network
+            log.exception("network loop: client %s failed", client.client._client_id)
 
 
 # the simulator ---------------------------------------------------------------------------

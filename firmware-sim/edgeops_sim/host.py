@@ -9,9 +9,12 @@ host's spec as one JSON line on its standard input::
 
 Every device is a :class:`edgeops_agent.daemon.Daemon` (its own data directory, outbox,
 command journal and MQTT session; no socket endpoint, since the host calls its agent
-directly) running in a thread of its own. The only thing they share is the read-only model:
+directly) running in a thread of its own. They share the read-only model:
 :func:`edgeops_agent.runtime.share_runtimes` opens one onnxruntime session (or interpreter)
-per model for the whole process instead of one per device.
+per model for the whole process instead of one per device. And they share the thread that
+reads their sockets: :func:`edgeops_agent.transport.share_network_loop` drives every
+device's paho client (its own socket, session, Will and callbacks) from one epoll loop
+instead of a paho network thread per device.
 
 The host's main loop ticks at the scenario's ``predict_hz``: one vectorized batch of sensor
 windows for all its devices (:class:`edgeops_sim.physics.Sensors`, each device with its
@@ -47,6 +50,7 @@ import numpy as np
 from edgeops_agent.config import load_config
 from edgeops_agent.daemon import Daemon
 from edgeops_agent.runtime import share_runtimes
+from edgeops_agent.transport import share_network_loop
 from edgeops_core import EdgeopsError, set_clock_skew
 from edgeops_sim.physics import Sensors
 from edgeops_sim.scenario import Scenario, load_scenario
@@ -194,6 +198,7 @@ class Host:
     def start(self) -> None:
         """Start every device (one shared runtime per model) and wait until each serves."""
         share_runtimes()
+        share_network_loop()
         for device in self.devices:
             device.start()
         deadline = time.monotonic() + START_TIMEOUT_S
