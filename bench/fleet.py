@@ -13,9 +13,12 @@ Needs the README's first command to have built the ECU bundle (or ``--bundle``/`
 * **fleet** — for each N of ``--devices``: ``examples/scenarios/fleet.toml`` with N devices
   (the real agent per device, ``--per-process`` devices per process, one prediction and one
   telemetry message per device per second, ``--duration`` seconds, no faults), run through
-  :func:`edgeops_sim.runner.run` with its own broker. It **passes** when no message is lost
-  (every seq each agent assigned arrived at the outside subscriber, or is accounted for by
-  the agent), ingest latency p99 ≤ 1 s (publish ``ts`` → the subscriber's receipt), and every
+  :func:`edgeops_sim.runner.run`. Two outside subscribers listen on the bench's Mosquitto:
+  **the console** (``edgeops fleet serve`` in a subprocess, SQLite store; skip it with
+  ``--no-console``) and the simulator's observer. It **passes** when no message is lost
+  (every seq each agent assigned arrived at the observer, or is accounted for by the agent),
+  the console stored every telemetry message the observer saw, ingest latency p99 ≤ 1 s at
+  both (publish ``ts`` → the subscriber's receipt; the console's ``received_at``), and every
   device serves at the end. The ladder stops at the first N that fails.
 
 Printed per N: messages per second delivered, that rate over the raw rate (how much of the
@@ -37,7 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from console import Load, _result, _spawn  # noqa: E402  (the raw publisher/subscriber workers)
+from console import ConsoleProcess, Load, _epoch, _pct, _result, _spawn  # noqa: E402  (shared workers)
 from edgeops_sim.broker import Broker  # noqa: E402
 from edgeops_sim.runner import run  # noqa: E402
 from edgeops_sim.scenario import load_scenario  # noqa: E402
@@ -77,7 +80,11 @@ def fleet(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     path.write_text(text)
     scenario = load_scenario(path, bundle=args.bundle.resolve(), trust=args.key.resolve())
     started = time.monotonic()
-    summary = run(scenario, folder / f"run-{n}")
+    if args.no_console:
+        summary = run(scenario, folder / f"run-{n}")
+        console = None
+    else:
+        summary, console = _with_console(scenario, folder / f"run-{n}")
     m = summary["messages"]
     lat = summary["ingest_latency_s"] or {"p50": float("nan"), "p99": float("nan")}
     cpu = sum((u["cpu_s"] or 0) for u in summary["host_usage"].values())
@@ -100,7 +107,53 @@ def fleet(n: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "serving_at_end": summary["serving_at_end"],
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "host_usage": summary["host_usage"],
-        "passed": m["lost"] == 0 and lat["p99"] <= 1.0 and summary["serving_at_end"] == n,
+        "console": console,
+        "passed": m["lost"] == 0
+        and lat["p99"] <= 1.0
+        and summary["serving_at_end"] == n
+        and (console is None or (console["missing"] == 0 and console["p99_s"] <= 1.0)),
+    }
+
+
+def _with_console(scenario: Any, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the fleet against a broker that ``edgeops fleet serve`` also subscribes to; the
+    console's view: telemetry stored per device against what the agents sent, and ingest
+    latency (its ``received_at`` − the message's ``ts``)."""
+    from edgeops_fleet.store import Store
+
+    out.mkdir(parents=True)
+    broker = Broker(out / "console-broker")
+    broker.start()
+    db_url = f"sqlite:///{out / 'console.sqlite'}"
+    console = ConsoleProcess(broker.port, db_url, out / "console-home")
+    try:
+        t0 = time.time()
+        summary = run(scenario, out / "sim", broker_url=f"mqtt://127.0.0.1:{broker.port}")
+        sent = sum(d["telemetry"] for d in summary["per_device"].values())  # what the observer saw
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # let the console store its backlog
+            stored = console.get("/api/stats")["store"]
+            time.sleep(1.0)
+            if console.get("/api/stats")["store"] == stored:
+                break
+    finally:
+        console.stop()
+        broker.stop()
+    store = Store.open(db_url)
+    try:
+        rows = store.telemetry(sorted(summary["per_device"]), since=t0 - 60)
+        stats = store.stats()
+    finally:
+        store.close()
+    lags = [float(r["received_at"]) - _epoch(str(r["ts"])) for r in rows]
+    return summary, {
+        "stored_telemetry": len(rows),
+        "observer_telemetry": sent,
+        "missing": max(0, sent - len(rows)),
+        "duplicates": stats["duplicates"],
+        "gaps": stats["gaps"],
+        "p50_s": round(_pct(lags, 50), 4) if lags else float("nan"),
+        "p99_s": round(_pct(lags, 99), 4) if lags else float("nan"),
     }
 
 
@@ -111,6 +164,7 @@ def main() -> None:
     ap.add_argument("--per-process", type=int, default=125)
     ap.add_argument("--bundle", type=Path, default=REPO / "dist" / "vibration-classifier-1.0.0-ecu.edgeops")
     ap.add_argument("--key", type=Path, default=Path.home() / ".edgeops" / "keys" / "dev-signing.pub.pem")
+    ap.add_argument("--no-console", action="store_true", help="only the simulator's observer subscribes (no edgeops fleet serve)")
     ap.add_argument("--scratch", type=Path, default=None, help="folder for the run's files (default: /dev/shm)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -144,6 +198,14 @@ def main() -> None:
                     f"= {row['cpu_ms_per_device_s']:.2f} ms per device-second",
                     flush=True,
                 )
+                c = row["console"]
+                if c is not None:
+                    print(
+                        f"        console (edgeops fleet serve): stored {c['stored_telemetry']} of {c['observer_telemetry']} "
+                        f"telemetry, missing {c['missing']}, duplicates {c['duplicates']}, gaps {c['gaps']}; "
+                        f"ingest p50 {c['p50_s'] * 1000:.0f} ms p99 {c['p99_s'] * 1000:.0f} ms",
+                        flush=True,
+                    )
             if not row["passed"]:
                 break
         passed = [r["devices"] for r in rows if r["passed"]]

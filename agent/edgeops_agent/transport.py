@@ -368,6 +368,8 @@ class PahoTransport:
 
 #: The shared loop's wake-up period: keepalives, leftover writes, due reconnects.
 LOOP_TICK_S = 0.25
+#: How soon the shared loop retries a write a full socket did not take.
+LOOP_WRITE_RETRY_S = 0.01
 #: How long a shared loop's connection attempt may block it (loopback brokers answer at once).
 LOOP_CONNECT_TIMEOUT_S = 2.0
 
@@ -487,7 +489,9 @@ class NetworkLoop:
             with self._lock:
                 soonest = min(self._due.values(), default=now + LOOP_TICK_S)
                 writers = bool(self._writers)
-            timeout = 0.0 if writers else max(0.0, min(soonest, next_service) - now)
+            timeout = max(0.0, min(soonest, next_service) - now)
+            if writers:  # a socket that did not take all its bytes: try again soon, not in a spin
+                timeout = min(timeout, LOOP_WRITE_RETRY_S)
             for key, _ in self._sel.select(timeout):
                 client = key.data
                 if client is None:
