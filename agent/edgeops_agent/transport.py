@@ -232,12 +232,12 @@ class PahoTransport:
         self._backoff = reconnect_min_s
         # With a shared loop (share_network_loop()), no paho thread of its own: the loop reads,
         # and whoever queues a packet (the sender's publish, the loop's PUBACK) writes it at once.
-        self._loop = _shared_loop
+        self._loop = loop = _shared_loop
         self._wlock = threading.RLock()
-        if self._loop is not None:
+        if loop is not None:
             client.connect_timeout = LOOP_CONNECT_TIMEOUT_S
-            client.on_socket_open = lambda c, u, sock: self._loop.watch(self, sock) if self._loop else None
-            client.on_socket_close = lambda c, u, sock: self._loop.unwatch(sock) if self._loop else None
+            client.on_socket_open = lambda c, u, sock: loop.watch(self, sock)
+            client.on_socket_close = lambda c, u, sock: loop.unwatch(sock)
             client.on_socket_register_write = lambda c, u, sock: self._flush()
             client.on_socket_unregister_write = lambda c, u, sock: None
 
@@ -323,10 +323,6 @@ class PahoTransport:
         if self.client.want_write():
             self._flush()
 
-    def _lost(self) -> None:
-        """The connection is gone: reconnect with back-off (unless we are stopping)."""
-        self._retry_later()
-
     # paho callbacks: each hook is guarded, because paho re-raises a callback's exception
     # and that ends its network loop (the agent would stop talking for good).
 
@@ -357,7 +353,7 @@ class PahoTransport:
     def _disconnected(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self._call(self.on_disconnect)
         if self._loop is not None and self._running:
-            self._lost()
+            self._retry_later()  # the connection is gone: reconnect with back-off
 
     def _published(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         self._call(self.on_publish, mid, int(reason_code.value), str(reason_code))

@@ -116,6 +116,13 @@ _cache_dir_option = click.option(
     default=None,
     help="Step cache folder [default: $EDGEOPS_CACHE_DIR or $EDGEOPS_HOME/cache].",
 )
+_signing_key_option = click.option(
+    "--key",
+    "-k",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="ECDSA private key (PEM) to sign with [default: per-user development key].",
+)
 _registry_option = click.option(
     "--registry",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -141,13 +148,7 @@ _registry_option = click.option(
     show_default=True,
     help="Where the bundle is written.",
 )
-@click.option(
-    "--key",
-    "-k",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="ECDSA private key (PEM) to sign with [default: per-user development key].",
-)
+@_signing_key_option
 @_targets_dir_option
 @_cache_dir_option
 @click.option("--no-cache", is_flag=True, help="Run every step; refresh the cache entries with the new results.")
@@ -566,13 +567,7 @@ def release() -> None:
 @click.option("--to", "to", type=int, required=True, help="The earlier release whose model is shipped again.")
 @click.option("--target", "-t", default=None, help="Target of the releases [default: the only one NAME has].")
 @_registry_option
-@click.option(
-    "--key",
-    "-k",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="ECDSA private key (PEM) to sign with [default: per-user development key].",
-)
+@_signing_key_option
 @click.option(
     "--verify-key",
     "verify_keys",
