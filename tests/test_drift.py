@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import math
 import sys
 
 import numpy as np
 import pytest
 
 from conftest import EXAMPLE
-from edgeops_agent.drift import DriftConfig, DriftDetector
+from edgeops_agent.drift import RARITY_MAX, DriftConfig, DriftDetector
 from edgeops_core import DriftReference, FeatureReference
 
 
@@ -101,3 +103,22 @@ def test_prediction_drift_alarm() -> None:
     x = rng.normal(size=(1000, 3))
     changes = _feed(det, x, np.zeros(1000, dtype=np.int64))  # every prediction is class 0: the mix moved
     assert [up for _, up in changes] == [True] and det.status().prediction_psi > 0.25
+
+
+def test_rarity_is_one_inside_the_reference_and_grows_outside_it_up_to_the_cap() -> None:
+    det = DriftDetector(_toy_reference(), 2)
+    inside = np.random.default_rng(3).normal(size=(200, 3)).clip(-4.9, 4.9)
+    assert np.allclose(det.rarity(inside), 1.0)  # equal-fraction bins: every in-range value scores 1
+    # Just outside [min, max] = [-5, 5], 5.01 standard deviations out: the normal tail's -ln P(|Z| >= z).
+    edge = det.rarity(np.array([[5.01, 0.0, 0.0]]))[0]
+    tail = 5.01**2 / 2 + math.log(5.01) + math.log(math.pi / 2) / 2
+    assert edge == pytest.approx((tail / math.log(10) + 2) / 3, rel=1e-6)
+    # Past a maximum 2 standard deviations out, no reference sample was there: at most 1/(n+1) of the mass.
+    ref = _toy_reference()
+    narrow = dataclasses.replace(ref, features=tuple(dataclasses.replace(f, max=2.0) for f in ref.features))
+    near = DriftDetector(narrow, 2).rarity(np.array([[2.01, 0.0, 0.0]]))[0]
+    assert near == pytest.approx((math.log(100_001) / math.log(10) + 2) / 3, rel=1e-6)
+    farther = det.rarity(np.array([[x, x, x] for x in (6.0, 8.0, 12.0, 1e300, -1e300)]))
+    assert list(farther[:3]) == sorted(farther[:3]) and farther[0] > edge
+    assert farther[3] == farther[4] == RARITY_MAX  # capped, and a huge value warns of no overflow
+    assert det.rarity(np.zeros((0, 3))).shape == (0,)

@@ -220,7 +220,7 @@ def _tables(url: str) -> set[str]:
 def test_open_creates_folder_schema_and_wal(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "console.sqlite"
     with Store.open(f"sqlite:///{path}") as s:
-        assert s.schema_version() == Store.SCHEMA_VERSION == 2
+        assert s.schema_version() == Store.SCHEMA_VERSION == 3
     assert path.exists()
     con = sqlite3.connect(path)
     try:
@@ -521,23 +521,24 @@ def test_migration_upgrades_a_version_1_database(db_url: str) -> None:
         old.ingest([tel("d", 1, 1.0), tel("d", 3, 2.0)])
     assert "rollouts" not in _tables(db_url)
     with Store.open(db_url) as s:
-        assert s.schema_version() == 2
+        assert s.schema_version() == 3
+        assert {"field_uploads", "field_datasets", "autopilot", "autopilot_runs"} <= set(_tables(db_url))
         assert s.gaps("d") == [(2, 2)] and len(s.history("d")) == 2
         s.put_rollout({"rollout_id": "r", "state": "running"})
         assert s.rollout("r") is not None
     with Store.open(db_url) as s:  # reopening at the current version changes nothing
-        assert s.schema_version() == 2 and s.rollout("r") is not None
+        assert s.schema_version() == 3 and s.rollout("r") is not None
 
 
 def test_newer_database_is_refused(db_url: str) -> None:
     class Future(Store):
-        _migrations = (*_MIGRATIONS, *(_Migration(v, f"future {v}", lambda conn: None) for v in (3, 4, 5)))
+        _migrations = (*_MIGRATIONS, *(_Migration(v, f"future {v}", lambda conn: None) for v in (4, 5)))
 
     with Future.open(db_url) as f:
         assert f.schema_version() == 5
     with pytest.raises(StoreError) as info:
         Store.open(db_url)
-    assert str(info.value) == "database schema 5 is newer than this console (2); upgrade edgeops"
+    assert str(info.value) == "database schema 5 is newer than this console (3); upgrade edgeops"
 
 
 def test_failing_migration_leaves_the_old_version(db_url: str) -> None:
@@ -551,16 +552,16 @@ def test_failing_migration_leaves_the_old_version(db_url: str) -> None:
         raise RuntimeError("disk on fire")
 
     class Broken(Store):
-        _migrations = (*_MIGRATIONS, _Migration(3, "half done", broken))
+        _migrations = (*_MIGRATIONS, _Migration(4, "half done", broken))
 
     with Store.open(db_url) as s:
         s.ingest([tel("d", 1, 1.0)])
     with pytest.raises(StoreError) as info:
         Broken.open(db_url)
-    assert str(info.value) == "migration 3 (half done) failed: disk on fire; the database stays at schema 2"
+    assert str(info.value) == "migration 4 (half done) failed: disk on fire; the database stays at schema 3"
     assert "half_done" not in _tables(db_url)
     with Store.open(db_url) as s:
-        assert s.schema_version() == 2
+        assert s.schema_version() == 3
         assert s.device("z") is None and s.device("d") is not None
 
 

@@ -92,8 +92,23 @@ def _examples() -> list[tuple[str, Any]]:
     out += [("Telemetry", Telemetry(**head, **counted)), ("Telemetry", Telemetry(**head, **nomodel))]
     out += [("Event", Event(**head, type=t, detail={"id": "c-1", "n": 2})) for t in EVENT_TYPES]
     out += [
-        ("Samples", Samples(**head, command_id="c-1", model=ModelRef("m", 1), feature_names=("a", "b"), rows=((1.0, 2),))),
-        ("Samples", Samples(**head, command_id="c-2", model=None, feature_names=(), rows=())),
+        (
+            "Samples",
+            Samples(
+                **head,
+                command_id="c-1",
+                model=ModelRef("m", 1),
+                feature_names=("a", "b"),
+                rows=((1.0, 2), (0.5, -3.25)),
+                labels=("x", None),
+                label_names=("x", "y"),
+                scores=(0.0, 31.5),
+            ),
+        ),
+        (
+            "Samples",
+            Samples(**head, command_id="c-2", model=None, feature_names=(), rows=(), labels=(), label_names=(), scores=()),
+        ),
     ]
     out += [
         ("Command", Command(id="c-1", type="ping")),
@@ -254,12 +269,23 @@ def test_commit_and_rollback_builders_make_valid_commands_with_fresh_ids() -> No
         (lambda: Event(device_id="d", ts=TS, type="reboot"), "event.type"),
         (lambda: Event(device_id="d", ts=TS, type="command_done", detail={"x": object()}), "JSON"),
         (
-            lambda: Samples(device_id="d", ts=TS, command_id="c", model=None, feature_names=(), rows=((float("inf"),),)),
+            lambda: Samples(
+                device_id="d",
+                ts=TS,
+                command_id="c",
+                model=None,
+                feature_names=("a",),
+                rows=((float("inf"),),),
+                labels=(None,),
+                label_names=(),
+                scores=(0,),
+            ),
             "rows[0]",
         ),
         (lambda: Command(id="a b", type="ping"), "'id'"),
         (lambda: Command(id="a", type="reboot"), "'reboot'"),
         (lambda: Command(id="a", type="sample_upload", args={"max_rows": -1}), "max_rows"),
+        (lambda: Command(id="a", type="sample_upload", args={"max_rows": 2049}), "'max_rows' must be an integer 0..2048"),
         (lambda: Command(id="a", type="sample_upload", args={"rows": 1}), "unknown argument"),
         (lambda: Command(id="a", type="ping", issued_at="now"), "issued_at"),
         (lambda: Command(id="a", type="commit"), "commit 'deploy_id'"),

@@ -24,6 +24,23 @@ of the active model by that id, and telemetry's ``inference.feedback`` counts th
 the correct and the refused ones per interval. The prediction path pays one numpy store for it
 (the predicted index, in a ring indexed by the id).
 
+A label is also training data. The raw input rows of the latest ``[drift] input_ring``
+predictions are kept in a preallocated float32 ring indexed like the feedback ring (one more
+row store per prediction, in the same locked section); when a label arrives while its row is
+still there, the row, the true and the predicted index are copied into a FIFO of the newest
+``[drift] labelled_rows`` labelled rows. A label whose row has left the ring counts as ever
+in telemetry and keeps no row. Both belong to the model that served them and are emptied when
+the active model changes. When the drift alarm rises, the rows labelled before the alarm's
+input are no longer uploaded: they describe a world that is gone, and a retrain for the
+drifted devices must learn (and take its drift reference from) the world as it is now.
+:meth:`Agent.samples` picks the rows a ``sample_upload`` sends:
+every labelled row first (newest first: they are what retraining needs, and an unbiased
+recent sample), then reservoir rows drawn without replacement with weights
+``1 + rarity + uncertainty`` (Efraimidis-Spirakis), so rows unlike the drift reference and
+rows the model is unsure of are favoured, but no row weighs more than a bounded multiple of
+another. Scoring runs the model on the candidate rows directly, outside :meth:`Agent.predict`:
+an upload counts no inference, feeds no drift statistic and times nothing.
+
 The per-label prediction counts of telemetry (``inference.predicted``) cost nothing per
 prediction either: the predicted indexes are in the drift buffer already, and they are
 counted with one ``np.bincount`` when the buffer is handed over or a telemetry record is
@@ -36,6 +53,7 @@ import contextlib
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -52,9 +70,9 @@ from edgeops_agent.install import recover
 from edgeops_agent.model import LoadedModel, Prediction
 from edgeops_agent.store import DataDir
 from edgeops_core import MESSAGE_SCHEMA, EdgeopsError, utc_now_text
-from edgeops_core.messages import MAX_PREDICTED_LABELS
+from edgeops_core.messages import DEFAULT_SAMPLE_ROWS, MAX_PREDICTED_LABELS, MAX_SAMPLE_ROWS
 
-__all__ = ["FEEDBACK_RING", "LATENCY_BUCKETS_S", "Agent", "Counters", "process_resources"]
+__all__ = ["FEEDBACK_RING", "LATENCY_BUCKETS_S", "Agent", "Counters", "SampleSelection", "process_resources"]
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +88,70 @@ _RING_MASK = FEEDBACK_RING - 1
 #: Prediction ids are ``boot << _ID_SHIFT | n``: ``n`` counts this process's predictions and
 #: ``boot`` is drawn at start, so a label meant for a previous run is refused, never misfiled.
 _ID_SHIFT = 40
+#: In the feedback ring: the prediction was made by a model replaced while it ran (refused).
+_REPLACED = np.iinfo(np.int64).min
 
 #: Upper bounds (seconds, inclusive) of the cumulative latency histogram (:meth:`Agent.counters`).
 LATENCY_BUCKETS_S = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0)
+
+
+@dataclass(frozen=True, eq=False)
+class SampleSelection:
+    """The field samples :meth:`Agent.samples` picked: labelled rows first (newest first), then
+    reservoir rows in the order of their weighted draw.
+
+    Attributes:
+        model: the model whose inputs these are (``None``: no model is loaded, and no rows).
+        rows: raw input rows, float32 ``[n, features]``.
+        labels: per row, the ground-truth label's name, or ``None`` for a reservoir row.
+        predicted: per row, the index the model predicts for it, int64 ``[n]``.
+        scores: per row, rarity + uncertainty (its selection weight minus 1), float64 ``[n]``.
+    """
+
+    model: LoadedModel | None
+    rows: np.ndarray
+    labels: tuple[str | None, ...]
+    predicted: np.ndarray
+    scores: np.ndarray
+
+    def wire_rows(self) -> tuple[tuple[float, ...], ...]:
+        """:attr:`rows` for JSON: each value as the float with the fewest digits that is the same float32.
+
+        A float32 written as the double it converts to takes 17 digits; the shortest decimal
+        that converts back to the same float32 takes 9 at most, which halves an upload.
+        """
+        return tuple(map(tuple, _float32_decimals(self.rows).tolist()))
+
+    def wire_scores(self) -> tuple[float, ...]:
+        """:attr:`scores` rounded to 4 decimals for JSON."""
+        return tuple(np.round(self.scores, 4).tolist())
+
+
+def _float32_decimals(a: np.ndarray) -> np.ndarray:
+    """float32 values as float64s with the fewest significant digits (6-9) that round-trip to them.
+
+    A decimal ``N / 10^k`` (``N`` an integer, ``|k| <= 22``) divided or multiplied in float64
+    is the double nearest to it, whose ``repr`` is that decimal; 9 digits always round-trip.
+    The rare value beyond that range of magnitudes (below about 1e-14 or above 1e31) goes
+    through numpy's shortest ``str`` of a float32, one by one.
+    """
+    a = np.asarray(a, dtype=np.float32)
+    x = a.astype(np.float64)
+    out = x.copy()
+    todo = x != 0
+    with np.errstate(divide="ignore"):
+        mag = np.floor(np.log10(np.abs(np.where(todo, x, 1.0))))
+    for digits in (6, 7, 8, 9):
+        k = digits - 1 - mag
+        up = 10.0 ** np.minimum(np.abs(k), 22)
+        r = np.where(k >= 0, np.round(x * up) / up, np.round(x / up) * up)
+        ok = todo & (np.abs(k) <= 22) & (r.astype(np.float32) == a)
+        out[ok] = r[ok]
+        todo &= ~ok
+        if not todo.any():
+            return out
+    out[todo] = [float(str(v)) for v in a[todo]]
+    return out
 
 
 @dataclass(frozen=True)
@@ -202,6 +281,20 @@ class Agent:
         self._recent = np.zeros(FEEDBACK_RING, dtype=np.int64)
         self._ring_from = 0
         self._fb_labelled = self._fb_correct = self._fb_rejected = 0
+        # Raw input of prediction n in row n % _ring_rows of _rows (the last input_ring ones; a
+        # one-row dummy when input_ring is 0), and the labelled FIFO: row i of _lab_* for the
+        # (i+1)-th label modulo labelled_rows; _lab_n labels so far. Sized per model (_activate).
+        self._rows = np.zeros((1, 0), dtype=np.float32)
+        self._ring_rows = 1
+        self._lab_rows = np.zeros((0, 0), dtype=np.float32)
+        self._lab_truth = np.zeros(0, dtype=np.int64)
+        self._lab_pred = np.zeros(0, dtype=np.int64)
+        self._lab_n = 0
+        # Prediction number of each labelled row; rows of predictions <= _lab_from are not uploaded.
+        self._lab_id = np.zeros(0, dtype=np.int64)
+        self._lab_from = 0
+        # The standard library's generator, as the drift detector's (numpy.random costs RSS).
+        self._rng = random.Random()  # noqa: S311  sampling, not security
         #: Test-only (:mod:`edgeops_agent.fault`): slow or failing predictions of one release.
         self.injected_fault: FaultInjection | None = None
         self._drift_jobs: queue.SimpleQueue[tuple[DriftDetector, np.ndarray, np.ndarray]] = queue.SimpleQueue()
@@ -248,7 +341,10 @@ class Agent:
         return AgentError("no model is installed: edgeops-agent install BUNDLE")
 
     def _activate(self, model: LoadedModel) -> None:
-        detector = DriftDetector(model.manifest.drift_reference, len(model.labels), self.drift_config)
+        cfg = self.drift_config
+        detector = DriftDetector(model.manifest.drift_reference, len(model.labels), cfg)
+        rows = np.zeros((max(cfg.input_ring, 1), model.n_features), dtype=np.float32)
+        labelled = np.zeros((cfg.labelled_rows, model.n_features), dtype=np.float32)
         with self._lock:
             self.model, self.detector = model, detector
             self._buf = np.zeros((DRIFT_BATCH, model.n_features), dtype=np.float32)
@@ -257,6 +353,14 @@ class Agent:
             self._pred_counts = np.zeros(len(model.labels), dtype=np.int64)
             self._counted = 0
             self._ring_from = self._count
+            # Rows belong to the model that served them: a new model starts with none.
+            self._rows, self._ring_rows = rows, rows.shape[0]
+            self._lab_rows = labelled
+            self._lab_truth = np.zeros(cfg.labelled_rows, dtype=np.int64)
+            self._lab_pred = np.zeros(cfg.labelled_rows, dtype=np.int64)
+            self._lab_id = np.zeros(cfg.labelled_rows, dtype=np.int64)
+            self._lab_n = 0
+            self._lab_from = self._count
 
     def install(self, source: Any, *, target: str | None = None, switch_model: str | None = None) -> Any:
         """Install a bundle (see :func:`edgeops_agent.install.install_bundle`) and serve it.
@@ -325,13 +429,16 @@ class Agent:
         with self._lock:
             self._count += 1
             n = self._count
-            self._recent[n & _RING_MASK] = index
             if self._lat_n - self._harvested >= LATENCY_RING:
                 self._harvest()
             self._latency[self._lat_n % LATENCY_RING] = elapsed
             self._lat_n += 1
             full = False
-            if self.model is model:
+            if self.model is not model:  # replaced while this ran: its label would be misfiled
+                self._recent[n & _RING_MASK] = _REPLACED
+            else:
+                self._recent[n & _RING_MASK] = index
+                self._rows[n % self._ring_rows] = row
                 self._buf[self._fill] = row
                 self._pred[self._fill] = index
                 self._fill += 1
@@ -382,7 +489,12 @@ class Agent:
         with self._lock:
             first = self._count + 1
             self._count += n
-            self._recent[np.arange(first, first + n) & _RING_MASK] = index
+            same = self.model is model
+            numbers = np.arange(first, first + n)
+            self._recent[numbers & _RING_MASK] = index if same else _REPLACED
+            if same:
+                keep = min(n, self._ring_rows)  # the last rows only: earlier ones would be overwritten
+                self._rows[numbers[n - keep :] % self._ring_rows] = x[n - keep :]
             self._batches += 1
             self._batch_rows += n
             k = min(n, LATENCY_RING)
@@ -393,7 +505,6 @@ class Agent:
             if n > k:  # rows past the ring's size: straight into the histogram
                 self._hist[int(np.searchsorted(self._edges_ns, per_row))] += n - k
                 self._hist_sum_ns += per_row * (n - k)
-            same = self.model is model
             drain = False
             done = 0
             while same and done < n:
@@ -416,7 +527,9 @@ class Agent:
     def feedback(self, prediction_id: int, label: str | int) -> bool:
         """Attach the ground-truth ``label`` (a name or an index) to a recent prediction; ``True`` if it was right.
 
-        Counted in telemetry ``inference.feedback``: labelled and correct, or rejected.
+        Counted in telemetry ``inference.feedback``: labelled and correct, or rejected. If the
+        prediction is one of the last ``[drift] input_ring``, its input row is kept, labelled,
+        for :meth:`samples` (the newest ``[drift] labelled_rows`` are kept).
 
         Raises:
             FeedbackError: the id is not one of the last :data:`FEEDBACK_RING` predictions of
@@ -454,11 +567,21 @@ class Agent:
             predicted = int(self._recent[slot])
             if predicted < 0:
                 self._fb_rejected += 1
+                if predicted == _REPLACED:
+                    raise FeedbackError(f"prediction {prediction_id} was made by a model replaced since")
                 raise FeedbackError(f"prediction {prediction_id} has its label already")
             self._recent[slot] = -1 - predicted
             self._fb_labelled += 1
             correct = predicted == truth
             self._fb_correct += correct
+            cap = self._lab_truth.size
+            if cap and self._count - n < self.drift_config.input_ring:  # its row is still in the ring
+                i = self._lab_n % cap
+                self._lab_rows[i] = self._rows[n % self._ring_rows]
+                self._lab_truth[i] = truth
+                self._lab_id[i] = n
+                self._lab_pred[i] = predicted
+                self._lab_n += 1
         return correct
 
     def count_error(self, kind: str) -> None:
@@ -517,6 +640,10 @@ class Agent:
                     log.exception("drift detector failed")
                     continue
                 for sample, raised in changes:
+                    if raised:
+                        with self._lock:
+                            if detector is self.detector:  # sample k of this model is prediction _ring_from + k
+                                self._lab_from = max(self._lab_from, self._ring_from + sample)
                     status = detector.status()
                     detail = {
                         "sample": sample,
@@ -621,7 +748,90 @@ class Agent:
             "last_error": st.last_error,
         }
 
-    def samples(self) -> list[list[float]]:
-        """The drift reservoir: a uniform sample of recent raw inputs."""
+    def samples(self, max_rows: int = DEFAULT_SAMPLE_ROWS, *, seed: int | None = None) -> SampleSelection:
+        """Pick at most ``max_rows`` field samples of the active model to upload.
+
+        First every kept labelled row, newest first; the slots left go to rows of the drift
+        reservoir (except those equal to a labelled row sent), drawn without replacement with
+        weight ``w = 1 + rarity + uncertainty`` (Efraimidis-Spirakis: the largest keys
+        ``ln(u) / w``), in draw order. ``rarity`` is :meth:`~edgeops_agent.drift.DriftDetector.rarity`
+        (about 1 for a row like the reference, up to :data:`~edgeops_agent.drift.RARITY_MAX`);
+        ``uncertainty`` is 1 minus the model's top softmax probability for the row (1 if the
+        model's output for it is not finite). Each row's score is ``w - 1``. The model runs on
+        the candidate rows outside :meth:`predict`: nothing is counted, timed or fed to the
+        drift detector. Inputs buffered for the detector are handed to it first, so the
+        reservoir is up to date.
+
+        Args:
+            max_rows: 1..:data:`~edgeops_core.messages.MAX_SAMPLE_ROWS`.
+            seed: makes the draw repeatable (tests); by default the agent's own generator.
+
+        Raises:
+            ValueError: ``max_rows`` is out of range.
+        """
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or not 1 <= max_rows <= MAX_SAMPLE_ROWS:
+            raise ValueError(f"max_rows must be an integer 1..{MAX_SAMPLE_ROWS}, got {max_rows!r}")
         self.flush_drift()
-        return self.detector.reservoir() if self.detector else []
+        with self._lock:
+            model, detector = self.model, self.detector
+            cap = self._lab_truth.size
+            newest = (self._lab_n - 1 - np.arange(min(self._lab_n, cap))) % max(cap, 1)
+            newest = newest[self._lab_id[newest] > self._lab_from][:max_rows]  # none from before the alarm
+            lab_rows, truth, lab_pred = self._lab_rows[newest], self._lab_truth[newest], self._lab_pred[newest]
+        if model is None or detector is None:
+            empty = np.zeros(0)
+            return SampleSelection(None, np.zeros((0, 0), dtype=np.float32), (), empty.astype(np.int64), empty)
+        slots = max_rows - len(lab_rows)
+        with self._drift_lock:  # the drain thread writes the reservoir
+            pool = detector.reservoir() if slots else np.zeros((0, model.n_features), dtype=np.float32)
+        if len(pool) and len(lab_rows):  # a labelled row is often in the reservoir too: send it once
+            sent = {row.tobytes() for row in lab_rows}
+            pool = pool[[row.tobytes() not in sent for row in pool]]
+        rows = np.concatenate([lab_rows, pool])
+        predicted, uncertainty = _uncertainty(model, rows)
+        scores = detector.rarity(rows) + uncertainty
+        if len(pool):
+            rng = random.Random(seed) if seed is not None else self._rng  # noqa: S311  sampling, not security
+            keys = np.log(_uniform(rng, len(pool))) / (1.0 + scores[len(lab_rows) :])
+            order = np.argsort(-keys, kind="stable")[:slots] + len(lab_rows)
+            pick = np.concatenate([np.arange(len(lab_rows)), order])
+            rows, predicted, scores = rows[pick], predicted[pick], scores[pick]
+            predicted[: len(lab_rows)] = lab_pred
+        else:
+            predicted = lab_pred.copy()
+        names = model.labels
+        labels = tuple(names[t] for t in truth.tolist()) + (None,) * (len(rows) - len(truth))
+        return SampleSelection(model, rows, labels, predicted, scores)
+
+
+def _uniform(rng: random.Random, n: int) -> np.ndarray:
+    """``n`` uniform draws in (0, 1), in one call of the generator (53 random bits each)."""
+    bits = np.frombuffer(rng.getrandbits(64 * n).to_bytes(8 * n, "little"), dtype=np.uint64)
+    out: np.ndarray = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+    return out
+
+
+def _uncertainty(model: LoadedModel, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(predicted index, 1 - top softmax probability)`` of each row, running the model directly.
+
+    A row whose output is not finite has no prediction (index -1) and uncertainty 1.
+
+    Raises:
+        AgentError: the runtime failed (its own exception, converted).
+    """
+    n = len(rows)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    _, tensors = model.prepare_batch(rows)
+    invoke = model.invoke
+    try:
+        logits = np.stack([model.logits(invoke(t)) for t in tensors]).astype(np.float64)
+    except Exception as exc:  # the runtime's own exception type: a typed error for the command's report
+        raise AgentError(f"scoring {n} field samples failed: the runtime raised {type(exc).__name__}: {exc}") from exc
+    finite = np.asarray(np.isfinite(logits).all(axis=1))
+    safe = np.where(finite[:, None], logits, 0.0)
+    z = safe - safe.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    top = p.max(axis=1) / p.sum(axis=1)
+    predicted = np.where(finite, safe.argmax(axis=1), -1)
+    return predicted, np.where(finite, 1.0 - top, 1.0)

@@ -25,6 +25,9 @@
 
     [drift]
     window = 500  cusum_k = 0.25  cusum_h = 40.0  reservoir = 256  prediction_psi_alarm = 0.25
+    input_ring = 1024                 # raw inputs of the latest predictions, so a late label keeps
+                                      # its row (0..16384; 0: labels keep no rows)
+    labelled_rows = 256               # the newest labelled rows kept for sample_upload (0..2048)
 
     [endpoint]
     socket = "agent.sock"             # the local inference socket: a name in data_dir, or an
@@ -65,11 +68,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from edgeops_agent.drift import DriftConfig
+from edgeops_agent.drift import MAX_INPUT_RING, DriftConfig
 from edgeops_agent.errors import ConfigError
 from edgeops_agent.mqtt import MqttSettings
 from edgeops_core import COMMAND_WINDOW_S, FieldReader, InputError, MessageError, check_device_id, load_toml
-from edgeops_core.messages import MAX_TAGS, check_tags
+from edgeops_core.messages import MAX_SAMPLE_ROWS, MAX_TAGS, check_tags
 
 __all__ = ["DEFAULT_METRICS_LISTEN", "AgentConfig", "MetricsConfig", "OtaConfig", "load_config"]
 
@@ -224,7 +227,7 @@ def load_config(path: Path) -> AgentConfig:
     o = r.mapping(data.get("outbox", {}), "outbox")
     r.only(o, {"max_messages"}, "outbox")
     d = r.mapping(data.get("drift", {}), "drift")
-    r.only(d, {"window", "cusum_k", "cusum_h", "reservoir", "prediction_psi_alarm"}, "drift")
+    r.only(d, {"window", "cusum_k", "cusum_h", "reservoir", "prediction_psi_alarm", "input_ring", "labelled_rows"}, "drift")
     dd = DriftConfig()
     drift = DriftConfig(
         window=r.integer(d, "window", "drift", minimum=10) if "window" in d else dd.window,
@@ -234,6 +237,8 @@ def load_config(path: Path) -> AgentConfig:
         prediction_psi_alarm=r.number(d, "prediction_psi_alarm", "drift", minimum=0, exclusive_minimum=True)
         if "prediction_psi_alarm" in d
         else dd.prediction_psi_alarm,
+        input_ring=_bounded(r, d, "input_ring", MAX_INPUT_RING) if "input_ring" in d else dd.input_ring,
+        labelled_rows=_bounded(r, d, "labelled_rows", MAX_SAMPLE_ROWS) if "labelled_rows" in d else dd.labelled_rows,
     )
     e = r.mapping(data.get("endpoint", {}), "endpoint")
     r.only(e, {"socket"}, "endpoint")
@@ -257,6 +262,14 @@ def load_config(path: Path) -> AgentConfig:
         ota=_ota(r, data),
         tags=_tags(r, data),
     )
+
+
+def _bounded(r: FieldReader, d: Mapping[str, Any], key: str, maximum: int) -> int:
+    """``[drift] key``: an integer 0..``maximum``."""
+    value = r.integer(d, key, "drift", minimum=0)
+    if value > maximum:
+        raise r.fail(f"drift.{key}", f"an integer 0..{maximum}", value)
+    return value
 
 
 def _tags(r: FieldReader, data: Mapping[str, Any]) -> Mapping[str, str]:

@@ -76,6 +76,7 @@ from edgeops_core import (
     parse_command,
     utc_now_text,
 )
+from edgeops_core.messages import DEFAULT_SAMPLE_ROWS
 
 if TYPE_CHECKING:
     from edgeops_agent.metrics import MetricsServer
@@ -107,19 +108,22 @@ def _status(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
 
 
 def _sample_upload(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
-    rows = daemon.agent.samples()
-    limit = int(cmd.args.get("max_rows", len(rows)))
-    model = daemon.agent.model
+    # max_rows was checked with the command (0..MAX_SAMPLE_ROWS); absent or 0 is the default.
+    picked = daemon.agent.samples(int(cmd.args.get("max_rows", 0)) or DEFAULT_SAMPLE_ROWS)
+    model = picked.model  # the model the rows belong to, even if another was activated since
     message = Samples(
         device_id=daemon.config.device_id,
         ts=utc_now_text(),
         command_id=cmd.id,
         model=ModelRef(model.manifest.name, model.manifest.release) if model else None,
         feature_names=tuple(model.manifest.feature_names) if model else (),
-        rows=tuple(tuple(r) for r in rows[:limit]),
+        rows=picked.wire_rows(),
+        labels=picked.labels,
+        label_names=tuple(model.labels) if model else (),
+        scores=picked.wire_scores(),
     )
     daemon.outbox.put(daemon.topics["samples"], message.to_dict())
-    return {"rows": len(message.rows)}
+    return {"rows": len(message.rows), "labelled": len(message.labels) - message.labels.count(None)}
 
 
 def _deploy(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:

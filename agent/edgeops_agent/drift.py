@@ -34,20 +34,40 @@ alarms the EWMA needed up to 290 inputs. The reference itself is a sample (its b
 fractions carry sampling error of about 1/sqrt(sample_count) in score units), which ``k``
 absorbs.
 
-The detector also keeps a bounded reservoir (Vitter's algorithm R) of recent raw inputs,
-which the console can ask for as field samples.
+The detector also keeps a bounded reservoir (Vitter's algorithm R, float32 rows in one
+preallocated array) of the raw inputs since the model loaded, which the console can ask for
+as field samples, and scores how unlike the reference a row is (:meth:`DriftDetector.rarity`),
+so an upload can favour the rows that drifted. The score is a per-feature surprisal under
+the same reference bins, ``-ln(fraction of the value's bin)``, averaged over features and
+divided by ``ln(bins)``: a row drawn from the reference scores about 1 (exactly 1 with
+equal-fraction bins, as the build's deciles are). The bins are open-ended, so a value
+outside the reference's ``[min, max]`` is scored as the tail it falls in instead: no
+reference sample fell there, so its probability is at most ``1 / (sample_count + 1)``
+(the expected mass beyond a sample's extreme), and the farther out it is the smaller, which
+a normal tail with the feature's mean and std measures (``-ln P(|Z| >= z)`` grows as
+``z^2 / 2``). Each feature's term is capped at :data:`RARITY_MAX`, so one absurd value
+cannot make a row certain to be picked and a row far out in every feature weighs at most
+that much.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edgeops_core import DriftReference
+from edgeops_core.messages import MAX_SAMPLE_ROWS
 
-__all__ = ["DriftConfig", "DriftDetector", "DriftStatus"]
+__all__ = ["MAX_INPUT_RING", "RARITY_MAX", "DriftConfig", "DriftDetector", "DriftStatus"]
+
+#: Most rows ``input_ring`` may keep: a label can reach no further back than the agent's
+#: feedback ring (:data:`edgeops_agent.agent.FEEDBACK_RING`), so more rows could never be used.
+MAX_INPUT_RING = 1 << 14
+#: Cap of one feature's rarity term (a reference row scores about 1 per feature).
+RARITY_MAX = 32.0
 
 
 @dataclass(frozen=True)
@@ -58,8 +78,16 @@ class DriftConfig:
         window: inputs in the PSI window and in the clearing period.
         cusum_k: CUSUM reference value k (score units; half the shift to detect).
         cusum_h: CUSUM decision threshold h.
-        reservoir: raw inputs kept for field-sample upload.
+        reservoir: raw inputs kept for field-sample upload (a uniform sample of all since the
+            model loaded).
         prediction_psi_alarm: PSI of the predicted classes over a full window that raises the alarm.
+        input_ring: raw inputs of the latest predictions kept so that a late label
+            (:meth:`~edgeops_agent.agent.Agent.feedback`) can keep its row; 0..:data:`MAX_INPUT_RING`
+            (0: labels keep no rows). Memory: ``input_ring x features x 4`` bytes.
+        labelled_rows: labelled rows kept for upload, the newest; 0..:data:`MAX_SAMPLE_ROWS`.
+
+    Raises:
+        ValueError: a value is out of range.
     """
 
     window: int = 500
@@ -67,12 +95,18 @@ class DriftConfig:
     cusum_h: float = 40.0
     reservoir: int = 256
     prediction_psi_alarm: float = 0.25
+    input_ring: int = 1024
+    labelled_rows: int = 256
 
     def __post_init__(self) -> None:
         if self.window < 10 or self.cusum_k <= 0 or self.cusum_h <= 0:
             raise ValueError("drift config: need window >= 10, cusum_k > 0 and cusum_h > 0")
         if self.reservoir < 0:
             raise ValueError("drift config: reservoir must be >= 0")
+        if not 0 <= self.input_ring <= MAX_INPUT_RING:
+            raise ValueError(f"drift config: input_ring must be 0..{MAX_INPUT_RING}, got {self.input_ring}")
+        if not 0 <= self.labelled_rows <= MAX_SAMPLE_ROWS:
+            raise ValueError(f"drift config: labelled_rows must be 0..{MAX_SAMPLE_ROWS}, got {self.labelled_rows}")
 
 
 @dataclass
@@ -108,6 +142,15 @@ class DriftDetector:
             fractions[k, : len(f.bin_fractions)] = f.bin_fractions
         # PSI is undefined for empty bins: floor both sides at a small probability.
         self._ref = np.maximum(fractions, 1e-4)
+        # Rarity (see the module docstring): each bin's surprisal, and what a value outside the
+        # reference's range is scored by.
+        self._surprisal = -np.log(self._ref)
+        self._low = np.array([f.min for f in feats], dtype=np.float64)
+        self._high = np.array([f.max for f in feats], dtype=np.float64)
+        self._mean = np.array([f.mean for f in feats], dtype=np.float64)
+        self._spread = np.maximum(np.array([f.std for f in feats], dtype=np.float64), 1e-12)
+        self._beyond = math.log(reference.sample_count + 1)
+        self._rarity_norm = math.log(max(self._nbins, 2))
         idx = np.arange(self._nbins, dtype=np.float64)
         self._mu = (fractions * idx).sum(axis=1)
         var = (fractions * (idx[None, :] - self._mu[:, None]) ** 2).sum(axis=1)
@@ -125,7 +168,8 @@ class DriftDetector:
         self._samples = 0
         self._quiet = 0  # consecutive inputs below the clearing level
         self.alarm = False
-        self._reservoir: list[list[float]] = []
+        self._reservoir = np.zeros((self.config.reservoir, self.n), dtype=np.float32)
+        self._kept = 0  # reservoir rows filled
         # The standard library's generator, not numpy's: numpy.random pulls in OpenSSL
         # (secrets -> hmac -> hashlib), 3.6 MiB of RSS a device does not need.
         self._rng = random.Random(seed)  # noqa: S311  sampling, not security
@@ -200,19 +244,17 @@ class DriftDetector:
     def _reserve(self, rows: np.ndarray) -> None:
         """Algorithm R: after ``t`` inputs every one of them is in the reservoir with probability cap / t."""
         cap = self.config.reservoir
-        if cap == 0:
-            return
-        start = 0
-        while len(self._reservoir) < cap and start < rows.shape[0]:
-            self._reservoir.append(rows[start].tolist())
-            start += 1
-        if start == rows.shape[0]:
+        start = min(cap - self._kept, rows.shape[0])
+        if start > 0:
+            self._reservoir[self._kept : self._kept + start] = rows[:start]
+            self._kept += start
+        if start == rows.shape[0] or cap == 0:
             return
         draw = self._rng.random
         for i in range(start, rows.shape[0]):
             j = int(draw() * (self._samples + i + 1))  # uniform over the inputs seen so far
             if j < cap:
-                self._reservoir[j] = rows[i].tolist()
+                self._reservoir[j] = rows[i]
 
     def _prediction_alarm(self) -> bool:
         if self._samples < self.config.window:
@@ -271,6 +313,30 @@ class DriftDetector:
             features_over=over,
         )
 
-    def reservoir(self) -> list[list[float]]:
-        """A uniform sample of the inputs seen so far (at most ``reservoir`` rows)."""
-        return [list(r) for r in self._reservoir]
+    def reservoir(self) -> np.ndarray:
+        """A uniform sample of the inputs seen so far: a float32 copy, at most ``reservoir`` rows."""
+        return self._reservoir[: self._kept].copy()
+
+    def rarity(self, rows: np.ndarray) -> np.ndarray:
+        """How unlike the reference each raw row ``[m, features]`` is: about 1 for a row drawn
+        from the reference, more the farther out its values are (see the module docstring).
+
+        Returns:
+            float64 ``[m]``, each in ``0..RARITY_MAX``.
+        """
+        x = np.asarray(rows, dtype=np.float64).reshape(-1, self.n)
+        if not self.n:
+            return np.zeros(x.shape[0])
+        bins = (x[:, :, None] >= self._edges).sum(axis=2)
+        terms = self._surprisal[np.arange(self.n), bins]
+        outside = (x < self._low) | (x > self._high)
+        if outside.any():
+            cols = outside.nonzero()[1]
+            with np.errstate(over="ignore"):  # a huge value: z is inf, then capped (its term is RARITY_MAX)
+                z = np.minimum(np.abs(x[outside] - self._mean[cols]) / self._spread[cols], 1e6)
+            # -ln P(|Z| >= z) of a normal tail (Mills' ratio; within 0.2 of exact for z >= 2),
+            # never less than a value beyond every reference sample deserves.
+            tail = 0.5 * z * z + np.log(np.maximum(z, 1.0)) + 0.5 * math.log(math.pi / 2)
+            terms[outside] = np.maximum(tail, self._beyond)
+        out: np.ndarray = np.minimum(terms / self._rarity_norm, RARITY_MAX).mean(axis=1)
+        return out

@@ -7,7 +7,8 @@ Errors are split by who is at fault, so a caller can tell "your input is wrong" 
     ├── InputError               the user's input is malformed (files, options, data)
     │   ├── ProfileError         a target profile TOML is missing, malformed or invalid
     │   ├── UnknownTargetError   no profile of that name exists
-    │   └── KeyFileError         a key file is missing, unreadable or not an ECDSA key
+    │   ├── KeyFileError         a key file is missing, unreadable or not an ECDSA key
+    │   └── FieldDataError       a field dataset file is malformed, tampered with or invalid
     └── BundleError              a bundle must not be trusted or cannot be read
         ├── BundleFormatError    not a tar, wrong/extra/missing/unsafe members
         ├── SignatureError       model.sig is malformed or does not verify
@@ -26,6 +27,7 @@ __all__ = [
     "DigestMismatchError",
     "EdgeopsError",
     "ExpiredBundleError",
+    "FieldDataError",
     "InputError",
     "KeyFileError",
     "ManifestError",
@@ -53,6 +55,10 @@ class UnknownTargetError(InputError):
 
 class KeyFileError(InputError):
     """A key file is missing, unreadable, or not a supported ECDSA key."""
+
+
+class FieldDataError(InputError):
+    """A field dataset (:mod:`edgeops_core.fielddata`) is malformed, altered or invalid."""
 
 
 class BundleError(EdgeopsError):

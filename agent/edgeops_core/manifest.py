@@ -51,6 +51,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _DTYPES = ("float32", "int8", "uint8", "int32")
 _PREPROCESSING = ("standardize", "none")
 _PRECISIONS = ("int8", "fp16", "fp32")
+_FIELD_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # Fractions are stored rounded to 6 decimals, so their sum may be off by a few 1e-6.
 _SUM_TOL = 1e-4
 
@@ -151,6 +152,8 @@ class Lineage:
     validated the model with; ``None`` in bundles built before it was recorded.
     ``reverted_to`` is set only on a release made by ``edgeops release revert``: the earlier
     release whose model this one ships again, byte for byte (``None`` for a build).
+    ``field_datasets`` are the digests (``sha256:<hex>``, sorted) of the field datasets
+    (:mod:`edgeops_core.fielddata`) the build trained on and measured with; ``()`` when none.
     """
 
     dataset_digest: str
@@ -160,6 +163,7 @@ class Lineage:
     parent_release: int | None
     runtime_version: str | None = None
     reverted_to: int | None = None
+    field_datasets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,8 @@ class Manifest:
         # Written only when set, so every build's manifest stays byte-identical to before.
         if self.lineage.reverted_to is not None:
             lineage["reverted_to"] = self.lineage.reverted_to
+        if self.lineage.field_datasets:
+            lineage["field_datasets"] = list(self.lineage.field_datasets)
         return {
             "schema_version": self.schema_version,
             "name": self.name,
@@ -350,6 +356,7 @@ def _from_dict(raw: object) -> Manifest:
     lin = _R.mapping(_R.get(m, "lineage", ""), "lineage")
     parent = _R.get(lin, "parent_release", "lineage")
     reverted = lin.get("reverted_to")
+    field_datasets = _R.strings(lin, "field_datasets", "lineage") if "field_datasets" in lin else ()
     return Manifest(
         schema_version=schema,
         name=_R.string(m, "name"),
@@ -383,6 +390,7 @@ def _from_dict(raw: object) -> Manifest:
             parent_release=None if parent is None else _R.as_int(parent, "lineage.parent_release", minimum=1),
             runtime_version=None if lin.get("runtime_version") is None else _R.string(lin, "runtime_version", "lineage"),
             reverted_to=None if reverted is None else _R.as_int(reverted, "lineage.reverted_to", minimum=1),
+            field_datasets=field_datasets,
         ),
         created=_R.string(m, "created"),
         expires=_R.string(m, "expires"),
@@ -470,3 +478,8 @@ def _check_invariants(m: Manifest) -> None:  # noqa: C901 - one flat list of sch
         raise _fail(f"expires {m.expires} is not after created {m.created}")
     if m.lineage.reverted_to is not None and m.lineage.reverted_to >= m.release:
         raise _fail(f"lineage.reverted_to {m.lineage.reverted_to} must be an earlier release than release {m.release}")
+    digests = m.lineage.field_datasets
+    if not isinstance(digests, tuple) or not all(isinstance(d, str) and _FIELD_DIGEST.fullmatch(d) for d in digests):
+        raise _fail("lineage.field_datasets must be a list of 'sha256:' + 64 hex digit digests")
+    if list(digests) != sorted(set(digests)):
+        raise _fail("lineage.field_datasets must be sorted and without repeats")

@@ -60,6 +60,7 @@ __all__ = [
     "COMMAND_TYPES",
     "COMMAND_WINDOW_S",
     "DEFAULT_BLOCK_BYTES",
+    "DEFAULT_SAMPLE_ROWS",
     "DEPLOY_COMMAND",
     "DEPLOY_OPTIONS",
     "EVENT_TYPES",
@@ -72,6 +73,7 @@ __all__ = [
     "MAX_PREDICTED_LABELS",
     "MAX_REQUEST_BLOCKS",
     "MAX_REQUEST_BYTES",
+    "MAX_SAMPLE_ROWS",
     "MAX_TAGS",
     "MIN_BLOCK_BYTES",
     "OTA_FINAL_EVENTS",
@@ -109,6 +111,12 @@ COMMAND_TYPES = ("ping", "status", "sample_upload", "deploy", "commit", "rollbac
 MAX_TAGS = 32
 #: Most labels whose prediction counts a telemetry record carries (``inference.predicted``).
 MAX_PREDICTED_LABELS = 4096
+#: Most rows in one ``samples`` message (and the most a ``sample_upload`` may ask for). A full
+#: upload of the example's 106 features is about 2.3 MB of JSON: far within what Mosquitto
+#: passes (no limit by default; MQTT's own is 256 MB) and parsed in well under a second.
+MAX_SAMPLE_ROWS = 2048
+#: Rows a ``sample_upload`` asks for when its ``max_rows`` is absent or 0.
+DEFAULT_SAMPLE_ROWS = 512
 #: Largest command payload the agent reads (bytes).
 MAX_COMMAND_BYTES = 64 * 1024
 #: Deepest JSON nesting accepted in a command (``args`` values are flat today).
@@ -623,33 +631,72 @@ class Event(_Header):
 
 @dataclass(frozen=True, kw_only=True)
 class Samples(_Header):
-    """The drift reservoir sent in answer to ``sample_upload``."""
+    """Field samples sent in answer to ``sample_upload``: raw input rows, the labelled ones first.
+
+    Attributes:
+        command_id: the ``sample_upload`` this answers.
+        model: the model whose inputs these are (``None``: no model, and no rows).
+        feature_names: the model's features; every row has one value per name.
+        rows: at most :data:`MAX_SAMPLE_ROWS` raw input rows (before preprocessing).
+        labels: per row, its ground-truth label (one of ``label_names``), or ``None`` for a
+            row nobody labelled.
+        label_names: the model's labels.
+        scores: per row, a finite number >= 0 saying why it was picked (the agent's rarity
+            under the drift reference plus the model's uncertainty; 0 when not scored).
+
+    An agent before issue 11 sends neither ``labels``, ``label_names`` nor ``scores``:
+    :meth:`from_dict` reads such a payload as unlabelled rows (labels all ``None``, no label
+    names, scores 0).
+    """
 
     command_id: str
     model: ModelRef | None
     feature_names: tuple[str, ...]
     rows: tuple[tuple[float, ...], ...]
+    labels: tuple[str | None, ...]
+    label_names: tuple[str, ...]
+    scores: tuple[float, ...]
 
     _KIND: ClassVar[str] = "samples"
-    _BODY: ClassVar[tuple[str, ...]] = ("command_id", "model", "feature_names", "rows")
+    _BODY: ClassVar[tuple[str, ...]] = ("command_id", "model", "feature_names", "rows", "labels", "label_names", "scores")
 
     def _check(self) -> None:
         if not (isinstance(self.command_id, str) and _COMMAND_ID.fullmatch(self.command_id)):
             raise _fail(MessageError, "samples.command_id", "a command id", self.command_id)
         if self.model is not None and not isinstance(self.model, ModelRef):
             raise _fail(MessageError, "samples.model", "a ModelRef or null", self.model)
-        if not isinstance(self.feature_names, list | tuple) or not all(isinstance(n, str) for n in self.feature_names):
-            raise _fail(MessageError, "samples.feature_names", "a list of strings", self.feature_names)
-        if not isinstance(self.rows, list | tuple):
-            raise _fail(MessageError, "samples.rows", "a list of rows", self.rows)
+        features = _names("samples.feature_names", self.feature_names)
+        label_names = _names("samples.label_names", self.label_names, limit=MAX_PREDICTED_LABELS)
+        if len(set(label_names)) != len(label_names):
+            raise _fail(MessageError, "samples.label_names", "distinct names", self.label_names)
+        if not isinstance(self.rows, list | tuple) or len(self.rows) > MAX_SAMPLE_ROWS:
+            raise _fail(MessageError, "samples.rows", f"a list of at most {MAX_SAMPLE_ROWS} rows", _brief(self.rows))
+        width = len(features)
         for i, row in enumerate(self.rows):
-            if not isinstance(row, list | tuple):
-                raise _fail(MessageError, f"samples.rows[{i}]", "a list of numbers", row)
-            for v in row:
-                if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)):
-                    raise _fail(MessageError, f"samples.rows[{i}]", "finite numbers", v)
-        object.__setattr__(self, "feature_names", tuple(self.feature_names))
+            if not isinstance(row, list | tuple) or len(row) != width:
+                raise _fail(MessageError, f"samples.rows[{i}]", f"a list of {width} numbers (one per feature name)", _brief(row))
+            # A row of floats whose sum is finite is checked at C speed (a NaN or inf makes the sum
+            # non-finite); any other row (integers, an overflowing sum, a bad value) value by value.
+            if not (all(v.__class__ is float for v in row) and math.isfinite(sum(row))):
+                for v in row:
+                    if not (isinstance(v, int | float) and not isinstance(v, bool) and _finite(v)):
+                        raise _fail(MessageError, f"samples.rows[{i}]", "finite numbers", v)
+        n = len(self.rows)
+        if not isinstance(self.labels, list | tuple) or len(self.labels) != n:
+            raise _fail(MessageError, "samples.labels", f"a list of {n} labels (one per row)", _brief(self.labels))
+        known = set(label_names)
+        for i, label in enumerate(self.labels):
+            if label is not None and not (isinstance(label, str) and label in known):
+                raise _fail(MessageError, f"samples.labels[{i}]", "one of label_names or null", label)
+        if not isinstance(self.scores, list | tuple) or len(self.scores) != n:
+            raise _fail(MessageError, "samples.scores", f"a list of {n} scores (one per row)", _brief(self.scores))
+        for i, score in enumerate(self.scores):
+            _num(f"samples.scores[{i}]", score)
+        object.__setattr__(self, "feature_names", features)
+        object.__setattr__(self, "label_names", label_names)
         object.__setattr__(self, "rows", tuple(tuple(r) for r in self.rows))
+        object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "scores", tuple(self.scores))
 
     def _body(self) -> dict[str, Any]:
         return {**super()._body(), "model": _ref_dict(self.model)}
@@ -657,6 +704,44 @@ class Samples(_Header):
     @classmethod
     def _fields(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
         return {**super()._fields(raw), "model": ModelRef.parse(raw["model"])}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Self:
+        """As :meth:`_Header.from_dict`; a payload without ``labels``, ``label_names`` and
+        ``scores`` (an agent before issue 11) reads as unlabelled, unscored rows.
+
+        Raises:
+            MessageError: a field is missing, unknown or invalid.
+        """
+        if isinstance(raw, Mapping) and not {"labels", "label_names", "scores"} & set(raw):
+            rows = raw.get("rows")
+            n = len(rows) if isinstance(rows, list | tuple) else 0
+            raw = {**raw, "labels": [None] * n, "label_names": [], "scores": [0] * n}
+        return super().from_dict(raw)
+
+
+def _names(where: str, value: object, *, limit: int | None = None) -> tuple[str, ...]:
+    """A list of strings as a tuple (at most ``limit`` of them)."""
+    if not isinstance(value, list | tuple) or not all(isinstance(n, str) for n in value):
+        raise _fail(MessageError, where, "a list of strings", _brief(value))
+    if limit is not None and len(value) > limit:
+        raise MessageError(f"{where} must have at most {limit} names, got {len(value)}")
+    return tuple(value)
+
+
+def _finite(value: float) -> bool:
+    """``math.isfinite``, false (not ``OverflowError``) for an integer beyond any float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _brief(value: object) -> object:
+    """``value`` for an error message: a long list is shown by its length, not its repr."""
+    if isinstance(value, list | tuple) and len(value) > 8:
+        return f"<a list of {len(value)}>"
+    return value
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -669,7 +754,8 @@ class Command:
     Attributes:
         id: unique per command; the agent acts on an id once (see the module docstring).
         type: one of :data:`COMMAND_TYPES`.
-        args: the command's arguments (``sample_upload``: ``max_rows``).
+        args: the command's arguments (``sample_upload``: ``max_rows``, 0..:data:`MAX_SAMPLE_ROWS`;
+            absent or 0 asks for :data:`DEFAULT_SAMPLE_ROWS`).
         issued_at: when the console issued it (UTC text), if it says so.
     """
 
@@ -690,8 +776,9 @@ class Command:
             limit = self.args.get("max_rows", 0)
             if extra:
                 raise CommandError(f"sample_upload has unknown argument {extra[0]!r}")
-            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-                raise _fail(CommandError, "sample_upload 'max_rows'", "an integer >= 0", limit)
+            if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= MAX_SAMPLE_ROWS:
+                expected = f"an integer 0..{MAX_SAMPLE_ROWS} (0: {DEFAULT_SAMPLE_ROWS})"
+                raise _fail(CommandError, "sample_upload 'max_rows'", expected, limit)
         if self.type == DEPLOY_COMMAND:
             deploy_args(self.args)
             deploy_hold_s(self.args)

@@ -272,6 +272,7 @@ class Host:
             status = agent.detector.status() if agent is not None and agent.detector is not None else None
             row = {
                 "t": round(t, 3),
+                "at": round(self.t0 + t, 3),
                 "device": device.id,
                 "cohort": self.scenario.cohort_of[device.id],
                 "serving": bool(device.alive and model is not None),
@@ -285,6 +286,7 @@ class Host:
                 "labels_rejected": device.labels_rejected,
                 "crashes": device.crashes,
                 "drift_alarm": bool(status.alarm) if status is not None else False,
+                "drift_samples": status.samples if status is not None else 0,
                 "max_psi": status.max_psi if status is not None else None,
                 "max_cusum": status.max_cusum if status is not None else None,
                 "quantities": {k: round(v, 4) for k, v in self.scenario.quantities_at(device.id, t, device.base).items()},

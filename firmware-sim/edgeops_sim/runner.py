@@ -120,6 +120,9 @@ class Run:
     _links: dict[str, NetworkLink] = field(default_factory=dict)
     _hosts: list[_Host] = field(default_factory=list)
     _updates: dict[str, UpdateSender] = field(default_factory=dict)
+    #: Set to end the run before its duration (SIGTERM does it): the devices stop cleanly and
+    #: the summary is written as at a normal end (``edgeops demo`` stops the fleet this way).
+    stop_requested: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         s = self.scenario
@@ -324,12 +327,12 @@ class Run:
             t = time.time() - t0
             while todo and todo[0][0] <= t:
                 todo.pop(0)[2]()
-            if t >= s.duration_s:
+            if t >= s.duration_s or self.stop_requested.is_set():
                 return
             self._revive(host, port, t0)
             self._say(min(t / s.duration_s, 1.0), f"t = {t:5.1f} s of {s.duration_s:g} s")
             wait = min(0.25, (todo[0][0] - t) if todo else 0.25, s.duration_s - t)
-            time.sleep(max(wait, 0.0))
+            self.stop_requested.wait(max(wait, 0.0))
 
     def _log(self, f: Fault, phase: str, **extra: Any) -> None:
         self.faults_log.append({"t": round(time.time() - self._t0, 3), "phase": phase, **f.to_dict(), **extra})
@@ -618,4 +621,11 @@ def _wait_line(h: _Host, key: str, timeout: float) -> dict[str, Any]:
 def run(scenario: Scenario, out: Path, *, broker_url: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Run ``scenario`` with its output in ``out`` (see the module docstring)."""
     r = Run(scenario, out, broker_url, progress)
-    return r.execute()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: r.stop_requested.set())
+    try:
+        return r.execute()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -59,12 +59,13 @@ from edgeops_core import (
 )
 from edgeops_core._json import load_untrusted_json
 from edgeops_core.digest import sha256_new
-from edgeops_fleet.errors import FleetError, StoreError
+from edgeops_fleet.errors import FleetError, RunConflictError, StoreError
 from edgeops_fleet.rollout import RolloutConflictError
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
+    from edgeops_fleet.autopilot import Autopilot
     from edgeops_fleet.rollout import RolloutEngine
     from edgeops_fleet.store import Store
 
@@ -100,7 +101,7 @@ def _status_of(exc: Exception) -> int:
         return 503
     if isinstance(exc, LookupError):
         return 404
-    if isinstance(exc, RolloutConflictError):
+    if isinstance(exc, RolloutConflictError | RunConflictError):
         return 409
     if isinstance(exc, InputError | BundleError):
         return 400
@@ -456,6 +457,80 @@ class _Api:
         return {"rollout": engine.start(spec)}
 
 
+class _Pilot:
+    """The autopilot and field-dataset endpoints."""
+
+    def __init__(self, store: Store, autopilot: Autopilot | None) -> None:
+        self.store, self.autopilot = store, autopilot
+
+    def _pilot(self) -> Autopilot:
+        if self.autopilot is None:
+            raise ApiError(409, "this console runs without an autopilot")
+        return self.autopilot
+
+    def configs(self) -> dict[str, Any]:
+        return {
+            "autopilots": [
+                {"group_key": r["group_key"], "config": r["config"], "updated_at": r["updated_at"]}
+                for r in self.store.autopilots()
+            ]
+        }
+
+    def configure(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise InputError("the request body must be a JSON object: the autopilot settings with a group")
+        if "group" in body:
+            body = {**body, "group": _group(body["group"])}
+        return self._pilot().configure(body)
+
+    def retrain(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict) or "group" not in body or set(body) - {"group", "reason"}:
+            raise InputError('the request body must be {"group": {"target": ..., "tags": {...}}, "reason": text}')
+        reason = body.get("reason") or "requested by an operator"
+        if not isinstance(reason, str) or len(reason) > 200:
+            raise InputError("reason must be text of at most 200 characters")
+        return {"run": self._pilot().retrain(_group(body["group"]), trigger="manual", detail=reason)}
+
+    def runs(self, request: Request) -> dict[str, Any]:
+        limit = _query_int(request, "limit", 200, maximum=10_000)
+        group = request.query_params.get("group") or None
+        return {"runs": self.store.runs(group_key=group, limit=limit)}
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        row = self.store.run(run_id)
+        if row is None:
+            raise ApiError(404, f"no autopilot run {run_id!r}")
+        return {"run": row}
+
+    def act(self, action: str) -> Callable[[Request], dict[str, Any]]:
+        def handler(request: Request) -> dict[str, Any]:
+            pilot, run_id = self._pilot(), request.path_params["run_id"]
+            return {"run": pilot.approve(run_id) if action == "approve" else pilot.cancel(run_id)}
+
+        return handler
+
+    def samples(self, device_id: str) -> dict[str, Any]:
+        row = self.store.device(check_device_id(device_id))
+        if row is None:
+            raise ApiError(404, f"no device {device_id!r} is known to this console")
+        return {"device_id": device_id, "command_ids": self._pilot().request_samples([device_id])}
+
+    def datasets(self) -> dict[str, Any]:
+        return {"datasets": self.store.datasets()}
+
+    def dataset(self, digest: str) -> dict[str, Any]:
+        row = self.store.dataset(digest)
+        if row is None:
+            raise ApiError(404, f"no field dataset {digest!r} (or the prefix names more than one)")
+        return {"dataset": row}
+
+    def dataset_bytes(self, digest: str) -> tuple[bytes, str]:
+        row = self.store.dataset(digest, with_data=True)
+        if row is None:
+            raise ApiError(404, f"no field dataset {digest!r} (or the prefix names more than one)")
+        return bytes(row["data"]), row["digest"].removeprefix("sha256:") + ".npz"
+
+
 def _group(raw: object) -> dict[str, Any]:
     if not isinstance(raw, dict) or not isinstance(raw.get("target"), str) or not raw["target"]:
         raise InputError(f"group must be an object with a target (and optional tags), got {raw!r}")
@@ -514,6 +589,7 @@ def create_app(
     console_info: ConsoleInfo,
     bundles_dir: Path | None = None,
     trusted: Sequence[TrustedKey] = (),
+    autopilot: Autopilot | None = None,
 ) -> Starlette:
     """The console's Starlette app: the JSON API under ``/api`` and the dashboard at ``/``.
 
@@ -525,8 +601,30 @@ def create_app(
             returning a fresh one per request).
         bundles_dir: where verified rollout bundles are copied.
         trusted: keys a rollout request without ``key`` is verified with.
+        autopilot: the console's autopilot (``None``: its endpoints answer 409; datasets are still readable).
     """
     api = _Api(store, engine, console_info=console_info, bundles_dir=bundles_dir, trusted=trusted)
+    pilot = _Pilot(store, autopilot)
+
+    def with_body(handler: Callable[[Any], dict[str, Any]], status: int = 200) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                body = await _read_json(request)
+                result = await run_in_threadpool(handler, body)
+            except Exception as exc:  # noqa: BLE001 - mapped to a status; a bug re-raises in _status_of
+                return _error(_status_of(exc), str(exc))
+            return JSONResponse(result, status_code=status)
+
+        return endpoint
+
+    async def dataset_bytes(request: Request) -> Response:
+        try:
+            data, name = await run_in_threadpool(pilot.dataset_bytes, request.path_params["digest"])
+        except Exception as exc:  # noqa: BLE001 - mapped to a status
+            return _error(_status_of(exc), str(exc))
+        return Response(
+            data, media_type="application/octet-stream", headers={"content-disposition": f'attachment; filename="{name}"'}
+        )
 
     async def start_rollout(request: Request) -> Response:
         try:
@@ -557,6 +655,23 @@ def create_app(
         Route("/api/rollouts", start_rollout, methods=["POST"]),
         Route("/api/rollouts/{rollout_id}", _json_endpoint(lambda r: api.rollout(r.path_params["rollout_id"])), methods=["GET"]),
         *(Route(f"/api/rollouts/{{rollout_id}}/{a}", act(a), methods=["POST"]) for a in ("pause", "resume", "abort")),
+        Route(
+            "/api/devices/{device_id}/samples",
+            _json_endpoint(lambda r: pilot.samples(r.path_params["device_id"])),
+            methods=["POST"],
+        ),
+        Route("/api/datasets", _json_endpoint(lambda r: pilot.datasets()), methods=["GET"]),
+        Route("/api/datasets/{digest}", _json_endpoint(lambda r: pilot.dataset(r.path_params["digest"])), methods=["GET"]),
+        Route("/api/datasets/{digest}/data", dataset_bytes, methods=["GET"]),
+        Route("/api/autopilot", _json_endpoint(lambda r: pilot.configs()), methods=["GET"]),
+        Route("/api/autopilot", with_body(pilot.configure), methods=["PUT"]),
+        Route("/api/autopilot/retrain", with_body(pilot.retrain, 201), methods=["POST"]),
+        Route("/api/autopilot/runs", _json_endpoint(pilot.runs), methods=["GET"]),
+        Route("/api/autopilot/runs/{run_id}", _json_endpoint(lambda r: pilot.run(r.path_params["run_id"])), methods=["GET"]),
+        *(
+            Route(f"/api/autopilot/runs/{{run_id}}/{a}", _json_endpoint(pilot.act(a)), methods=["POST"])
+            for a in ("approve", "cancel")
+        ),
         Route("/api/{rest:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
     ]
     try:

@@ -52,6 +52,7 @@ from edgeops_core import (
     Event,
     InputError,
     MessageError,
+    Samples,
     State,
     Telemetry,
     check_device_id,
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
     import uvicorn
 
+    from edgeops_fleet.autopilot import Autopilot
     from edgeops_fleet.rollout import RolloutEngine
 
 __all__ = [
@@ -80,6 +82,7 @@ __all__ = [
     "Console",
     "default_bundles_dir",
     "is_loopback",
+    "keep_samples",
     "parse_http_address",
 ]
 
@@ -98,7 +101,9 @@ BATCH_WAIT_S = 0.05
 #: the queue holds at least that many, so paho's network thread never waits on it.
 RECEIVE_MAXIMUM = 2000
 _QUEUE_SIZE = 2 * RECEIVE_MAXIMUM
-_LEAVES = ("state", "telemetry", "events", "ota_request")
+_LEAVES = ("state", "telemetry", "events", "ota_request", "samples")
+#: Sample uploads waiting to be stored (each may be a few hundred kB; they are rare).
+_SAMPLES_QUEUE = 64
 _KINDS = {"state": "state", "telemetry": "telemetry", "events": "event"}
 
 
@@ -190,6 +195,7 @@ class Console:
         client_id: the MQTT client id (one per console: it names the broker session).
         connect_timeout_s: how long :meth:`start` waits for the broker.
         tick_s: how often the rollout engine advances.
+        work_dir: where autopilot runs keep their datasets and builds (default ``$EDGEOPS_HOME/autopilot``).
 
     Raises:
         InputError: a non-loopback ``http`` without a token, or a token with whitespace.
@@ -207,6 +213,7 @@ class Console:
         client_id: str = CONSOLE_CLIENT_ID,
         connect_timeout_s: float = 10.0,
         tick_s: float = 1.0,
+        work_dir: Path | None = None,
     ) -> None:
         """Check the configuration; nothing connects until :meth:`start`."""
         if token is not None and (not token or any(c.isspace() for c in token)):
@@ -218,6 +225,7 @@ class Console:
             )
         if not client_id or len(client_id) > 64:
             raise InputError(f"the MQTT client id must be 1-64 characters, got {client_id!r}")
+        from edgeops_fleet.autopilot import Autopilot
         from edgeops_fleet.rollout import RolloutEngine
 
         self.broker, self.store, self.prefix = broker, store, prefix
@@ -226,6 +234,10 @@ class Console:
         self.client_id = client_id
         self.connect_timeout_s, self.tick_s = connect_timeout_s, tick_s
         self.engine: RolloutEngine = RolloutEngine(store, self, prefix=prefix)
+        self.autopilot: Autopilot = Autopilot(
+            store, self, self.engine, bundles_dir=self.bundles_dir, work_dir=work_dir, prefix=prefix
+        )
+        self._samples: queue.Queue[_Received] = queue.Queue(maxsize=_SAMPLES_QUEUE)
         self._queue: queue.Queue[_Received] = queue.Queue(maxsize=_QUEUE_SIZE)
         self._client: mqtt.Client | None = None
         self._connected = threading.Event()
@@ -288,6 +300,8 @@ class Console:
             self.engine.resume_all()
         except StoreError as exc:  # the tick thread retries: a rollout is never lost to a busy DB
             log.error("resuming rollouts failed, retrying on the next tick: %s", exc)
+        self._spawn(self._samples_loop, "console-samples")
+        self.autopilot.start()
         self._spawn(self._tick_loop, "console-rollouts")
         if sock is not None:
             self._start_http(sock)
@@ -298,6 +312,7 @@ class Console:
         The broker session is kept: what arrives while the console is down is queued for it.
         """
         self._stop.set()
+        self.autopilot.stop()
         server, self._http_server = self._http_server, None
         if server is not None:
             server.should_exit = True
@@ -373,7 +388,14 @@ class Console:
 
         from edgeops_fleet.api import create_app
 
-        app = create_app(self.store, self.engine, token=self.token, console_info=self.info, bundles_dir=self.bundles_dir)
+        app = create_app(
+            self.store,
+            self.engine,
+            token=self.token,
+            console_info=self.info,
+            bundles_dir=self.bundles_dir,
+            autopilot=self.autopilot,
+        )
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
         server = uvicorn.Server(config)
         self._http_server = server
@@ -452,6 +474,8 @@ class Console:
             if message.topic.endswith("/ota_request"):
                 self._take_request(item)
                 self._ack([item])
+            elif message.topic.endswith("/samples"):
+                self._samples.put(item)  # few and bounded by the device's answers to our commands
             else:
                 self._queue.put(item)  # bounded above the broker's in-flight window: does not block
         except Exception:  # paho would re-raise it and end its network thread
@@ -650,6 +674,31 @@ class Console:
                     if dropped:
                         log.info("%s went offline: %d requested block(s) not sent", device_id, dropped)
 
+    # -- field samples -------------------------------------------------------------------------
+
+    def _samples_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._samples.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._store_samples(item)
+            except StoreError as exc:  # not acknowledged: the broker redelivers it
+                log.error("a sample upload on %s could not be stored: %s", item.topic, exc)
+                continue
+            except Exception:
+                log.exception("a sample upload on %s could not be stored", item.topic)
+                continue
+            self._ack([item])
+
+    def _store_samples(self, item: _Received) -> None:
+        refused = keep_samples(self.store, self.prefix, item.topic, item.payload, item.received_at)
+        if refused is not None:
+            self.counters["rejected"] += 1
+            if self._reject_log.allow(time.monotonic()):
+                log.info("sample upload on %s refused: %s", item.topic, refused)
+
     # -- the rollout engine's link ------------------------------------------------------------
 
     def _take_request(self, item: _Received) -> None:
@@ -712,6 +761,7 @@ class Console:
         while not self._stop.wait(self.tick_s):
             try:
                 self.engine.tick()
+                self.autopilot.tick()
                 if failing:
                     log.warning("rollout ticks work again")
                 failing = False
@@ -745,3 +795,41 @@ def _document(payload: bytes, kind: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise MessageError(f"{kind} payload must be a JSON object, got {type(doc).__name__}")
     return doc
+
+
+def keep_samples(store: Store, prefix: str, topic: str, payload: bytes, received_at: float) -> str | None:
+    """Validate a device's ``samples`` upload and keep it, or record it as a reject (never both).
+
+    Returns:
+        ``None`` when kept, else the reason it was refused (a reject row says the same).
+
+    Raises:
+        StoreError: the database did not take it (the caller leaves it unacknowledged).
+    """
+    try:
+        device_id, _ = parse_topic(prefix, topic)
+    except InputError as exc:
+        store.reject(topic=topic, reason=f"bad topic: {exc}", payload=payload, received_at=received_at, device_id=None)
+        return f"bad topic: {exc}"
+    try:
+        doc = _document(payload, "samples")
+        message = Samples.from_dict(doc)
+        if message.device_id != device_id:
+            raise MessageError(f"the samples on {device_id}'s topic name device {message.device_id!r}")
+    except MessageError as exc:
+        store.reject(topic=topic, reason=str(exc), payload=payload, received_at=received_at, device_id=device_id)
+        return str(exc)
+    labelled = sum(1 for lb in message.labels if lb is not None)
+    store.put_upload(
+        device_id=device_id,
+        command_id=message.command_id,
+        ts=message.ts,
+        received_at=received_at,
+        model=message.model.name if message.model else None,
+        release=message.model.release if message.model else None,
+        rows=len(message.rows),
+        labelled=labelled,
+        payload=doc,
+    )
+    log.info("%s uploaded %d field row(s), %d labelled", device_id, len(message.rows), labelled)
+    return None

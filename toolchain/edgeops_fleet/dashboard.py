@@ -563,6 +563,10 @@ class _Pages:
         """``/rollouts/{rollout_id}``: one rollout."""
         return self._guard(request, self._rollout, "rollouts")
 
+    def autopilot(self, request: Request) -> HTMLResponse:
+        """``/autopilot``: every group's autopilot and the runs, newest first, step by step."""
+        return self._guard(request, self._autopilot, "autopilot")
+
     # -- fleet --
 
     def _fleet(self, request: Request) -> HTMLResponse:
@@ -662,6 +666,40 @@ class _Pages:
             gaps=[{"first": a, "last": z, "missing": z - a + 1} for a, z in gaps],
             missing=sum(z - a + 1 for a, z in gaps),
         )
+
+    # -- autopilot --
+
+    def _autopilot(self, request: Request) -> HTMLResponse:
+        autopilots = []
+        for row in self.store.autopilots():
+            c = row["config"] or {}
+            triggers = [f"drift alarm held {c.get('drift_hold_s')} s on {c.get('drift_devices')} device(s)"]
+            if c.get("schedule_s"):
+                triggers.append(f"every {c['schedule_s']} s")
+            if c.get("new_labels"):
+                triggers.append(f"{c['new_labels']} new labels")
+            autopilots.append(
+                {"group_key": row["group_key"], "mode": c.get("mode"), "project": c.get("project"),
+                 "triggers": "; ".join(triggers),
+                 "margin": c.get("margin"), "waves": c.get("waves")}
+            )  # fmt: skip
+        runs = []
+        for r in self.store.runs(limit=50):
+            m = r.get("metrics") or {}
+
+            def pct(v: object) -> str:
+                return f"{v:.2%}" if isinstance(v, int | float) else "—"
+
+            runs.append(
+                {**r, "champion": pct(m.get("champion_accuracy")), "challenger": pct(m.get("challenger_accuracy")),
+                 "holdout_rows": m.get("holdout_rows", "—"), "datasets": ", ".join(r.get("datasets") or []) or "—",
+                 "triggers": r.get("triggers") or [], "steps": r.get("steps") or []}
+            )  # fmt: skip
+        active = any(r["state"] in ("queued", "collecting", "building", "evaluating", "rolling_out") for r in runs)
+        return self._render(
+            request, "autopilot.html", title="Autopilot", nav="autopilot", refresh=REFRESH_S if active else None,
+            autopilots=autopilots, runs=runs,
+        )  # fmt: skip
 
     # -- rollouts --
 
@@ -910,4 +948,5 @@ def routes(store: Store, engine: RolloutEngine | None, *, clock: Callable[[], fl
         Route("/devices/{device_id}", pages.device, methods=["GET"], name="dashboard-device"),
         Route("/rollouts", pages.rollouts, methods=["GET"], name="dashboard-rollouts"),
         Route("/rollouts/{rollout_id}", pages.rollout, methods=["GET"], name="dashboard-rollout"),
+        Route("/autopilot", pages.autopilot, methods=["GET"], name="dashboard-autopilot"),
     ]

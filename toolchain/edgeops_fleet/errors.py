@@ -7,14 +7,16 @@ EdgeopsError
     ├── BrokerError     the broker cannot be reached or refuses the console
     ├── StoreError      the console's database is unreachable, locked, newer, or refuses a row
     └── ConsoleError    the CLI cannot reach the console's HTTP API, or it answers with an error
+InputError
+└── RunConflictError    an autopilot run is not in a state that allows the request (approve an ended run)
 """
 
 from __future__ import annotations
 
-from edgeops_core import EdgeopsError
+from edgeops_core import EdgeopsError, InputError
 from edgeops_core.ota_server import SenderError
 
-__all__ = ["BrokerError", "ConsoleError", "FleetError", "SenderError", "StoreError"]
+__all__ = ["BrokerError", "ConsoleError", "FleetError", "RunConflictError", "SenderError", "StoreError"]
 
 
 class FleetError(EdgeopsError):
@@ -31,3 +33,7 @@ class StoreError(FleetError):
 
 class ConsoleError(FleetError):
     """The console's HTTP API cannot be reached, refuses the request's token, or answers with an error."""
+
+
+class RunConflictError(InputError):
+    """An autopilot run is not in a state that allows the request (approving an ended run, ...)."""

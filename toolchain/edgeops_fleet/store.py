@@ -6,7 +6,9 @@ PostgreSQL (``postgresql+psycopg://…``; a bare ``postgresql://`` means psycopg
 Tables: ``devices`` (latest state, plus per-device seq bookkeeping), ``messages`` (every
 state, telemetry and event message kept, unique by ``(device_id, seq)``), ``gaps`` (seq
 ranges not received), ``rejects`` (payloads the console refused), ``releases``,
-``rollouts``, ``rollout_devices``, ``waves``, ``bad_releases`` and ``schema_meta``.
+``rollouts``, ``rollout_devices``, ``waves``, ``bad_releases``, ``field_uploads`` (device
+sample uploads), ``field_datasets`` (content-addressed, with provenance and the ``.npz``
+bytes), ``autopilot`` (per-group configuration), ``autopilot_runs`` and ``schema_meta``.
 
 Invariants:
 
@@ -60,7 +62,17 @@ from sqlalchemy.engine import URL, Connection, Engine
 
 from edgeops_fleet.errors import StoreError
 
-__all__ = ["DEFAULT_DB_ENV", "KINDS", "MAX_DB_INT", "MAX_REJECTS_KEPT", "Incoming", "IngestResult", "Store", "default_db_url"]
+__all__ = [
+    "DEFAULT_DB_ENV",
+    "KINDS",
+    "MAX_DB_INT",
+    "MAX_REJECTS_KEPT",
+    "MAX_UPLOADS_PER_DEVICE",
+    "Incoming",
+    "IngestResult",
+    "Store",
+    "default_db_url",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +86,8 @@ MAX_DB_INT = 2**63 - 1
 """The largest seq or release a column holds (SQL BIGINT, SQLite INTEGER): anything above is refused."""
 
 MAX_REJECTS_KEPT = 10_000
+#: Sample uploads kept per device (the newest).
+MAX_UPLOADS_PER_DEVICE = 20
 """Rejected payloads kept (the newest): a flood of garbage must not grow the database without bound."""
 
 _T = TypeVar("_T")
@@ -340,6 +354,68 @@ _bad_releases = sa.Table(
 )
 
 
+_field_uploads = sa.Table(
+    "field_uploads",
+    _meta,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("device_id", sa.String(128), nullable=False),
+    sa.Column("command_id", sa.String(64)),
+    sa.Column("ts", sa.String(40)),
+    sa.Column("received_at", sa.Double, nullable=False),
+    sa.Column("model", sa.String(256)),
+    sa.Column("release", sa.Integer),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("labelled", sa.Integer, nullable=False),
+    sa.Column("payload", _Json, nullable=False),
+)
+sa.Index("ix_field_uploads_received", _field_uploads.c.received_at)
+
+_field_datasets = sa.Table(
+    "field_datasets",
+    _meta,
+    sa.Column("digest", sa.String(80), primary_key=True),
+    sa.Column("group_key", sa.String(512)),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("labelled", sa.Integer, nullable=False),
+    sa.Column("provenance", _Json, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+_autopilot = sa.Table(
+    "autopilot",
+    _meta,
+    sa.Column("group_key", sa.String(512), primary_key=True),
+    sa.Column("config", _Json, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+_autopilot_runs = sa.Table(
+    "autopilot_runs",
+    _meta,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("group_key", sa.String(512), nullable=False),
+    sa.Column("group", _Json, nullable=False),
+    sa.Column("mode", sa.String(16), nullable=False),
+    sa.Column("trigger", sa.String(32), nullable=False),
+    sa.Column("triggers", _Json, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("ended_at", sa.Double),
+    sa.Column("datasets", _Json),
+    sa.Column("bundle_path", sa.Text),
+    sa.Column("release", sa.Integer),
+    sa.Column("rollout_id", sa.String(64)),
+    sa.Column("metrics", _Json),
+    sa.Column("decision", sa.String(32)),
+    sa.Column("reason", sa.Text),
+    sa.Column("steps", _Json),
+)
+sa.Index("ix_autopilot_runs_state", _autopilot_runs.c.state)
+
+
 # -- migrations -------------------------------------------------------------------------------
 
 
@@ -368,6 +444,11 @@ _MIGRATIONS: tuple[_Migration, ...] = (
         2,
         "releases, rollouts, rollout_devices, waves, bad_releases",
         _create(_releases, _rollouts, _rollout_devices, _waves, _bad_releases),
+    ),
+    _Migration(
+        3,
+        "field_uploads, field_datasets, autopilot, autopilot_runs",
+        _create(_field_uploads, _field_datasets, _autopilot, _autopilot_runs),
     ),
 )
 
@@ -1117,6 +1198,150 @@ class Store:
         if group is not None:
             stmt = stmt.where(_bad_releases.c.group_key == group)
         return self._rows(stmt)
+
+    # -- field samples and datasets -----------------------------------------------------------
+
+    def put_upload(
+        self,
+        *,
+        device_id: str,
+        command_id: str | None,
+        ts: str | None,
+        received_at: float,
+        model: str | None,
+        release: int | None,
+        rows: int,
+        labelled: int,
+        payload: Mapping[str, Any],
+    ) -> int:
+        """Keep one device's sample upload (the validated ``samples`` message); its id.
+
+        Only the newest :data:`MAX_UPLOADS_PER_DEVICE` uploads of a device are kept (a field
+        dataset keeps its own copy of the rows it was made from).
+        """
+        stmt = sa.insert(_field_uploads).values(
+            device_id=device_id,
+            command_id=command_id,
+            ts=ts,
+            received_at=received_at,
+            model=model,
+            release=release,
+            rows=rows,
+            labelled=labelled,
+            payload=payload,
+        )
+
+        def put(conn: Connection) -> int:
+            key = conn.execute(stmt).inserted_primary_key
+            mine = _field_uploads.c.device_id == device_id
+            newest = sa.select(_field_uploads.c.id).where(mine).order_by(_field_uploads.c.id.desc()).limit(MAX_UPLOADS_PER_DEVICE)
+            conn.execute(sa.delete(_field_uploads).where(mine, _field_uploads.c.id.not_in(newest.scalar_subquery())))
+            return int(key[0]) if key is not None else 0
+
+        return self._run(put, write=True)
+
+    def uploads(
+        self, *, device_ids: Sequence[str] | None = None, since: float = 0.0, with_payload: bool = False
+    ) -> list[dict[str, Any]]:
+        """Sample uploads received at or after ``since`` (optionally of some devices), oldest first."""
+        cols = list(_field_uploads.c) if with_payload else [c for c in _field_uploads.c if c.name != "payload"]
+        stmt = sa.select(*cols).where(_field_uploads.c.received_at >= since)
+        if device_ids is not None:
+            ids = list(device_ids)
+            if not ids:
+                return []
+            stmt = stmt.where(_field_uploads.c.device_id.in_(ids))
+        return self._rows(stmt.order_by(_field_uploads.c.received_at, _field_uploads.c.id))
+
+    def put_dataset(
+        self,
+        *,
+        digest: str,
+        group_key: str | None,
+        run_id: str | None,
+        rows: int,
+        labelled: int,
+        provenance: Mapping[str, Any],
+        data: bytes,
+    ) -> None:
+        """Keep a field dataset by its content digest (a second put of the same digest changes nothing)."""
+        row = {
+            "digest": digest,
+            "group_key": group_key,
+            "run_id": run_id,
+            "created_at": time.time(),
+            "rows": rows,
+            "labelled": labelled,
+            "provenance": provenance,
+            "data": data,
+        }
+
+        def put(conn: Connection) -> None:
+            exists = conn.execute(sa.select(sa.literal(1)).where(_field_datasets.c.digest == digest)).first()
+            if exists is None:
+                conn.execute(sa.insert(_field_datasets).values(**row))
+
+        self._run(put, write=True)
+
+    def datasets(self) -> list[dict[str, Any]]:
+        """Every field dataset's row without its bytes, newest first."""
+        cols = [c for c in _field_datasets.c if c.name != "data"]
+        return self._rows(sa.select(*cols).order_by(_field_datasets.c.created_at.desc(), _field_datasets.c.digest))
+
+    def dataset(self, digest: str, *, with_data: bool = False) -> dict[str, Any] | None:
+        """One field dataset by digest, or by a unique prefix of its hex part (``None`` if none or ambiguous)."""
+        text = digest.removeprefix("sha256:")
+        if not text or any(c not in "0123456789abcdef" for c in text):
+            return None
+        cols = list(_field_datasets.c) if with_data else [c for c in _field_datasets.c if c.name != "data"]
+        rows = self._rows(sa.select(*cols).where(_field_datasets.c.digest.like(f"sha256:{text}%")).limit(2))
+        return rows[0] if len(rows) == 1 else None
+
+    # -- autopilot ----------------------------------------------------------------------------
+
+    def put_autopilot(self, group_key: str, config: Mapping[str, Any]) -> None:
+        """Set a group's autopilot configuration (upsert)."""
+        self._upsert(
+            _autopilot, ("group_key",), {"group_key": group_key, "config": dict(config), "updated_at": time.time()}, "autopilot"
+        )
+
+    def autopilots(self) -> list[dict[str, Any]]:
+        """Every group's autopilot configuration, by group key."""
+        return self._rows(sa.select(_autopilot).order_by(_autopilot.c.group_key))
+
+    def put_run(self, row: Mapping[str, Any]) -> None:
+        """Insert or update an autopilot run by ``run_id`` (only the given columns change)."""
+        values = dict(row)
+        run_id = values.get("run_id")
+        if not isinstance(run_id, str):
+            raise StoreError(f"autopilot run: run_id must be text, got {run_id!r}")
+        unknown = sorted(set(values) - set(_autopilot_runs.c.keys()))
+        if unknown:
+            raise StoreError(f"autopilot run: unknown column {unknown[0]!r}")
+
+        def put(conn: Connection) -> None:
+            changes = {k: v for k, v in values.items() if k != "run_id"}
+            done = conn.execute(sa.update(_autopilot_runs).where(_autopilot_runs.c.run_id == run_id).values(**changes)).rowcount
+            if not done:
+                conn.execute(sa.insert(_autopilot_runs).values(**values))
+
+        self._run(put, write=True)
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        """One autopilot run, or ``None``."""
+        rows = self._rows(sa.select(_autopilot_runs).where(_autopilot_runs.c.run_id == run_id))
+        return rows[0] if rows else None
+
+    def runs(
+        self, *, group_key: str | None = None, states: Sequence[str] | None = None, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        """Autopilot runs, newest first."""
+        stmt = sa.select(_autopilot_runs).order_by(_autopilot_runs.c.created_at.desc(), _autopilot_runs.c.run_id.desc())
+        if group_key is not None:
+            stmt = stmt.where(_autopilot_runs.c.group_key == group_key)
+        if states is not None:
+            stmt = stmt.where(_autopilot_runs.c.state.in_(list(states)))
+        return self._rows(stmt.limit(limit))
 
 
 # -- engines ----------------------------------------------------------------------------------

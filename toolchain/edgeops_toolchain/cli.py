@@ -8,7 +8,7 @@ Exit codes (docs/cli.md):
 2   bad input: usage, unknown target, malformed project/profile TOML, bad data,
     a model that does not export, a missing or unusable key
 3   a budget was exceeded (the closing table shows which)
-4   bundle verification failed (``verify``, ``export``)
+4   bundle verification failed (``verify``, ``export``, ``evaluate``)
 5   the build could not finish for another reason (unsupported target, signing)
 ==  ==========================================================================
 
@@ -153,6 +153,13 @@ _registry_option = click.option(
 @_cache_dir_option
 @click.option("--no-cache", is_flag=True, help="Run every step; refresh the cache entries with the new results.")
 @_registry_option
+@click.option(
+    "--field-data",
+    "field_data",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Field dataset (.npz) to train on and measure with, besides the project's [data] field. Repeatable.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables and progress.")
 @click.pass_context
 def build(
@@ -165,12 +172,15 @@ def build(
     cache_dir: Path | None,
     no_cache: bool,
     registry: Path | None,
+    field_data: tuple[Path, ...],
     as_json: bool,
 ) -> None:
     """Train, export, quantize, validate, package and sign a bundle for TARGET.
 
     Steps whose inputs did not change since an earlier build come from the step cache;
-    the closing lines say which.
+    the closing lines say which. Field datasets (--field-data, [data] field) add their
+    labelled rows to training, keep a held-out share for the field_holdout_accuracy metric
+    and, by default, supply the drift reference (docs/projects.md).
     """
     from edgeops_toolchain.cache import default_cache_dir
     from edgeops_toolchain.pipeline import CacheOptions, run_build
@@ -179,7 +189,7 @@ def build(
 
     def body() -> None:
         profile = find_profile(target, _target_dirs(targets_dirs))
-        proj = load_project(project or example_dir())
+        proj = load_project(project or example_dir()).with_field_data(field_data)
         reporter = Reporter(enabled=not as_json)
         cache = CacheOptions(root=cache_dir or default_cache_dir(), read=not no_cache)
         try:
@@ -204,6 +214,7 @@ def build(
                         "signer": result.signer,
                         "public_key": str(result.public_key) if result.public_key else None,
                         "metrics": dict(m.metrics),
+                        "field_datasets": list(m.lineage.field_datasets),
                         "budgets": [c.to_dict() for c in result.checks],
                         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
                         "cached_steps": list(result.cached),
@@ -220,6 +231,12 @@ def build(
             click.echo(f"up to date: nothing changed since release {m.release}; the cached bundle was reused")
         elif result.cached:
             click.echo(f"from cache: {', '.join(result.cached)}")
+        if m.lineage.field_datasets:
+            click.echo(
+                f"field data: {len(m.lineage.field_datasets)} dataset(s), {int(m.metrics['field_train_rows'])} rows "
+                f"trained on, {int(m.metrics['field_holdout_rows'])} held out; drift reference from "
+                f"{m.drift_reference.sample_count} rows"
+            )
         click.echo(f"bundle: {result.bundle_path}")
         click.echo(f"report: {result.report_path}")
         if result.public_key is not None:
@@ -444,6 +461,65 @@ def export(ctx: click.Context, bundle: Path, fmt: str, out: Path, keys_: tuple[P
     _run(ctx, as_json, body)
 
 
+@main.command()
+# Not dir_okay=False, as for verify: a directory given as BUNDLE is a refused bundle (exit 4).
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--field-data",
+    "field_data",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Field dataset (.npz) with labelled rows. Repeatable: the rows are merged as a build merges them.",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["holdout", "all"]),
+    default="holdout",
+    show_default=True,
+    help="holdout: the labelled rows no build trains on; all: every labelled row.",
+)
+@click.option(
+    "--key",
+    "-k",
+    "keys_",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Trusted public key (PEM). Repeatable. [default: the per-user development key]",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def evaluate(
+    ctx: click.Context, bundle: Path, field_data: tuple[Path, ...], split: str, keys_: tuple[Path, ...], as_json: bool
+) -> None:
+    """Verify BUNDLE, then measure its model's accuracy on labelled field rows.
+
+    The model runs in the bundle's own runtime, as the build measured it. The bundle is
+    checked exactly as `edgeops verify` checks it, against --key or, without one, the
+    development key `edgeops build` signs with.
+    """
+    from edgeops_toolchain.evaluate import evaluate_bundle
+    from edgeops_toolchain.export_c import default_trusted_keys
+
+    def body() -> None:
+        trusted, _dev = default_trusted_keys(keys_)
+        result = evaluate_bundle(bundle, field_data, trusted, split=split)
+        m = result.manifest
+        if as_json:
+            click.echo(json.dumps(result.to_dict()))
+            return
+        accuracy = "n/a (no labelled rows)" if result.accuracy is None else f"{result.accuracy * 100:.2f} %"
+        click.echo(
+            f"{m.name} {m.version} release {m.release} → {m.target}: accuracy {accuracy} on {result.rows} {split} row(s) "
+            f"of {len(result.field_datasets)} field dataset(s)"
+        )
+        for label, c in result.per_class.items():
+            value = "-" if c.accuracy is None else f"{c.accuracy * 100:.2f} %"
+            click.echo(f"  {label:<24}{c.rows:>8} rows  {value}")
+
+    _run(ctx, as_json, body)
+
+
 @main.group()
 def registry() -> None:
     """Query the local registry of built releases."""
@@ -646,9 +722,12 @@ def release_revert(
 
 
 def _add_fleet() -> None:
+    from edgeops_toolchain.field_cli import data, demo  # adds its commands to `fleet` too
     from edgeops_toolchain.fleet_cli import fleet  # it imports this module's helpers, so it comes last
 
     main.add_command(fleet)
+    main.add_command(data)
+    main.add_command(demo)
 
 
 _add_fleet()

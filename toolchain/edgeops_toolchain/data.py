@@ -1,30 +1,77 @@
 """The dataset and its checks: the first step of every build.
 
 :func:`load_dataset` calls the project's data entry point and checks the structure (splits
-present, 2-D float features of the declared width, 1-D integer labels in range).
-:func:`check_data` then checks the values (NaN/inf, magnitude, class balance, rows shared
-between train and test) and profiles every feature; that profile becomes the manifest's
-drift reference and the preprocessing statistics. A failed check raises :class:`DataError`
-naming the split, the feature and the row.
+present, 2-D float features of the declared width, 1-D integer labels in range), then adds
+the project's field datasets (:func:`with_field_data`): their labelled train-split rows join
+``x_train``, their held-out labelled rows are kept for metrics only. :func:`check_data` then
+checks the values (NaN/inf, magnitude, class balance, rows shared between train and test)
+and profiles every feature; that profile becomes the manifest's drift reference and the
+preprocessing statistics. A failed check raises :class:`DataError` naming the split (or the
+field dataset), the feature and the row.
+
+The drift reference describes the training split, except when the build has at least
+:data:`MIN_FIELD_REFERENCE_ROWS` labelled field rows and the project keeps the default
+``[data] field_reference = "field"``: then it describes those rows (ADR 0016).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from edgeops_core import FeatureReference, Preprocessing
+from edgeops_core import UNLABELLED, FeatureReference, FieldDataset, Preprocessing, load_field_dataset
 from edgeops_toolchain.errors import DataError
 from edgeops_toolchain.project import Checks, Project, load_entry
 
-__all__ = ["DataReport", "Dataset", "check_data", "compact_float", "feature_reference", "load_dataset"]
+__all__ = [
+    "FIELD_SPLITS",
+    "MIN_FIELD_REFERENCE_ROWS",
+    "DataReport",
+    "Dataset",
+    "FieldRows",
+    "check_data",
+    "check_field_names",
+    "compact_float",
+    "feature_reference",
+    "field_rows",
+    "load_dataset",
+    "load_field_data",
+    "reference_rows",
+    "with_field_data",
+]
 
 SPLITS = ("train", "val", "test")
 #: Interior quantile edges of the drift reference: deciles.
 REFERENCE_QUANTILES = tuple(np.linspace(0.1, 0.9, 9))
+#: Labelled field rows needed before the drift reference is taken from them: fewer make
+#: decile edges too noisy to tell drift from sampling error.
+MIN_FIELD_REFERENCE_ROWS = 100
+#: Which labelled field rows :func:`field_rows` selects.
+FIELD_SPLITS = ("train", "holdout", "all")
+
+
+@dataclass(frozen=True)
+class FieldRows:
+    """What a build took from its field datasets.
+
+    Attributes:
+        digests: the datasets' digests, sorted.
+        train_rows: labelled train-split rows added to ``x_train`` (after deduplication).
+        holdout_x / holdout_y: the held-out labelled rows: measured on, never trained on.
+        labelled_x / labelled_y: every labelled row (train and held out), deduplicated.
+    """
+
+    digests: tuple[str, ...]
+    train_rows: int
+    holdout_x: np.ndarray
+    holdout_y: np.ndarray
+    labelled_x: np.ndarray
+    labelled_y: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -39,19 +86,26 @@ class Dataset:
     y_test: np.ndarray
     feature_names: tuple[str, ...]
     label_names: tuple[str, ...]
+    field: FieldRows | None = None
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(x, y)`` of split ``train``, ``val`` or ``test``."""
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
 
     def digest(self) -> str:
-        """sha256 over names, shapes and bytes of every array: the dataset's identity."""
+        """sha256 over names, shapes and bytes of every array: the dataset's identity.
+
+        With field data, ``x_train`` holds the merged rows and the field datasets' digests
+        are hashed too (they determine the held-out rows).
+        """
         h = hashlib.sha256()
         h.update("\0".join(self.feature_names).encode() + b"\1" + "\0".join(self.label_names).encode())
         for split in SPLITS:
             for arr in self.split(split):
                 h.update(str(arr.shape).encode() + str(arr.dtype).encode())
                 h.update(np.ascontiguousarray(arr).tobytes())
+        if self.field is not None:
+            h.update(b"\2" + "\0".join(self.field.digests).encode())
         return h.hexdigest()
 
 
@@ -65,6 +119,8 @@ class DataReport:
     constant_features: tuple[str, ...]
     preprocessing: Preprocessing
     features: tuple[FeatureReference, ...]
+    #: What ``features`` describe: ``training`` (the training split) or ``field`` (the labelled field rows).
+    reference_source: str = "training"
 
 
 def _names(raw: Mapping[str, object], key: str) -> tuple[str, ...]:
@@ -76,12 +132,19 @@ def _names(raw: Mapping[str, object], key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def load_dataset(project: Project) -> Dataset:
-    """Call the project's data entry point and check the dataset's structure.
+def load_dataset(project: Project, *, field_data: Sequence[tuple[Path, FieldDataset]] | None = None) -> Dataset:
+    """Call the project's data entry point, check the dataset's structure and add the field data.
+
+    Args:
+        project: the project.
+        field_data: the project's field datasets, already loaded (:func:`load_field_data`);
+            ``None`` loads ``project.field_data``.
 
     Raises:
         ProjectError: the entry point cannot be imported or raises.
-        DataError: a split is missing or has the wrong shape or dtype.
+        DataError: a split is missing or has the wrong shape or dtype; a field dataset does
+            not match the project or fails a check.
+        FieldDataError: a field dataset file cannot be read or is refused.
     """
     func = load_entry(project, project.data_entry)
     try:
@@ -115,7 +178,134 @@ def load_dataset(project: Project) -> Dataset:
             raise DataError(f"dataset: y_{split}[{row}] = {int(y[row])} is not a class index in 0..{len(labels) - 1}")
         arrays[f"x_{split}"] = x.astype(np.float32)
         arrays[f"y_{split}"] = y.astype(np.int64)
-    return Dataset(feature_names=features, label_names=labels, **arrays)
+    ds = Dataset(
+        x_train=arrays["x_train"],
+        y_train=arrays["y_train"],
+        x_val=arrays["x_val"],
+        y_val=arrays["y_val"],
+        x_test=arrays["x_test"],
+        y_test=arrays["y_test"],
+        feature_names=features,
+        label_names=labels,
+    )
+    fields = load_field_data(project.field_data) if field_data is None else field_data
+    return with_field_data(ds, fields, project.checks) if fields else ds
+
+
+def load_field_data(paths: Sequence[Path]) -> tuple[tuple[Path, FieldDataset], ...]:
+    """Load field dataset files; the same content under two paths counts once.
+
+    Returns:
+        ``(path, dataset)`` pairs ordered by digest, so the merged rows do not depend on the
+        order the files were named in.
+
+    Raises:
+        FieldDataError: a file cannot be read or is refused (the message names it).
+    """
+    loaded: dict[str, tuple[Path, FieldDataset]] = {}
+    for path in paths:
+        dataset = load_field_dataset(path)
+        loaded.setdefault(dataset.digest, (path, dataset))
+    return tuple(loaded[digest] for digest in sorted(loaded))
+
+
+def check_field_names(
+    path: Path, dataset: FieldDataset, feature_names: Sequence[str], label_names: Sequence[str], *, against: str
+) -> None:
+    """Check that ``dataset`` has exactly these feature and label names, in this order.
+
+    Raises:
+        DataError: naming ``path``, the field and the first difference; ``against`` says
+            whose names they were compared with (``"the project's dataset"``).
+    """
+    for name, got, want in (
+        ("feature_names", dataset.feature_names, tuple(feature_names)),
+        ("label_names", dataset.label_names, tuple(label_names)),
+    ):
+        if got == want:
+            continue
+        if len(got) != len(want):
+            detail = f"{len(got)} names, expected {len(want)}"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
+            detail = f"{name}[{i}] is {got[i]!r}, expected {want[i]!r}"
+        raise DataError(f"field dataset {path}: {name} differ from those of {against}: {detail}")
+
+
+def field_rows(datasets: Sequence[FieldDataset], which: str) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled rows of split ``which`` (``train``, ``holdout`` or ``all``) of ``datasets``.
+
+    Rows are concatenated in the given order; a row (features and label) that occurs more
+    than once, within one dataset or across overlapping ones, is kept once, where it first
+    occurs. A row's split depends on its features only (:meth:`FieldDataset.split`), so a
+    row held out in one dataset is held out in all of them.
+    """
+    if which not in FIELD_SPLITS:  # a caller's bug, not user input
+        raise ValueError(f"field split must be one of {', '.join(FIELD_SPLITS)}, got {which!r}")
+    xs, ys = [], []
+    for dataset in datasets:
+        train, holdout = dataset.split()
+        rows = {"train": train, "holdout": holdout, "all": np.union1d(train, holdout)}[which]
+        xs.append(dataset.x[rows])
+        ys.append(dataset.y[rows])
+    if not xs:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    x, y = np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64)
+    first = _first_occurrences(x, y)
+    return x[first], y[first]
+
+
+def _first_occurrences(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Ascending indices of the first occurrence of each distinct (features, label) row."""
+    if x.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    keys = np.concatenate(
+        [np.ascontiguousarray(x, dtype="<f4").view(np.uint8), np.ascontiguousarray(y, dtype="<i8").view(np.uint8).reshape(-1, 8)],
+        axis=1,
+    )
+    rows = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.shape[1]))).ravel()
+    _, first = np.unique(rows, return_index=True)
+    return np.sort(first)
+
+
+def with_field_data(ds: Dataset, fields: Sequence[tuple[Path, FieldDataset]], checks: Checks) -> Dataset:
+    """``ds`` with the labelled train-split rows of ``fields`` added to ``x_train``/``y_train``.
+
+    Each dataset must have the project's feature and label names, and its labelled rows
+    must pass ``checks.max_abs_value`` (finiteness is part of the format). Unlabelled rows
+    are never used.
+
+    Raises:
+        DataError: names or values do not pass (the message names the file).
+    """
+    for path, dataset in fields:
+        check_field_names(path, dataset, ds.feature_names, ds.label_names, against="the project's dataset")
+        labelled = np.flatnonzero(dataset.y != UNLABELLED)
+        big = np.abs(dataset.x[labelled]) > checks.max_abs_value
+        if big.any():
+            at, col = (int(v) for v in np.argwhere(big)[0])
+            row = int(labelled[at])
+            raise DataError(
+                f"field dataset {path}: x[{row}] feature {ds.feature_names[col]!r} = {float(dataset.x[row, col]):.6g} "
+                f"exceeds |value| <= {checks.max_abs_value:g} (checks.max_abs_value)"
+            )
+    sets = [dataset for _, dataset in fields]
+    x_train, y_train = field_rows(sets, "train")
+    holdout_x, holdout_y = field_rows(sets, "holdout")
+    labelled_x, labelled_y = field_rows(sets, "all")
+    return dataclasses.replace(
+        ds,
+        x_train=np.concatenate([ds.x_train, x_train]),
+        y_train=np.concatenate([ds.y_train, y_train]),
+        field=FieldRows(
+            digests=tuple(sorted(d.digest for d in sets)),
+            train_rows=int(x_train.shape[0]),
+            holdout_x=holdout_x,
+            holdout_y=holdout_y,
+            labelled_x=labelled_x,
+            labelled_y=labelled_y,
+        ),
+    )
 
 
 def feature_reference(x: np.ndarray, names: tuple[str, ...]) -> tuple[FeatureReference, ...]:
@@ -155,8 +345,23 @@ def _row_keys(x: np.ndarray) -> set[bytes]:
     return {row.tobytes() for row in np.ascontiguousarray(x)}
 
 
-def check_data(ds: Dataset, checks: Checks, preprocessing: str) -> DataReport:
+def reference_rows(ds: Dataset, source: str) -> np.ndarray:
+    """The raw rows a drift reference from ``source`` (:attr:`DataReport.reference_source`) describes."""
+    if source == "field" and ds.field is not None:
+        return ds.field.labelled_x
+    return ds.x_train
+
+
+def check_data(ds: Dataset, checks: Checks, preprocessing: str, *, field_reference: str = "field") -> DataReport:
     """Check the values of every split and profile the training features.
+
+    Args:
+        ds: the dataset (with its field rows, if any).
+        checks: the thresholds.
+        preprocessing: ``standardize`` or ``none``.
+        field_reference: ``field``: profile the labelled field rows for the drift reference
+            when there are at least :data:`MIN_FIELD_REFERENCE_ROWS`; ``training``: always
+            profile the training split.
 
     Raises:
         DataError: NaN/inf, a value beyond ``checks.max_abs_value``, a class under
@@ -194,6 +399,9 @@ def check_data(ds: Dataset, checks: Checks, preprocessing: str) -> DataReport:
             f"dataset: {shared} of {ds.x_test.shape[0]} test rows ({dup:.1%}) also appear in train, over the "
             f"{checks.max_duplicate_fraction:.1%} limit (checks.max_duplicate_fraction): held-out accuracy would be inflated"
         )
+    source = "training"
+    if field_reference == "field" and ds.field is not None and ds.field.labelled_x.shape[0] >= MIN_FIELD_REFERENCE_ROWS:
+        source = "field"
     mean = ds.x_train.astype(np.float64).mean(axis=0)
     std = ds.x_train.astype(np.float64).std(axis=0)
     constant = tuple(n for n, s in zip(ds.feature_names, std, strict=True) if s < 1e-12)
@@ -210,5 +418,8 @@ def check_data(ds: Dataset, checks: Checks, preprocessing: str) -> DataReport:
         duplicate_fraction=dup,
         constant_features=constant,
         preprocessing=pre,
-        features=feature_reference(ds.x_train, ds.feature_names),
+        # Field rows describe what the devices see now; the unlabelled ones never enter
+        # (devices upload mostly inputs that looked drifted): see ADR 0016.
+        features=feature_reference(reference_rows(ds, source), ds.feature_names),
+        reference_source=source,
     )

@@ -319,13 +319,26 @@ class ConsoleClient:
         """``GET path?params`` → the decoded JSON object."""
         from urllib.parse import urlencode
 
-        return self._call("GET", path + (f"?{urlencode(params)}" if params else ""), None)
+        doc: dict[str, object] = self._call("GET", path + (f"?{urlencode(params)}" if params else ""), None)
+        return doc
 
     def post(self, path: str, body: dict[str, object] | None = None) -> dict[str, object]:
         """``POST path`` with a JSON body → the decoded JSON object."""
-        return self._call("POST", path, json.dumps(body or {}).encode())
+        doc: dict[str, object] = self._call("POST", path, json.dumps(body or {}).encode())
+        return doc
 
-    def _call(self, method: str, path: str, data: bytes | None) -> dict[str, object]:
+    def put(self, path: str, body: dict[str, object]) -> dict[str, object]:
+        """``PUT path`` with a JSON body → the decoded JSON object."""
+        doc: dict[str, object] = self._call("PUT", path, json.dumps(body).encode())
+        return doc
+
+    def get_bytes(self, path: str) -> bytes:
+        """``GET path`` → the answer's bytes (a dataset file)."""
+        raw = self._call("GET", path, None, as_bytes=True)
+        assert isinstance(raw, bytes)
+        return raw
+
+    def _call(self, method: str, path: str, data: bytes | None, *, as_bytes: bool = False) -> Any:
         import http.client
         import urllib.error
         import urllib.request
@@ -334,7 +347,7 @@ class ConsoleClient:
         from edgeops_fleet.errors import ConsoleError
 
         request = urllib.request.Request(self.url + path, data=data, method=method)  # noqa: S310 - http(s) checked above
-        request.add_header("Accept", "application/json")
+        request.add_header("Accept", "application/octet-stream" if as_bytes else "application/json")
         if data is not None:
             request.add_header("Content-Type", "application/json")
         if self.token:
@@ -366,6 +379,8 @@ class ConsoleClient:
             raise ConsoleError(
                 f"the console at {self.url} answered more than {_MAX_ANSWER_BYTES} bytes; is it an edgeops console?"
             )
+        if as_bytes:
+            return raw
         try:
             doc = load_untrusted_json(raw)
         except ValueError:

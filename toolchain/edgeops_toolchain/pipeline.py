@@ -39,8 +39,10 @@ import numpy as np
 from edgeops_core import (
     DriftReference,
     EdgeopsError,
+    FieldDataset,
     Lineage,
     Manifest,
+    Preprocessing,
     QuantParams,
     SelfTest,
     SelfTestVector,
@@ -56,7 +58,16 @@ from edgeops_core import (
 )
 from edgeops_toolchain import __version__
 from edgeops_toolchain.cache import CacheEntryCorrupted, StepCache, digest_json
-from edgeops_toolchain.data import DataReport, Dataset, check_data, compact_float, load_dataset
+from edgeops_toolchain.data import (
+    DataReport,
+    Dataset,
+    FieldRows,
+    check_data,
+    compact_float,
+    load_dataset,
+    load_field_data,
+    reference_rows,
+)
 from edgeops_toolchain.errors import BudgetExceededError, BuildError, UnsupportedTargetError
 from edgeops_toolchain.project import Project, load_entry
 from edgeops_toolchain.registry import BuildRecord, Registry, now_text
@@ -156,6 +167,20 @@ class BuildState:
     registry: Registry | None = None
     timings: dict[str, float] = field(default_factory=dict)
     current: Step | None = None
+    loaded_field_data: tuple[tuple[Path, FieldDataset], ...] | None = None
+
+    def field_data(self) -> tuple[tuple[Path, FieldDataset], ...]:
+        """The project's field datasets, loaded (and digest-checked) once per build.
+
+        The data step's cache key needs their digests before anything runs, and the data
+        step needs their rows; both get the same objects.
+
+        Raises:
+            FieldDataError: a file cannot be read or is refused.
+        """
+        if self.loaded_field_data is None:
+            self.loaded_field_data = load_field_data(self.project.field_data)
+        return self.loaded_field_data
 
     def advance(self, done: int, total: int) -> None:
         """Report progress inside the running step."""
@@ -194,8 +219,8 @@ class Step:
 
 
 def _step_data(s: BuildState) -> None:
-    s.dataset = load_dataset(s.project)
-    s.report = check_data(s.dataset, s.project.checks, s.project.preprocessing)
+    s.dataset = load_dataset(s.project, field_data=s.field_data())
+    s.report = check_data(s.dataset, s.project.checks, s.project.preprocessing, field_reference=s.project.field_reference)
 
 
 def _step_train(s: BuildState) -> None:
@@ -260,7 +285,8 @@ def _step_validate(s: BuildState) -> None:
     x_test = apply_preprocessing(report.preprocessing, ds.x_test)
     with torch.no_grad():
         torch_logits = trained.model(torch.from_numpy(x_test)).numpy()
-    float_logits = Evaluator(float_runtime, fp32, profile.threads).predict(x_test)
+    floating = Evaluator(float_runtime, fp32, profile.threads)
+    float_logits = floating.predict(x_test)
     s.advance(1, 5)
     deployed = Evaluator(profile.runtime, model, profile.threads)
     logits = deployed.predict(x_test)
@@ -278,6 +304,8 @@ def _step_validate(s: BuildState) -> None:
         extra["arena_recorded_bytes"] = float(deployed.arena_bytes)
     else:
         peak = measure_peak_memory(model, profile.threads, x_test.shape[1], runtime=profile.runtime, dtype=deployed.spec[0].dtype)
+    if ds.field is not None:
+        extra.update(_field_metrics(ds.field, report.preprocessing, deployed, floating))
     s.advance(4, 5)
     acc_float = float((pred_float == ds.y_test).mean())
     acc = float((pred == ds.y_test).mean())
@@ -302,14 +330,31 @@ def _step_validate(s: BuildState) -> None:
     }
     checks = budget_checks(profile, metrics, unsupported)
     s.metrics, s.checks = metrics, checks
+    # The prediction reference comes from the rows the feature reference describes when
+    # those are field rows (ADR 0016); from the validation split otherwise.
+    predicted = reference_rows(ds, report.reference_source) if report.reference_source == "field" else ds.x_val
     s.prediction_fractions = _fractions(
-        deployed.predict(apply_preprocessing(report.preprocessing, ds.x_val)), len(ds.label_names)
+        deployed.predict(apply_preprocessing(report.preprocessing, predicted)), len(ds.label_names)
     )
     s.test_logits = logits
     s.self_test = _self_test(ds, logits, s.project.self_test_vectors, s.need("io_quant")[1])
     s.advance(5, 5)
     if any(not c.passed for c in checks):
         raise BudgetExceededError(checks)
+
+
+def _field_metrics(rows: FieldRows, pre: Preprocessing, deployed: Evaluator, floating: Evaluator) -> dict[str, float]:
+    """Accuracy of the deployed and the float model on the held-out labelled field rows.
+
+    With no held-out row there is no accuracy to report (metrics must be finite numbers):
+    only the row counts are recorded.
+    """
+    metrics = {"field_train_rows": float(rows.train_rows), "field_holdout_rows": float(rows.holdout_x.shape[0])}
+    if rows.holdout_x.shape[0]:
+        x = apply_preprocessing(pre, rows.holdout_x)
+        metrics["field_holdout_accuracy"] = float((deployed.predict(x).argmax(axis=1) == rows.holdout_y).mean())
+        metrics["field_holdout_accuracy_float"] = float((floating.predict(x).argmax(axis=1) == rows.holdout_y).mean())
+    return metrics
 
 
 def _runtime_agreement(profile: TargetProfile, model: bytes, deployed: Evaluator, x: np.ndarray) -> dict[str, float]:
@@ -374,7 +419,9 @@ def _step_package(s: BuildState) -> None:
         labels=ds.label_names,
         preprocessing=report.preprocessing,
         drift_reference=DriftReference(
-            sample_count=int(ds.x_train.shape[0]), features=report.features, prediction_fractions=s.need("prediction_fractions")
+            sample_count=int(reference_rows(ds, report.reference_source).shape[0]),
+            features=report.features,
+            prediction_fractions=s.need("prediction_fractions"),
         ),
         self_test=s.need("self_test"),
         metrics=s.need("metrics"),
@@ -385,6 +432,7 @@ def _step_package(s: BuildState) -> None:
             toolchain_version=__version__,
             parent_release=last or None,
             runtime_version=_runtime_version(s.profile.runtime),
+            field_datasets=ds.field.digests if ds.field is not None else (),
         ),
         created=format_time(created),
         expires=format_time(created + timedelta(days=s.project.ttl_days)),
@@ -605,7 +653,14 @@ def _external(name: str, s: BuildState) -> object:
     """The value of an outside input (``project.*``, ``target*``, ``key``) for the cache key."""
     p, prof = s.project, s.profile
     values: dict[str, Callable[[], object]] = {
-        "project.data": lambda: {"entry": p.data_entry, "params": dict(p.data_params), "files": p.data_files_digest()},
+        "project.data": lambda: {
+            "entry": p.data_entry,
+            "params": dict(p.data_params),
+            "files": p.data_files_digest(),
+            # Field datasets by content digest: a new dataset re-runs data and everything
+            # after it, the same one under another file name hits the cache.
+            **({"field": [d.digest for _, d in s.field_data()], "field_reference": p.field_reference} if p.field_data else {}),
+        },
         "project.code": p.source_digest,
         "project.checks": lambda: dataclasses.asdict(p.checks),
         "project.preprocessing": lambda: p.preprocessing,

@@ -8,11 +8,12 @@ imported only when a step needs them, so ``edgeops targets`` never imports torch
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -21,9 +22,11 @@ from typing import Any
 from edgeops_core.fields import FieldReader, load_toml
 from edgeops_toolchain.errors import ProjectError
 
-__all__ = ["PROJECT_FILE", "Checks", "Project", "Quantization", "Training", "load_entry", "load_project"]
+__all__ = ["FIELD_REFERENCES", "PROJECT_FILE", "Checks", "Project", "Quantization", "Training", "load_entry", "load_project"]
 
 PROJECT_FILE = "edgeops.toml"
+#: Where the drift reference comes from when the build has field data (the first is the default).
+FIELD_REFERENCES = ("field", "training")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?$")
 _ENTRY = re.compile(r"^[A-Za-z_]\w*:[A-Za-z_]\w*$")
@@ -70,6 +73,11 @@ class Project:
         data_entry / data_params: ``module:function`` returning the dataset mapping.
         data_files: glob patterns (relative to the project folder) of the files the dataset
             entry reads; their bytes are part of the data step's cache key.
+        field_data: field dataset files (absolute paths: ``[data] field`` resolved against the
+            project folder, then any ``edgeops build --field-data``); see
+            :mod:`edgeops_core.fielddata`.
+        field_reference: ``field`` (the drift reference comes from the labelled field rows,
+            when there are enough) or ``training`` (always from the training split).
         training, quantization, checks: the tables of the same names.
         preprocessing: ``standardize`` or ``none``.
         ttl_days: bundle lifetime in days.
@@ -91,12 +99,21 @@ class Project:
     ttl_days: int
     self_test_vectors: int
     data_files: tuple[str, ...] = ()
+    field_data: tuple[Path, ...] = ()
+    field_reference: str = "field"
+
+    def with_field_data(self, paths: Sequence[Path]) -> Project:
+        """This project with ``paths`` (relative to the working directory) added to :attr:`field_data`."""
+        return dataclasses.replace(self, field_data=(*self.field_data, *(Path(p).absolute() for p in paths)))
 
     def hyperparameters(self) -> dict[str, Any]:
         """Everything that shapes the trained weights, for lineage and cache keys."""
+        data: dict[str, Any] = {"entry": self.data_entry, **dict(self.data_params)}
+        if self.field_data:
+            data["field_reference"] = self.field_reference
         return {
             "model": {"entry": self.model_entry, **dict(self.model_params)},
-            "data": {"entry": self.data_entry, **dict(self.data_params)},
+            "data": data,
             "train": vars(self.training).copy(),
             "preprocessing": self.preprocessing,
             "quantization": vars(self.quantization).copy(),
@@ -142,7 +159,7 @@ _TABLES: Mapping[str, set[str]] = MappingProxyType(
     {
         "project": {"name", "version", "description"},
         "model": {"entry", "params"},
-        "data": {"entry", "params", "files"},
+        "data": {"entry", "params", "files", "field", "field_reference"},
         "train": {"epochs", "batch_size", "learning_rate", "weight_decay", "seed"},
         "preprocessing": {"kind"},
         "quantization": {"calibration_samples"},
@@ -213,6 +230,8 @@ def load_project(root: Path) -> Project:
         ttl_days=r.integer(bundle, "ttl_days", "bundle", minimum=1) if "ttl_days" in bundle else 365,
         self_test_vectors=r.integer(bundle, "self_test_vectors", "bundle", minimum=1) if "self_test_vectors" in bundle else 10,
         data_files=_patterns(r, t["data"]),
+        field_data=tuple(root.resolve() / rel for rel in _relative_paths(r, t["data"], "field")),
+        field_reference=_choice(r, t["data"], "field_reference", FIELD_REFERENCES),
     )
 
 
@@ -223,6 +242,22 @@ def _patterns(r: FieldReader, table: Mapping[str, Any]) -> tuple[str, ...]:
     if any(".." in Path(v).parts for v in value):
         raise r.fail("data.files", "patterns inside the project folder (no '..')", value)
     return tuple(value)
+
+
+def _relative_paths(r: FieldReader, table: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v and not v.startswith("/") for v in value):
+        raise r.fail(f"data.{key}", "a list of file paths relative to the project folder", value)
+    if any(".." in Path(v).parts for v in value):
+        raise r.fail(f"data.{key}", "paths inside the project folder (no '..')", value)
+    return tuple(value)
+
+
+def _choice(r: FieldReader, table: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = table.get(key, choices[0])
+    if value not in choices:
+        raise r.fail(f"data.{key}", " or ".join(repr(c) for c in choices), value)
+    return str(value)
 
 
 def _opt(r: FieldReader, table: Mapping[str, Any], key: str, default: float, *, maximum: float | None) -> float:

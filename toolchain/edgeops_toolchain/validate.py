@@ -10,7 +10,8 @@ Everything is measured on the real runtime with the profile's thread count:
   what the model costs in RAM on top of the process;
 * latency p50/p99 of single-sample inference, and an estimate from the MAC count at the
   profile's assumed throughput;
-* the operator set against the profile's list.
+* the operator set against the profile's list;
+* with field data, accuracy of both models on the held-out labelled field rows (an info row).
 
 :func:`budget_checks` turns the measurements into pass/fail rows; the build fails if any
 fails, after all are measured, so the user sees every problem at once.
@@ -427,6 +428,17 @@ def budget_checks(profile: TargetProfile, metrics: Mapping[str, float], unsuppor
                 "max",
                 detail=f"max {int(metrics['runtime_max_lsb'])} LSB",
                 limit_detail=f"<= {RUNTIME_MAX_LSB} LSB",
+            )
+        )
+    if "field_holdout_accuracy" in metrics:
+        rows.append(
+            BudgetCheck(
+                f"field holdout ({profile.precision})",
+                metrics["field_holdout_accuracy"],
+                None,
+                "%",
+                "info",
+                detail=f"{metrics['field_holdout_accuracy'] * 100:.2f} % on {int(metrics['field_holdout_rows'])} rows",
             )
         )
     rows.append(operator_check(unsupported_ops))
