@@ -137,6 +137,12 @@ def test_config_is_strict(tmp_path: Path, world: World) -> None:
         ({"surprise": 1}, "unknown setting 'surprise'"),
         ({"waves": "0%"}, "wave"),
         ({"project": str(tmp_path)}, "edgeops.toml"),
+        ({"upload_rows": 5000}, "upload_rows"),  # more than a sample_upload may ask for
+        ({"build_timeout_s": 1e300}, "build_timeout_s"),
+        ({"collect_s": 10**400}, "collect_s"),
+        ({"margin": float("nan")}, "margin"),
+        ({"drift_devices": True}, "drift_devices"),
+        ({"public_key": str(world.project / "edgeops.toml")}, "not a usable public key"),
     ):
         with pytest.raises(InputError, match=words):
             world.pilot.configure({**base, **change})
@@ -259,7 +265,16 @@ def test_bad_uploads_are_refused_or_left_out(world: World) -> None:
         reason = keep_samples(store, PREFIX, topic, payload, time.time())
         assert reason is not None and (words in reason or words.lower() in reason.lower()), reason
     assert store.uploads() == [] and len(store.rejects()) == 4
-    # Well-formed uploads of another model (other features, other labels) are left out of a dataset.
+    # A release the database cannot hold is a reject too, never an upload that blocks the queue.
+    huge = json.dumps({**doc, "model": {"name": NAME, "release": 10**19}}).encode()
+    reason = keep_samples(store, PREFIX, topic, huge, time.time())
+    assert reason is not None and "64 bits" in reason and store.uploads() == [] and len(store.rejects()) == 5
+    # A device with a broken clock: its (well-formed but impossible) time does not spoil a dataset.
+    bad_clock = json.dumps({**doc, "ts": "2026-13-45T99:99:99.000000Z"}).encode()
+    assert keep_samples(store, PREFIX, topic, bad_clock, time.time()) is None
+    ds, _ = build_dataset(store.uploads(with_payload=True), FEATURES, LABELS, GROUP)
+    assert ds.provenance.first_ts.startswith("20") and len(ds.y) == 5
+    # Well-formed uploads of another model (other features) are left out of a dataset; identical rows count once.
     assert keep_samples(store, PREFIX, topic, good.to_json(), time.time()) is None
     fewer = Samples(**{**good.__dict__, "feature_names": FEATURES[:-1], "rows": tuple(r[:-1] for r in good.rows)})
     assert keep_samples(store, PREFIX, topic, fewer.to_json(), time.time()) is None
@@ -322,3 +337,55 @@ def test_schedule_and_new_labels_trigger_runs(world: World) -> None:
     world.pilot.tick(now=start + 700)
     runs = world.store.runs()
     assert len(runs) == 2 and runs[0]["trigger"] == "labels" and "60 new labels" in runs[0]["triggers"][0]["detail"]
+
+
+def test_a_cancelled_run_is_never_picked_up_again(world: World) -> None:
+    world.configure()
+    run_id = world.pilot.retrain(GROUP)["run_id"]
+    assert world.pilot.cancel(run_id)["state"] == "cancelled"
+    with pytest.raises(RunConflictError, match="has ended"):
+        world.pilot._execute(run_id)  # the worker's next step after an operator's cancel
+    done = world.store.run(run_id) or {}
+    assert done["state"] == "cancelled" and world.fleet.commands == [] and world.store.datasets() == []
+    with pytest.raises(RunConflictError, match="only a queued or proposed run"):
+        world.pilot.cancel(run_id)
+
+
+def test_an_approval_whose_challenger_no_longer_verifies_fails_the_run_instead_of_wedging_it(
+    world: World, tmp_path: Path
+) -> None:
+    world.configure(mode="propose")
+    broken = tmp_path / "challenger.edgeops"
+    broken.write_bytes(world.built.bundle.read_bytes()[:-100])  # cut: it no longer verifies
+    now = time.time()
+    world.store.put_run({
+        "run_id": "run-x", "group_key": "target=ecu,cohort=b", "group": GROUP, "mode": "propose", "trigger": "manual",
+        "triggers": [], "state": "proposed", "created_at": now, "updated_at": now, "bundle_path": str(broken), "release": 2,
+    })  # fmt: skip
+    run = world.pilot.approve("run-x")
+    assert run["state"] == "failed" and "the rollout did not start" in run["reason"] and "nothing was deployed" in run["reason"]
+    assert world.store.rollouts() == [] and world.fleet.offers == []
+    assert world.pilot.retrain(GROUP)["run_id"] != "run-x"  # the group is free for the next run
+
+
+def test_failed_runs_in_a_row_back_the_drift_trigger_off(world: World) -> None:
+    config = world.configure(cooldown_s=100.0)
+    assert world.pilot._cooldown(config) == 100.0
+    for i, state in enumerate(("failed", "rejected", "failed")):
+        world.store.put_run({
+            "run_id": f"run-{i}", "group_key": config.group_key, "group": GROUP, "mode": "auto", "trigger": "drift",
+            "triggers": [], "state": state, "created_at": float(i), "updated_at": float(i), "ended_at": float(i),
+        })  # fmt: skip
+    assert world.pilot._cooldown(config) == 400.0  # three misses in a row: 100 s x 2 x 2
+
+
+def test_a_stopping_console_starts_no_build(world: World) -> None:
+    world.configure()
+    run_id = world.pilot.retrain(GROUP)["run_id"]
+    (world.pilot.work_dir / run_id).mkdir(parents=True)
+    world.pilot._stop.set()
+    from edgeops_fleet.autopilot import _StoppedError
+
+    with pytest.raises(_StoppedError):
+        world.pilot._tool(run_id, "build", ["--version"], 60)
+    assert world.pilot._proc is None and not (world.pilot.work_dir / run_id / "build.log").read_bytes()

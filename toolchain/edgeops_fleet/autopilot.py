@@ -52,6 +52,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -64,10 +65,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from edgeops_core import InputError, TrustedKey, check_device_id, utc_now_text, verify_bundle_file
-from edgeops_core.fielddata import UNLABELLED, FieldDataError, FieldDataset, Provenance
-from edgeops_core.messages import Command
-from edgeops_fleet.errors import FleetError, RunConflictError
+from edgeops_core import EdgeopsError, InputError, TrustedKey, check_device_id, utc_now_text, verify_bundle_file
+from edgeops_core.fielddata import MAX_FIELD_ROWS, UNLABELLED, FieldDataError, FieldDataset, Provenance
+from edgeops_core.messages import MAX_SAMPLE_ROWS, Command
+from edgeops_fleet.errors import RunConflictError
 from edgeops_fleet.rollout import Gates, RolloutSpec, _check_group, group_key, parse_waves
 
 if TYPE_CHECKING:
@@ -87,7 +88,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MODES = ("off", "propose", "auto")
-TRIGGERS = ("drift", "schedule", "labels", "manual")
 #: A run in one of these states holds its group: a new trigger is merged into it.
 ACTIVE_STATES = ("queued", "collecting", "building", "evaluating", "proposed", "rolling_out")
 #: States a console restart re-queues (the work of the step is lost with the process).
@@ -111,17 +111,21 @@ def _dev_public_key() -> Path:
     return (Path(home) if home else Path.home() / ".edgeops") / "keys" / "dev-signing.pub.pem"
 
 
-def _positive(name: str, value: object, *, integer: bool = False, allow_none: bool = False, zero: bool = False) -> None:
+def _positive(
+    name: str, value: object, *, integer: bool = False, allow_none: bool = False, zero: bool = False, hi: float = 1e9
+) -> None:
     if value is None and allow_none:
         return
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
     if ok and integer:
         ok = isinstance(value, int)
-    if not ok or value < 0 or (value == 0 and not zero):  # type: ignore[operator]
+    if ok:  # an integer too large for a float is out of range, not a crash
+        ok = abs(value) < 1e300 and math.isfinite(float(value))  # type: ignore[arg-type]
+    if not ok or not 0 <= value <= hi or (value == 0 and not zero):  # type: ignore[operator]
         kind = "an integer" if integer else "a number"
-        raise InputError(
-            f"autopilot {name}: expected {kind} {'>= 0' if zero else '> 0'}{' or null' if allow_none else ''}, got {value!r}"
-        )
+        low = ">= 0" if zero else "> 0"
+        none = " or null" if allow_none else ""
+        raise InputError(f"autopilot {name}: expected {kind} {low} and <= {hi:g}{none}, got {str(value)[:40]}")
 
 
 @dataclass(frozen=True)
@@ -184,15 +188,22 @@ class AutopilotConfig:
                 raise InputError(f"autopilot {name}: expected an absolute path on the console's machine, got {value!r}")
         if self.mode != "off" and self.project is None:
             raise InputError("autopilot project: a project folder is required unless the mode is off")
-        _positive("drift_devices", self.drift_devices, integer=True)
+        _positive("drift_devices", self.drift_devices, integer=True, hi=1e6)
         _positive("new_labels", self.new_labels, integer=True, allow_none=True)
-        _positive("min_labelled", self.min_labelled, integer=True)
-        _positive("upload_rows", self.upload_rows, integer=True)
-        for name in ("drift_window_s", "collect_s", "deadline_s", "build_timeout_s"):
-            _positive(name, getattr(self, name))
-        _positive("schedule_s", self.schedule_s, allow_none=True)
-        for name in ("cooldown_s", "soak_s", "margin", "drift_hold_s", "field_window_s"):
-            _positive(name, getattr(self, name), zero=True)
+        _positive("min_labelled", self.min_labelled, integer=True, hi=MAX_FIELD_ROWS)
+        _positive("upload_rows", self.upload_rows, integer=True, hi=MAX_SAMPLE_ROWS)
+        day, week = 86400.0, 7 * 86400.0
+        for name, hi in (("drift_window_s", week), ("collect_s", 3600.0), ("deadline_s", week), ("build_timeout_s", day)):
+            _positive(name, getattr(self, name), hi=hi)
+        _positive("schedule_s", self.schedule_s, allow_none=True, hi=365 * day)
+        for name, hi in (
+            ("cooldown_s", week),
+            ("soak_s", day),
+            ("margin", 1.0),
+            ("drift_hold_s", day),
+            ("field_window_s", 30 * day),
+        ):
+            _positive(name, getattr(self, name), zero=True, hi=hi)
         if self.margin >= 1:
             raise InputError(f"autopilot margin: an accuracy gain as a fraction below 1, got {self.margin!r}")
         parse_waves(self.waves)
@@ -275,12 +286,11 @@ class Autopilot:
         bundles_dir: Path,
         work_dir: Path | None = None,
         python: str = sys.executable,
-        prefix: str = "edgeops/v1",
     ) -> None:
         self.store, self.link, self.engine = store, link, engine
         self.bundles_dir = bundles_dir
         self.work_dir = work_dir if work_dir is not None else default_work_dir()
-        self.python, self.prefix = python, prefix
+        self.python = python
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -289,6 +299,8 @@ class Autopilot:
         self._alarm_seen: set[str] = set()
         self._next_trigger_check = 0.0
         self._proc: subprocess.Popen[bytes] | None = None
+        self._proc_lock = threading.Lock()
+        self._labels_seen: dict[str, tuple[float, float, int]] = {}  # group key -> (since, read up to, labels)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -299,17 +311,21 @@ class Autopilot:
             self._update(
                 run["run_id"], state="queued", note=f"the console restarted during {run['state']}; queued again", now=now
             )
+        for run in self.store.runs(states=("rolling_out",)):
+            if not run.get("rollout_id"):  # stopped between the decision and the rollout's start
+                self._end(run["run_id"], "failed", "the console stopped before the rollout started; nothing was deployed")
         self._stop.clear()
         self._worker = threading.Thread(target=self._work_loop, name="console-autopilot", daemon=True)
         self._worker.start()
 
     def stop(self) -> None:
         """Stop the worker (a running build is terminated; the run is queued again at the next start)."""
-        self._stop.set()
+        with self._proc_lock:
+            self._stop.set()
+            proc = self._proc
         self._wake.set()
-        proc = self._proc
         if proc is not None and proc.poll() is None:
-            proc.terminate()
+            _kill_group(proc)
         if self._worker is not None:
             self._worker.join(timeout=20)
             self._worker = None
@@ -329,6 +345,11 @@ class Autopilot:
             value = getattr(config, name)
             if value is not None and not Path(value).is_file():
                 raise InputError(f"autopilot {name}: {value}: no such file")
+        if config.public_key is not None:
+            try:
+                TrustedKey.from_pem(Path(config.public_key).read_bytes(), source=config.public_key)
+            except (EdgeopsError, OSError) as exc:
+                raise InputError(f"autopilot public_key: {config.public_key} is not a usable public key: {exc}") from exc
         data = config.to_dict()
         self.store.put_autopilot(config.group_key, data)
         log.info("autopilot for %s: mode %s", config.group_key, config.mode)
@@ -457,17 +478,28 @@ class Autopilot:
         devices = self.store.devices(target=config.group["target"], tags=config.group["tags"])
         fired: list[tuple[str, str]] = []
         alarmed = self._held(config, devices, now)
-        cooled = last is None or last["state"] in ACTIVE_STATES or now - (last["ended_at"] or 0) >= config.cooldown_s
+        cooled = last is None or last["state"] in ACTIVE_STATES or now - (last["ended_at"] or 0) >= self._cooldown(config)
         if len(alarmed) >= config.drift_devices and cooled:
             fired.append(("drift", f"drift alarm on {len(alarmed)} device(s): {', '.join(sorted(alarmed)[:5])}"))
         if config.schedule_s is not None and now - since >= config.schedule_s:
             fired.append(("schedule", f"{config.schedule_s:g} s since the last run"))
         if config.new_labels is not None:
-            labelled = _labelled_sum(self.store.telemetry([d["device_id"] for d in devices], since=since))
+            labelled = self._new_labels(config.group_key, [d["device_id"] for d in devices], since)
             if labelled >= config.new_labels:
                 fired.append(("labels", f"{labelled} new labels since the last run"))
         for trigger, detail in fired:
             self._trigger(config, trigger, detail, now)
+
+    def _new_labels(self, key: str, device_ids: list[str], since: float) -> int:
+        """Labels the devices reported since ``since``, reading only telemetry newer than the last check."""
+        seen_since, upto, total = self._labels_seen.get(key, (since, since, 0))
+        if seen_since != since:  # a new run or configuration: count again from its start
+            upto, total = since, 0
+        rows = self.store.telemetry(device_ids, since=upto)
+        total += _labelled_sum(rows)
+        newest = max((float(r["received_at"]) for r in rows), default=upto - 1e-6)
+        self._labels_seen[key] = (since, newest + 1e-6, total)
+        return total
 
     def _held(self, config: AutopilotConfig, devices: Sequence[Mapping[str, Any]], now: float) -> list[str]:
         """The devices whose drift alarm is on now and was raised at least ``drift_hold_s`` ago."""
@@ -479,6 +511,15 @@ class Autopilot:
             raised[e["device_id"]] = max(raised.get(e["device_id"], 0.0), float(e["received_at"]))
         # No alarm event in the look-back: it was raised before it, so it is held.
         return [d for d in on if now - raised.get(d, -math.inf) >= config.drift_hold_s]
+
+    def _cooldown(self, config: AutopilotConfig) -> float:
+        """``cooldown_s``, doubled for each run in a row that ended without deploying (at most 64 times)."""
+        misses = 0
+        for run in self.store.runs(group_key=config.group_key, limit=8):
+            if run["state"] not in ("failed", "rejected"):
+                break
+            misses += 1
+        return float(config.cooldown_s * (2 ** min(max(misses - 1, 0), 6)))
 
     def _configured_at(self, key: str) -> float:
         row = next((r for r in self.store.autopilots() if r["group_key"] == key), None)
@@ -542,6 +583,8 @@ class Autopilot:
                     self._execute(run["run_id"])
                 except _StoppedError:
                     return
+                except _EndedError as exc:
+                    log.info("autopilot: %s; its work is dropped", exc)
                 except Exception as exc:  # a bug or a store outage must not end the autopilot
                     log.exception("autopilot run %s failed", run["run_id"])
                     try:
@@ -668,8 +711,14 @@ class Autopilot:
         return Path(config.champion) if config.champion else None
 
     def _collect(self, config: AutopilotConfig, run_id: str, champion: Path) -> tuple[FieldDataset | None, int]:
-        trusted = [TrustedKey.from_pem(Path(config.public_key or _dev_public_key()).read_bytes(), source="autopilot public key")]
-        manifest = verify_bundle_file(champion, trusted).manifest
+        try:
+            key = Path(config.public_key or _dev_public_key())
+            manifest = verify_bundle_file(champion, [TrustedKey.from_pem(key.read_bytes(), source=str(key))]).manifest
+        except (EdgeopsError, OSError) as exc:
+            self._end(
+                run_id, "failed", f"the champion {champion} does not verify: {exc}; nothing was deployed", decision="failed"
+            )
+            return None, 0
         devices = self.store.devices(target=config.group["target"], tags=config.group["tags"])
         online = [d["device_id"] for d in devices if d.get("online")]
         asked_at = time.time()
@@ -721,16 +770,21 @@ class Autopilot:
         log_path = folder / f"{what.replace(' ', '-')}.log"
         cmd = [self.python, "-m", "edgeops_toolchain", *args]
         with open(log_path, "wb") as err:
-            self._proc = proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
+            with self._proc_lock:  # stop() either sees this process or it never starts
+                if self._stop.is_set():
+                    raise _StoppedError
+                # Its own session: a timeout or a stop ends the whole process group, children included.
+                self._proc = proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, start_new_session=True)
             try:
                 stdout, _ = proc.communicate(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _kill_group(proc)
                 proc.communicate()
                 self._end(run_id, "failed", f"{what} took longer than {timeout_s:g} s; nothing was deployed", decision="failed")
                 return None
             finally:
-                self._proc = None
+                with self._proc_lock:
+                    self._proc = None
         if self._stop.is_set():
             raise _StoppedError
         text = stdout.decode(errors="replace").strip()
@@ -786,8 +840,8 @@ class Autopilot:
                 deadline_s=config.deadline_s,
             )
             rollout = self.engine.start(spec)
-        except (FleetError, InputError, OSError) as exc:
-            self._end(run_id, "failed", f"the rollout did not start: {exc}", decision="failed")
+        except (EdgeopsError, OSError) as exc:  # the challenger changed, expired, or no longer verifies; a conflict
+            self._end(run_id, "failed", f"the rollout did not start: {exc}; nothing was deployed", decision="failed")
             return
         self._update(
             run_id, rollout_id=rollout["rollout_id"], note=f"rollout {rollout['rollout_id']} started: waves {config.waves}"
@@ -796,19 +850,38 @@ class Autopilot:
     # -- bookkeeping ---------------------------------------------------------------------------------------
 
     def _update(self, run_id: str, *, note: str | None = None, now: float | None = None, **columns: Any) -> None:
+        """Record a step of a run; a run that has ended never changes again (:class:`_EndedError`)."""
         now = time.time() if now is None else now
         row: dict[str, Any] = {"run_id": run_id, "updated_at": now, **columns}
-        if note is not None:
+        with self._lock:  # read-check-write: an operator's cancel and the worker's next step cannot interleave
             current = self.store.run(run_id)
-            steps = list(current["steps"] or []) if current else []
-            steps.append({"at": now, "state": columns.get("state", current["state"] if current else None), "note": note})
-            row["steps"] = steps
-            log.info("autopilot run %s: %s", run_id, note)
-        self.store.put_run(row)
+            if current is not None and current["state"] in END_STATES:
+                raise _EndedError(run_id, current["state"])
+            if note is not None:
+                steps = list(current["steps"] or []) if current else []
+                steps.append({"at": now, "state": columns.get("state", current["state"] if current else None), "note": note})
+                row["steps"] = steps
+                log.info("autopilot run %s: %s", run_id, note)
+            self.store.put_run(row)
 
     def _end(self, run_id: str, state: str, reason: str, **columns: Any) -> None:
         now = time.time()
         self._update(run_id, state=state, note=reason, now=now, ended_at=now, reason=reason, **columns)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a subprocess started in its own session, and everything it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+
+
+class _EndedError(RunConflictError):
+    """The run ended (an operator cancelled it) while the worker was on it: the worker leaves it be."""
+
+    def __init__(self, run_id: str, state: str) -> None:
+        super().__init__(f"run {run_id} has ended ({state})")
 
 
 class _StoppedError(Exception):
@@ -824,7 +897,9 @@ def build_dataset(
     """One field dataset from sample uploads (``Store.uploads(with_payload=True)`` rows); ``(dataset, left_out)``.
 
     Uploads whose feature names or label names are not ``feature_names``/``label_names`` are
-    left out and counted. Identical rows are kept once (a labelled copy wins over an unlabelled one).
+    left out and counted. Identical rows are kept once (a labelled copy wins over an unlabelled
+    one; between two labels, the first upload's). The time range is the console's receive
+    times (a device's clock may be wrong; the console's is the one the history uses).
 
     Raises:
         FieldDataError: no usable row.
@@ -845,13 +920,18 @@ def build_dataset(
             left_out += 1
             continue
         upload_labels = payload.get("labels") or [None] * len(payload.get("rows") or ())
-        if any(lb is not None and lb not in index for lb in upload_labels):
+        names = tuple(payload.get("label_names") or ())
+        if (names and names != labels) or any(lb is not None and lb not in index for lb in upload_labels):
             left_out += 1
             continue
-        rows = np.asarray(payload.get("rows") or [], dtype=np.float32)
+        try:
+            rows = np.asarray(payload.get("rows") or [], dtype=np.float32)
+        except (TypeError, ValueError):  # ragged: stored by another version
+            left_out += 1
+            continue
         if rows.size == 0:
             continue
-        if rows.ndim != 2 or rows.shape[1] != len(features) or not np.isfinite(rows).all():
+        if rows.ndim != 2 or rows.shape[1] != len(features) or len(upload_labels) != len(rows) or not np.isfinite(rows).all():
             left_out += 1
             continue
         used += 1
@@ -868,8 +948,7 @@ def build_dataset(
             ys.append(y)
             who.append(upload["device_id"])
         used_devices.add(upload["device_id"])
-        if upload.get("ts"):
-            times.append(upload["ts"])
+        times.append(datetime.fromtimestamp(float(upload["received_at"]), UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
         if isinstance(upload.get("release"), int):
             releases.add(upload["release"])
     if not xs:

@@ -64,7 +64,7 @@ from edgeops_core._json import load_untrusted_json
 from edgeops_fleet.errors import BrokerError, FleetError, SenderError, StoreError
 from edgeops_fleet.link import BrokerUrl
 from edgeops_fleet.ota import BlockServer
-from edgeops_fleet.store import Incoming, Store
+from edgeops_fleet.store import MAX_DB_INT, Incoming, Store
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
@@ -234,9 +234,7 @@ class Console:
         self.client_id = client_id
         self.connect_timeout_s, self.tick_s = connect_timeout_s, tick_s
         self.engine: RolloutEngine = RolloutEngine(store, self, prefix=prefix)
-        self.autopilot: Autopilot = Autopilot(
-            store, self, self.engine, bundles_dir=self.bundles_dir, work_dir=work_dir, prefix=prefix
-        )
+        self.autopilot: Autopilot = Autopilot(store, self, self.engine, bundles_dir=self.bundles_dir, work_dir=work_dir)
         self._samples: queue.Queue[_Received] = queue.Queue(maxsize=_SAMPLES_QUEUE)
         self._queue: queue.Queue[_Received] = queue.Queue(maxsize=_QUEUE_SIZE)
         self._client: mqtt.Client | None = None
@@ -251,7 +249,9 @@ class Console:
         self._http_thread: threading.Thread | None = None
         self._http_address: tuple[str, int] | None = None
         self._reject_log = _RateLimit()
-        self.counters = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0, "acked": 0, "db_errors": 0}
+        self.counters = {
+            "received": 0, "stored": 0, "duplicates": 0, "rejected": 0, "acked": 0, "db_errors": 0, "samples_dropped": 0,
+        }  # fmt: skip
         self._started = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -475,7 +475,13 @@ class Console:
                 self._take_request(item)
                 self._ack([item])
             elif message.topic.endswith("/samples"):
-                self._samples.put(item)  # few and bounded by the device's answers to our commands
+                try:
+                    self._samples.put_nowait(item)
+                except queue.Full:  # a flood of uploads: drop (a device can be asked again), never block paho
+                    self.counters["samples_dropped"] += 1
+                    if self._reject_log.allow(time.monotonic()):
+                        log.warning("sample uploads arrive faster than they are stored: one from %s dropped", item.topic)
+                    self._ack([item])
             else:
                 self._queue.put(item)  # bounded above the broker's in-flight window: does not block
         except Exception:  # paho would re-raise it and end its network thread
@@ -682,15 +688,35 @@ class Console:
                 item = self._samples.get(timeout=0.2)
             except queue.Empty:
                 continue
-            try:
-                self._store_samples(item)
-            except StoreError as exc:  # not acknowledged: the broker redelivers it
-                log.error("a sample upload on %s could not be stored: %s", item.topic, exc)
-                continue
-            except Exception:
-                log.exception("a sample upload on %s could not be stored", item.topic)
-                continue
+            delay = 0.5
+            while not self._stop.is_set():
+                try:
+                    self._store_samples(item)
+                except StoreError as exc:
+                    if _refused_data(exc):  # the database refuses this payload itself: a reject, never a retry
+                        self._reject_samples(item, f"the store refused it: {exc}")
+                        break
+                    log.error("a sample upload on %s could not be stored, retrying: %s", item.topic, exc)
+                    self._stop.wait(delay)  # an outage: the same upload again, so nothing is acknowledged unstored
+                    delay = min(delay * 2, 10.0)
+                    continue
+                except Exception as exc:  # a bug must not wedge the queue: recorded, then acknowledged
+                    log.exception("a sample upload on %s could not be stored", item.topic)
+                    self._reject_samples(item, f"internal error: {type(exc).__name__}: {exc}")
+                    break
+                break
+            else:
+                return  # stopping: unacknowledged, the broker redelivers it next time
             self._ack([item])
+
+    def _reject_samples(self, item: _Received, reason: str) -> None:
+        self.counters["rejected"] += 1
+        try:
+            self.store.reject(
+                topic=item.topic, reason=reason[:500], payload=item.payload, received_at=item.received_at, device_id=None
+            )
+        except StoreError as exc:
+            log.error("a refused sample upload on %s could not be recorded: %s", item.topic, exc)
 
     def _store_samples(self, item: _Received) -> None:
         refused = keep_samples(self.store, self.prefix, item.topic, item.payload, item.received_at)
@@ -820,13 +846,18 @@ def keep_samples(store: Store, prefix: str, topic: str, payload: bytes, received
         store.reject(topic=topic, reason=str(exc), payload=payload, received_at=received_at, device_id=device_id)
         return str(exc)
     labelled = sum(1 for lb in message.labels if lb is not None)
+    release = message.model.release if message.model else None
+    if release is not None and not 0 <= release <= MAX_DB_INT:
+        reason = f"samples.model.release {release} is beyond 64 bits"
+        store.reject(topic=topic, reason=reason, payload=payload, received_at=received_at, device_id=device_id)
+        return reason
     store.put_upload(
         device_id=device_id,
         command_id=message.command_id,
         ts=message.ts,
         received_at=received_at,
         model=message.model.name if message.model else None,
-        release=message.model.release if message.model else None,
+        release=release,
         rows=len(message.rows),
         labelled=labelled,
         payload=doc,

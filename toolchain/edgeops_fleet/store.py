@@ -86,9 +86,10 @@ MAX_DB_INT = 2**63 - 1
 """The largest seq or release a column holds (SQL BIGINT, SQLite INTEGER): anything above is refused."""
 
 MAX_REJECTS_KEPT = 10_000
-#: Sample uploads kept per device (the newest).
-MAX_UPLOADS_PER_DEVICE = 20
 """Rejected payloads kept (the newest): a flood of garbage must not grow the database without bound."""
+
+MAX_UPLOADS_PER_DEVICE = 20
+"""Sample uploads kept per device (the newest)."""
 
 _T = TypeVar("_T")
 

@@ -19,7 +19,6 @@ user's own (content-addressed, so sharing it is safe and makes the first build f
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import secrets
@@ -516,8 +515,3 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     if summary.get("report"):
         lines.append(f"report: {summary['report']}")
     return lines
-
-
-def escape(text: object) -> str:
-    """HTML-escaped text (for the report)."""
-    return html.escape(str(text))

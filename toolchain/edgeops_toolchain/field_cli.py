@@ -123,7 +123,10 @@ def data_export(ctx: click.Context, digest: str, out: Path | None, console_url: 
         from edgeops_core.fielddata import FieldDataset
 
         client = ConsoleClient(console_url, token)
-        row = _object(client.get(f"/api/datasets/{_digest_path(digest)}"), "dataset")
+        wanted = _digest_path(digest)
+        row = _object(client.get(f"/api/datasets/{wanted}"), "dataset")
+        if not str(row.get("digest", "")).startswith(wanted):
+            raise InputError(f"the console answered {digest} with another dataset ({row.get('digest')}); nothing was written")
         raw = client.get_bytes(f"/api/datasets/{row['digest']}/data")
         dataset = FieldDataset.from_bytes(raw, expect_digest=str(row["digest"]))  # never write what does not check
         path = out if out is not None else Path(f"{dataset.digest.removeprefix('sha256:')}.npz")
