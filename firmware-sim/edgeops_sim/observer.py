@@ -1,7 +1,7 @@
 """The outside subscriber: what the fleet's messages look like from the broker's far side.
 
 One paho client with a persistent session (clean start off, a session expiry) subscribed at
-QoS 1 to every device's ``state``, ``telemetry`` and ``events``, like the fleet console. It
+QoS 1 to every device's ``state``, ``telemetry``, ``events`` and ``samples``, like the fleet console. It
 records per device the seqs it received (duplicates counted), the ingest latency
 (receipt − the message's ``ts``) and every ``drift_alarm``/``drift_cleared`` event. Retained
 messages replayed on subscribe are not part of this run and are skipped.
@@ -99,7 +99,8 @@ class Observer:
         if reason.is_failure:
             return
         self.connects += 1
-        client.subscribe([(f"{self.prefix}/+/{leaf}", 1) for leaf in ("state", "telemetry", "events")])
+        # Every topic an agent's outbox publishes on: a seq assigned to a samples upload is accounted too.
+        client.subscribe([(f"{self.prefix}/+/{leaf}", 1) for leaf in ("state", "telemetry", "events", "samples")])
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         now = time.time()

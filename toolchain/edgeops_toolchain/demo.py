@@ -512,6 +512,12 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
         f"{'ok' if summary['ok'] else 'FINDINGS'}: accuracy after recovery {'is' if summary['within_2_points'] else 'is NOT'} "
         f"within 2 points of before the shift; the whole demo took {summary['wall_s']:g} s"
     )
+    messages = (summary.get("simulator") or {}).get("messages") or {}
+    if messages:
+        lines.append(
+            f"messages: {messages.get('assigned')} sent by the devices, {messages.get('received')} received, "
+            f"{messages.get('lost')} lost, {messages.get('duplicates')} duplicates (the simulator's observer)"
+        )
     if summary.get("report"):
         lines.append(f"report: {summary['report']}")
     return lines
