@@ -269,14 +269,20 @@ def test_bad_uploads_are_refused_or_left_out(world: World) -> None:
     huge = json.dumps({**doc, "model": {"name": NAME, "release": 10**19}}).encode()
     reason = keep_samples(store, PREFIX, topic, huge, time.time())
     assert reason is not None and "64 bits" in reason and store.uploads() == [] and len(store.rejects()) == 5
+    # Feature names are bounded like rows (an upload is not a way to fill the console's disk).
+    wide = json.dumps({**doc, "feature_names": [f"f{i}" for i in range(16385)]}).encode()
+    reason = keep_samples(store, PREFIX, topic, wide, time.time())
+    assert reason is not None and "at most 16384 names" in reason
     # A device with a broken clock: its (well-formed but impossible) time does not spoil a dataset.
-    bad_clock = json.dumps({**doc, "ts": "2026-13-45T99:99:99.000000Z"}).encode()
+    bad_clock = json.dumps({**doc, "ts": "2026-13-45T99:99:99.000000Z", "command_id": "c0"}).encode()
     assert keep_samples(store, PREFIX, topic, bad_clock, time.time()) is None
     ds, _ = build_dataset(store.uploads(with_payload=True), FEATURES, LABELS, GROUP)
     assert ds.provenance.first_ts.startswith("20") and len(ds.y) == 5
     # Well-formed uploads of another model (other features) are left out of a dataset; identical rows count once.
     assert keep_samples(store, PREFIX, topic, good.to_json(), time.time()) is None
-    fewer = Samples(**{**good.__dict__, "feature_names": FEATURES[:-1], "rows": tuple(r[:-1] for r in good.rows)})
+    fewer = Samples(
+        **{**good.__dict__, "command_id": "c2", "feature_names": FEATURES[:-1], "rows": tuple(r[:-1] for r in good.rows)}
+    )
     assert keep_samples(store, PREFIX, topic, fewer.to_json(), time.time()) is None
     dataset, left_out = build_dataset(store.uploads(with_payload=True), FEATURES, LABELS, GROUP)
     assert left_out == 1 and len(dataset.y) == 5 and dataset.labelled == 5
@@ -317,6 +323,28 @@ def test_uploads_are_kept_per_device_up_to_a_cap(world: World) -> None:
     for device in ("ecu-0", "ecu-1"):
         kept = [u["command_id"] for u in world.store.uploads(device_ids=[device])]
         assert kept == [f"c{i}" for i in range(5, MAX_UPLOADS_PER_DEVICE + 5)]  # the newest, in order
+    # The same upload delivered again (QoS 1 after a console restart) is kept once.
+    again = world.store.uploads(device_ids=["ecu-0"], with_payload=True)[-1]
+    payload = json.dumps(again["payload"]).encode()
+    assert keep_samples(world.store, PREFIX, f"{PREFIX}/ecu-0/samples", payload, time.time()) is None
+    assert len(world.store.uploads(device_ids=["ecu-0"])) == MAX_UPLOADS_PER_DEVICE
+
+
+def test_an_operator_abort_turns_the_groups_autopilot_off(world: World) -> None:
+    config = world.configure()
+    now = time.time()
+    world.store.put_rollout({"rollout_id": "r-1", "state": "aborted", "message": "aborted by the operator"})
+    world.store.put_run({
+        "run_id": "run-r", "group_key": config.group_key, "group": GROUP, "mode": "auto", "trigger": "drift",
+        "triggers": [], "state": "rolling_out", "created_at": now, "updated_at": now, "rollout_id": "r-1", "release": 2,
+    })  # fmt: skip
+    world.pilot.tick(now=now + 5)
+    run = world.store.run("run-r") or {}
+    assert run["state"] == "failed" and "autopilot is off" in run["reason"]
+    after = world.pilot.config_of(config.group_key)
+    assert after is not None and after.mode == "off"
+    with pytest.raises(RunConflictError, match="off"):
+        world.pilot.retrain(GROUP)
 
 
 def test_schedule_and_new_labels_trigger_runs(world: World) -> None:

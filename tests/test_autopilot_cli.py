@@ -103,6 +103,8 @@ def test_autopilot_set_retrain_runs_and_approve(console: tuple[Console, str], sm
     code, _, err = edgeops(url, "fleet", "autopilot", "set", GROUP, "--mode", "auto", "--project", str(small_project),
                            "--set", "margin=2")  # fmt: skip
     assert code == 2 and "margin" in one_line_error(err)
+    code, _, err = edgeops(url, "fleet", "autopilot", "set", GROUP, "--mode", "auto", "--set", "margin=nan")
+    assert code == 2 and "expected a finite number" in one_line_error(err)
     code, _, err = edgeops(url, "fleet", "autopilot", "set", GROUP, "--mode", "auto", "--set", "bogus=1")
     assert code == 2 and "--set must be NAME=VALUE" in one_line_error(err)
 

@@ -73,6 +73,7 @@ __all__ = [
     "MAX_PREDICTED_LABELS",
     "MAX_REQUEST_BLOCKS",
     "MAX_REQUEST_BYTES",
+    "MAX_SAMPLE_FEATURES",
     "MAX_SAMPLE_ROWS",
     "MAX_TAGS",
     "MIN_BLOCK_BYTES",
@@ -117,6 +118,8 @@ MAX_PREDICTED_LABELS = 4096
 MAX_SAMPLE_ROWS = 2048
 #: Rows a ``sample_upload`` asks for when its ``max_rows`` is absent or 0.
 DEFAULT_SAMPLE_ROWS = 512
+#: Most feature names a ``samples`` upload may carry (a flattened input of 128 x 128).
+MAX_SAMPLE_FEATURES = 16384
 #: Largest command payload the agent reads (bytes).
 MAX_COMMAND_BYTES = 64 * 1024
 #: Deepest JSON nesting accepted in a command (``args`` values are flat today).
@@ -665,7 +668,7 @@ class Samples(_Header):
             raise _fail(MessageError, "samples.command_id", "a command id", self.command_id)
         if self.model is not None and not isinstance(self.model, ModelRef):
             raise _fail(MessageError, "samples.model", "a ModelRef or null", self.model)
-        features = _names("samples.feature_names", self.feature_names)
+        features = _names("samples.feature_names", self.feature_names, limit=MAX_SAMPLE_FEATURES)
         label_names = _names("samples.label_names", self.label_names, limit=MAX_PREDICTED_LABELS)
         if len(set(label_names)) != len(label_names):
             raise _fail(MessageError, "samples.label_names", "distinct names", self.label_names)

@@ -565,8 +565,18 @@ class Autopilot:
                 self._end(
                     run["run_id"], "deployed", f"release {run['release']} rolled out: {rollout.get('message') or 'succeeded'}"
                 )
+            elif rollout["state"] == "aborted":  # an operator stopped it: the autopilot stops too, until set again
+                self._pause(run["group_key"])
+                note = f"rollout aborted: {rollout.get('message') or ''}; the group's autopilot is off until it is set again"
+                self._end(run["run_id"], "failed", note)
             else:
                 self._end(run["run_id"], "failed", f"rollout {rollout['state']}: {rollout.get('message') or ''}".strip())
+
+    def _pause(self, key: str) -> None:
+        config = self.config_of(key)
+        if config is not None and config.mode != "off":
+            self.store.put_autopilot(key, {**config.to_dict(), "mode": "off"})
+            log.warning("autopilot for %s turned off: an operator aborted its rollout", key)
 
     # -- the worker ------------------------------------------------------------------------------------
 

@@ -1218,7 +1218,8 @@ class Store:
         """Keep one device's sample upload (the validated ``samples`` message); its id.
 
         Only the newest :data:`MAX_UPLOADS_PER_DEVICE` uploads of a device are kept (a field
-        dataset keeps its own copy of the rows it was made from).
+        dataset keeps its own copy of the rows it was made from), and an upload answering a
+        command id already kept for the device is the same upload delivered again: kept once.
         """
         stmt = sa.insert(_field_uploads).values(
             device_id=device_id,
@@ -1233,6 +1234,13 @@ class Store:
         )
 
         def put(conn: Connection) -> int:
+            if command_id is not None:  # a QoS 1 redelivery (a console restart before its ack): kept once
+                same = sa.select(_field_uploads.c.id).where(
+                    _field_uploads.c.device_id == device_id, _field_uploads.c.command_id == command_id
+                )
+                found = conn.execute(same).scalar()
+                if found is not None:
+                    return int(found)
             key = conn.execute(stmt).inserted_primary_key
             mine = _field_uploads.c.device_id == device_id
             newest = sa.select(_field_uploads.c.id).where(mine).order_by(_field_uploads.c.id.desc()).limit(MAX_UPLOADS_PER_DEVICE)

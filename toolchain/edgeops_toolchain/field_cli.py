@@ -7,6 +7,7 @@ commands: field datasets live in the console's store, the autopilot runs in the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from datetime import UTC, datetime
@@ -245,10 +246,11 @@ def autopilot_set(
                 raise InputError(f"--set must be NAME=VALUE with NAME one of {', '.join(kinds)}, got {item!r}")
             try:
                 doc[name] = None if value.lower() in ("none", "off") else kinds[name](value)
-            except ValueError:
-                raise InputError(
-                    f"--set {name}: expected {'an integer' if kinds[name] is int else 'a number'}, got {value!r}"
-                ) from None
+                if doc[name] is not None and not math.isfinite(doc[name]):
+                    raise ValueError(value)
+            except (ValueError, OverflowError):
+                kind = "integer" if kinds[name] is int else "number"
+                raise InputError(f"--set {name}: expected a finite {kind}, got {value!r}") from None
         if gates:
             doc["gates"] = {}
             for item in gates:
