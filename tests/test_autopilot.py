@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -85,10 +84,10 @@ def shifted_rows(n: int, seed: int, **quantities: float) -> tuple[np.ndarray, li
 
 @pytest.fixture
 def console_home(tmp_path: Path, built: Built, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A console machine's EDGEOPS_HOME whose registry knows release 1 (the champion was built there)."""
+    """A console machine's EDGEOPS_HOME. Its registry never saw release 1 (the champion was built
+    elsewhere): the autopilot's builds must still make release 2 (``--release-above``)."""
     home = tmp_path / "console-home"
     home.mkdir()
-    shutil.copy2(built.home / "registry.sqlite", home / "registry.sqlite")
     monkeypatch.setenv("EDGEOPS_HOME", str(home))
     cache = Path(str(tmp_path_factory.getbasetemp())) / "autopilot-cache"  # shared by this module's builds
     monkeypatch.setenv("EDGEOPS_CACHE_DIR", str(cache))
@@ -417,3 +416,25 @@ def test_a_stopping_console_starts_no_build(world: World) -> None:
     with pytest.raises(_StoppedError):
         world.pilot._tool(run_id, "build", ["--version"], 60)
     assert world.pilot._proc is None and not (world.pilot.work_dir / run_id / "build.log").read_bytes()
+
+
+def test_release_above_numbers_past_a_release_built_elsewhere(tmp_path: Path, built: Built, small_project: Path) -> None:
+    from conftest import run_edgeops
+    from edgeops_core import read_members
+
+    env = {"EDGEOPS_HOME": str(tmp_path / "home"), "EDGEOPS_CACHE_DIR": str(built.home / "cache")}
+    args = ["build", "--target", "ecu", "--project", small_project, "--out", tmp_path / "dist", "--key", built.private_key]
+
+    def build(*extra: str) -> tuple[int, bool]:
+        proc = run_edgeops(*args, *extra, "--json", env=env)
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)
+        manifest = Manifest.from_json(read_members(Path(doc["bundle"]).read_bytes())["manifest.json"])
+        assert manifest.release == doc["release"]
+        return int(doc["release"]), bool(doc["reused_bundle"])
+
+    assert build("--release-above", "7") == (8, False)  # a fresh registry, a fleet on release 7
+    assert build("--release-above", "7") == (8, True)  # nothing changed: the same release again
+    assert build("--release-above", "8") == (9, False)  # release 8 is not above 8
+    proc = run_edgeops(*args, "--release-above", "-1", env=env)
+    assert proc.returncode == 2 and "release-above" in proc.stderr

@@ -618,7 +618,7 @@ class Autopilot:
             )
             return
         self._update(run_id, state="collecting", note=f"asking the group's devices for samples; champion {champion}")
-        dataset, left_out = self._collect(config, run_id, champion)
+        dataset, left_out, champion_release = self._collect(config, run_id, champion)
         if dataset is None:
             return
         data_path = folder / f"field-{dataset.digest.removeprefix('sha256:')[:16]}.npz"
@@ -643,6 +643,8 @@ class Autopilot:
                 str(data_path),
                 "--out",
                 str(folder / "dist"),
+                "--release-above",  # the champion may come from another machine's registry
+                str(champion_release),
                 "--json",
                 *(["--key", config.signing_key] if config.signing_key else []),
             ],
@@ -720,7 +722,7 @@ class Autopilot:
                 return Path(run["bundle_path"])
         return Path(config.champion) if config.champion else None
 
-    def _collect(self, config: AutopilotConfig, run_id: str, champion: Path) -> tuple[FieldDataset | None, int]:
+    def _collect(self, config: AutopilotConfig, run_id: str, champion: Path) -> tuple[FieldDataset | None, int, int]:
         try:
             key = Path(config.public_key or _dev_public_key())
             manifest = verify_bundle_file(champion, [TrustedKey.from_pem(key.read_bytes(), source=str(key))]).manifest
@@ -728,7 +730,7 @@ class Autopilot:
             self._end(
                 run_id, "failed", f"the champion {champion} does not verify: {exc}; nothing was deployed", decision="failed"
             )
-            return None, 0
+            return None, 0, 0
         devices = self.store.devices(target=config.group["target"], tags=config.group["tags"])
         online = [d["device_id"] for d in devices if d.get("online")]
         asked_at = time.time()
@@ -748,7 +750,7 @@ class Autopilot:
             dataset, left_out = build_dataset(uploads, manifest.feature_names, manifest.labels, config.group)
         except FieldDataError as exc:
             self._end(run_id, "failed", f"no field dataset: {exc}; nothing was deployed", decision="failed")
-            return None, 0
+            return None, 0, 0
         if dataset.labelled < config.min_labelled:
             self._end(
                 run_id,
@@ -759,9 +761,9 @@ class Autopilot:
                 datasets=[dataset.digest],
             )
             self._keep(dataset, config, run_id)
-            return None, left_out
+            return None, left_out, 0
         self._keep(dataset, config, run_id)
-        return dataset, left_out
+        return dataset, left_out, manifest.release
 
     def _keep(self, dataset: FieldDataset, config: AutopilotConfig, run_id: str) -> None:
         self.store.put_dataset(

@@ -160,6 +160,13 @@ _registry_option = click.option(
     type=click.Path(path_type=Path, dir_okay=False),
     help="Field dataset (.npz) to train on and measure with, besides the project's [data] field. Repeatable.",
 )
+@click.option(
+    "--release-above",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="Make the release higher than N too (devices run release N, built where this registry never saw it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables and progress.")
 @click.pass_context
 def build(
@@ -173,6 +180,7 @@ def build(
     no_cache: bool,
     registry: Path | None,
     field_data: tuple[Path, ...],
+    release_above: int,
     as_json: bool,
 ) -> None:
     """Train, export, quantize, validate, package and sign a bundle for TARGET.
@@ -194,7 +202,9 @@ def build(
         cache = CacheOptions(root=cache_dir or default_cache_dir(), read=not no_cache)
         try:
             with reporter:
-                result = run_build(proj, profile, out, key=key, progress=reporter, cache=cache, registry=registry)
+                result = run_build(
+                    proj, profile, out, key=key, progress=reporter, cache=cache, registry=registry, release_above=release_above
+                )
         except BudgetExceededError as exc:
             if not as_json:
                 budget_table(exc.checks, title=f"{proj.name} {proj.version} → {profile.name}: budgets")

@@ -165,6 +165,7 @@ class BuildState:
     report_html: bytes | None = None
     bundle_path: Path | None = None
     registry: Registry | None = None
+    release_above: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     current: Step | None = None
     loaded_field_data: tuple[tuple[Path, FieldDataset], ...] | None = None
@@ -402,7 +403,9 @@ def _self_test(ds: Dataset, logits: np.ndarray, count: int, out_quant: QuantPara
 def _step_package(s: BuildState) -> None:
     ds, report = s.need("dataset"), s.need("report")
     created = datetime.now(UTC).replace(microsecond=0)
-    last = s.registry.last_release(s.project.name, s.profile.name) if s.registry else 0
+    # The fleet may run a release this registry never recorded (built on another machine):
+    # the new one must still be higher, or the devices would refuse it (anti-rollback).
+    last = max(s.registry.last_release(s.project.name, s.profile.name) if s.registry else 0, s.release_above)
     q_in, q_out = s.need("io_quant")
     d_in, d_out = s.need("io_dtypes")
     s.manifest = Manifest(
@@ -723,7 +726,7 @@ def _reusable_release(s: BuildState, entries: Mapping[str, Mapping[str, bytes]])
     except EdgeopsError:
         return False
     latest = s.registry.latest(manifest.name, manifest.target)
-    if latest is None or latest.release != manifest.release:
+    if latest is None or latest.release != manifest.release or manifest.release <= s.release_above:
         return False
     if latest.bundle_sha256 != hashlib.sha256(entries["sign"]["bundle"]).hexdigest():
         return False
@@ -740,6 +743,7 @@ def run_build(
     progress: BuildProgress | None = None,
     cache: CacheOptions | None = None,
     registry: Path | None = None,
+    release_above: int = 0,
 ) -> BuildResult:
     """Build, validate, package and sign ``project`` for ``profile`` into ``out_dir``.
 
@@ -748,6 +752,8 @@ def run_build(
         progress: receives step progress.
         cache: the step cache to use (default: none).
         registry: the registry file (default ``$EDGEOPS_HOME/registry.sqlite``).
+        release_above: the new release is higher than this too (a release the devices run that
+            this registry does not know, e.g. built on another machine); it is the parent.
 
     Raises:
         InputError: bad project, data, model or key (a subclass says which).
@@ -777,6 +783,7 @@ def run_build(
             trusted=trusted,
             progress=progress or _Silent(),
             registry=reg,
+            release_above=release_above,
         )
         keys = step_keys(state)
         entries, corrupted = _lookup(state, store, keys, read=cache.read)
