@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
     from edgeops_fleet.autopilot import Autopilot
-    from edgeops_fleet.rollout import RolloutEngine
+    from edgeops_fleet.rollout import RolloutEngine, RolloutSpec
     from edgeops_fleet.store import Store
 
 __all__ = ["COOKIE_NAME", "MAX_BODY_BYTES", "ApiError", "create_app", "parse_since"]
@@ -174,6 +174,31 @@ async def _read_json(request: Request) -> Any:
         return load_untrusted_json(bytes(body))
     except ValueError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
+
+
+def keep_for_rollout(store: Store, verified: VerifiedBundleFile, bundles_dir: Path, **options: Any) -> RolloutSpec:
+    """Keep a verified bundle in ``bundles_dir``, register its release, and return its rollout spec.
+
+    ``options`` are the spec's group, waves, soak_s, gates, deadline_s, allow_bad. The API's
+    rollout requests and the autopilot start rollouts this one way.
+    """
+    from edgeops_fleet.rollout import RolloutSpec
+
+    kept = _copy_verified(verified, bundles_dir)
+    m = verified.manifest
+    store.put_release(
+        name=m.name, target=m.target, release=m.release, version=m.version, sha256=verified.digest, bundle_path=str(kept)
+    )
+    return RolloutSpec(
+        bundle_path=kept,
+        name=m.name,
+        version=m.version,
+        release=m.release,
+        target=m.target,
+        sha256=verified.digest,
+        size=verified.size,
+        **options,
+    )
 
 
 def _copy_verified(verified: VerifiedBundleFile, bundles_dir: Path) -> Path:
@@ -390,7 +415,7 @@ class _Api:
     # -- start a rollout ------------------------------------------------------------------------
 
     def start(self, body: Any) -> dict[str, Any]:
-        from edgeops_fleet.rollout import Gates, RolloutSpec, parse_duration, parse_waves
+        from edgeops_fleet.rollout import Gates, parse_duration, parse_waves
 
         engine = self._engine()
         if self.bundles_dir is None:
@@ -435,18 +460,10 @@ class _Api:
         m = verified.manifest
         if m.target != group["target"]:
             raise InputError(f"the bundle is for target {m.target!r}, the group is target {group['target']!r}")
-        kept = _copy_verified(verified, self.bundles_dir)
-        self.store.put_release(
-            name=m.name, target=m.target, release=m.release, version=m.version, sha256=verified.digest, bundle_path=str(kept)
-        )
-        spec = RolloutSpec(
-            bundle_path=kept,
-            name=m.name,
-            version=m.version,
-            release=m.release,
-            target=m.target,
-            sha256=verified.digest,
-            size=verified.size,
+        spec = keep_for_rollout(
+            self.store,
+            verified,
+            self.bundles_dir,
             group=group,
             waves=waves,
             soak_s=soak_s,

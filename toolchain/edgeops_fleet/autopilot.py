@@ -69,7 +69,7 @@ from edgeops_core import EdgeopsError, InputError, TrustedKey, check_device_id, 
 from edgeops_core.fielddata import MAX_FIELD_ROWS, UNLABELLED, FieldDataError, FieldDataset, Provenance
 from edgeops_core.messages import MAX_SAMPLE_ROWS, Command
 from edgeops_fleet.errors import RunConflictError
-from edgeops_fleet.rollout import Gates, RolloutSpec, _check_group, group_key, parse_waves
+from edgeops_fleet.rollout import Gates, _check_group, group_key, parse_waves
 
 if TYPE_CHECKING:
     from edgeops_fleet.rollout import RolloutEngine
@@ -100,15 +100,18 @@ TRIGGER_EVERY_S = 2.0
 _MAX_OUTPUT = 4000
 
 
+def _home() -> Path:
+    home = os.environ.get("EDGEOPS_HOME")
+    return Path(home) if home else Path.home() / ".edgeops"
+
+
 def default_work_dir() -> Path:
     """``$EDGEOPS_HOME/autopilot`` (``~/.edgeops`` when ``EDGEOPS_HOME`` is unset)."""
-    home = os.environ.get("EDGEOPS_HOME")
-    return (Path(home) if home else Path.home() / ".edgeops") / "autopilot"
+    return _home() / "autopilot"
 
 
 def _dev_public_key() -> Path:
-    home = os.environ.get("EDGEOPS_HOME")
-    return (Path(home) if home else Path.home() / ".edgeops") / "keys" / "dev-signing.pub.pem"
+    return _home() / "keys" / "dev-signing.pub.pem"
 
 
 def _positive(
@@ -716,6 +719,12 @@ class Autopilot:
         self._update(run_id, state="rolling_out", note=f"the challenger won: {verdict}", decision="deploy", reason=verdict)
         self._roll_out(run_id)
 
+    @staticmethod
+    def _trusted(config: AutopilotConfig) -> list[TrustedKey]:
+        """The key the group's bundles verify with (the development key's public half by default)."""
+        key = Path(config.public_key or _dev_public_key())
+        return [TrustedKey.from_pem(key.read_bytes(), source=str(key))]
+
     def _champion(self, config: AutopilotConfig) -> Path | None:
         for run in self.store.runs(group_key=config.group_key, states=("deployed",), limit=1):
             if run.get("bundle_path") and Path(run["bundle_path"]).is_file():
@@ -724,8 +733,7 @@ class Autopilot:
 
     def _collect(self, config: AutopilotConfig, run_id: str, champion: Path) -> tuple[FieldDataset | None, int, int]:
         try:
-            key = Path(config.public_key or _dev_public_key())
-            manifest = verify_bundle_file(champion, [TrustedKey.from_pem(key.read_bytes(), source=str(key))]).manifest
+            manifest = verify_bundle_file(champion, self._trusted(config)).manifest
         except (EdgeopsError, OSError) as exc:
             self._end(
                 run_id, "failed", f"the champion {champion} does not verify: {exc}; nothing was deployed", decision="failed"
@@ -820,7 +828,7 @@ class Autopilot:
         return answer
 
     def _roll_out(self, run_id: str) -> None:
-        from edgeops_fleet.api import _copy_verified
+        from edgeops_fleet.api import keep_for_rollout
 
         run = self.run(run_id)
         config = self.config_of(run["group_key"])
@@ -828,23 +836,11 @@ class Autopilot:
             self._end(run_id, "failed", "the group's autopilot was removed; nothing was deployed")
             return
         try:
-            trusted = [
-                TrustedKey.from_pem(Path(config.public_key or _dev_public_key()).read_bytes(), source="autopilot public key")
-            ]
-            verified = verify_bundle_file(Path(run["bundle_path"]), trusted)
-            kept = _copy_verified(verified, self.bundles_dir)
-            m = verified.manifest
-            self.store.put_release(
-                name=m.name, target=m.target, release=m.release, version=m.version, sha256=verified.digest, bundle_path=str(kept)
-            )
-            spec = RolloutSpec(
-                bundle_path=kept,
-                name=m.name,
-                version=m.version,
-                release=m.release,
-                target=m.target,
-                sha256=verified.digest,
-                size=verified.size,
+            verified = verify_bundle_file(Path(run["bundle_path"]), self._trusted(config))
+            spec = keep_for_rollout(
+                self.store,
+                verified,
+                self.bundles_dir,
                 group=config.group,
                 waves=parse_waves(config.waves),
                 soak_s=config.soak_s,

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -121,6 +119,7 @@ def data_export(ctx: click.Context, digest: str, out: Path | None, console_url: 
     """Write a dataset as a .npz file a project can name in `[data] field` (its digest is checked first)."""
 
     def body() -> None:
+        from edgeops_agent.store import write_durably
         from edgeops_core.fielddata import FieldDataset
 
         client = ConsoleClient(console_url, token)
@@ -131,7 +130,7 @@ def data_export(ctx: click.Context, digest: str, out: Path | None, console_url: 
         raw = client.get_bytes(f"/api/datasets/{row['digest']}/data")
         dataset = FieldDataset.from_bytes(raw, expect_digest=str(row["digest"]))  # never write what does not check
         path = out if out is not None else Path(f"{dataset.digest.removeprefix('sha256:')}.npz")
-        _write_atomic(path, raw)
+        write_durably(path, raw)
         if as_json:
             click.echo(
                 json.dumps(
@@ -155,20 +154,6 @@ def _digest_path(text: str) -> str:
     if not hexpart or len(hexpart) > 64 or any(c not in "0123456789abcdef" for c in hexpart):
         raise InputError(f"a dataset digest is sha256:<hex> or a prefix of its hex digits, got {text!r}")
     return "sha256:" + hexpart
-
-
-def _write_atomic(path: Path, raw: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- edgeops fleet autopilot / retrain / approve / runs ---------------------------------------------------
