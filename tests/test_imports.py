@@ -159,6 +159,7 @@ CORE_API = [
     "TargetProfile",
     "Telemetry",
     "TensorSpec",
+    "TrustError",
     "TrustedKey",
     "UnknownTargetError",
     "VerifiedBundle",

@@ -33,11 +33,12 @@ from edgeops_core import (
     parse_topic,
     utc_now_text,
 )
-from edgeops_core.messages import MAX_COMMAND_BYTES
+from edgeops_core.messages import MAX_COMMAND_BYTES, CertificateRequest
 
 ASYNCAPI = json.loads((REPO / "docs" / "asyncapi.json").read_text())
 SCHEMAS = ASYNCAPI["components"]["schemas"]
 TS = "2026-11-28T15:00:00.123456Z"
+_CSR = "-----BEGIN CERTIFICATE REQUEST-----\nMII=\n-----END CERTIFICATE REQUEST-----\n"
 BUNDLE = BundleInfo(
     name="sensor", version="1.0.0", release=3, sha256="ab" * 32, slot="b", expires="2027-01-01T00:00:00Z", expired=False
 )
@@ -116,6 +117,10 @@ def _examples() -> list[tuple[str, Any]]:
         ("Command", Command(id="c.3", type="status")),
         ("Command", Command(id="c.4", type="commit", args={"deploy_id": "d-1"})),
         ("Command", Command(id="c.5", type="rollback", args={"deploy_id": "d-1"}, issued_at=TS)),
+        ("Command", Command(id="c.6", type="renew_cert")),
+        ("Command", Command(id="c.7", type="install_cert", args={"certificate": "-----BEGIN CERTIFICATE-----\nMII=\n"})),
+        ("CertificateRequest", CertificateRequest(**head, csr=_CSR, reason="requested", command_id="c.6")),
+        ("CertificateRequest", CertificateRequest(**head, csr=_CSR, reason="expiring")),
     ]
     return out
 
@@ -149,7 +154,32 @@ def test_asyncapi_required_fields_are_the_types_fields() -> None:
     for name, sub in (("inference", None), ("latency_ms", None), ("resources", None), ("outbox", None), ("drift", None)):
         assert set(SCHEMAS["Telemetry"]["properties"][name]["required"]) == set(TELEMETRY_BODY[name]), (name, sub)
     documented = {op["channel"]["$ref"].rsplit("/", 1)[-1] for op in ASYNCAPI["operations"].values()}
-    assert documented == {"state", "telemetry", "events", "samples", "cmd", "ota_request", "ota_block"}
+    assert documented == {"state", "telemetry", "events", "samples", "cmd", "ota_request", "ota_block", "csr"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"id": "c", "type": "install_cert", "args": {}}, "certificate"),
+        ({"id": "c", "type": "install_cert", "args": {"certificate": "not pem"}}, "certificate"),
+        ({"id": "c", "type": "install_cert", "args": {"certificate": "-----BEGIN CERTIFICATE-----" + "A" * 9000}}, "certificate"),
+        ({"id": "c", "type": "install_cert", "args": {"certificate": "-----BEGIN CERTIFICATE-----", "key": "x"}}, "'key'"),
+        ({"id": "c", "type": "renew_cert", "args": {"days": 3}}, "'days'"),
+    ],
+)
+def test_certificate_commands_are_checked_field_by_field(payload: dict[str, Any], field: str) -> None:
+    with pytest.raises(CommandError, match=field):
+        parse_command(json.dumps(payload))
+
+
+def test_a_certificate_request_names_what_is_wrong() -> None:
+    head = {"device_id": "d", "ts": TS}
+    with pytest.raises(MessageError, match=r"csr\.csr"):
+        CertificateRequest(**head, csr="-----BEGIN CERTIFICATE-----", reason="expiring")
+    with pytest.raises(MessageError, match=r"csr\.reason"):
+        CertificateRequest(**head, csr=_CSR, reason="because")
+    with pytest.raises(MessageError, match="limit"):
+        CertificateRequest.from_json(b"{" + b" " * 70_000 + b"}")
 
 
 def _tagged() -> State:

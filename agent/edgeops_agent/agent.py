@@ -69,6 +69,7 @@ from edgeops_agent.fault import FaultInjection
 from edgeops_agent.install import recover
 from edgeops_agent.model import LoadedModel, Prediction
 from edgeops_agent.store import DataDir
+from edgeops_agent.trust import TrustStore
 from edgeops_core import MESSAGE_SCHEMA, EdgeopsError, utc_now_text
 from edgeops_core.messages import DEFAULT_SAMPLE_ROWS, MAX_PREDICTED_LABELS, MAX_SAMPLE_ROWS
 
@@ -316,7 +317,9 @@ class Agent:
                 path = data_dir.slot_path(active)
                 try:
                     data = path.read_bytes()
-                    self._activate(LoadedModel.from_installed(data, slot.sha256, source=str(path), threads=threads))
+                    revoked = TrustStore(data_dir).revoked()  # a slot signed by a revoked key is not served
+                    model = LoadedModel.from_installed(data, slot.sha256, source=str(path), threads=threads, revoked=revoked)
+                    self._activate(model)
                 except (OSError, EdgeopsError) as exc:
                     # Installing must stay possible: start without a model, say so, and
                     # let an install (to the other slot) repair it.
@@ -378,7 +381,12 @@ class Agent:
             with contextlib.suppress(EdgeopsError):  # install_bundle recorded the error
                 self.state = self.data_dir.load_state()
             self.event("install_rejected", {"error": type(exc).__name__, "message": str(exc)})
+            # A list the bundle carried may have revoked the key of the model serving now,
+            # though the bundle itself was refused. (Installed, it replaces that model.)
+            self.enforce_revocations()
             raise
+        if result.trust is not None:
+            self.event("trust_updated", {"source": "bundle", **result.trust.detail()})
         self.flush_drift()
         self._activate(result.model)
         self.fault = None
@@ -394,6 +402,46 @@ class Agent:
             },
         )
         return result
+
+    def enforce_revocations(self) -> str | None:
+        """Stop serving the active model if the key that signed it is revoked now (docs/adr/0018).
+
+        The same outcome as a start-up with that slot (:meth:`LoadedModel.from_installed`):
+        no model, :attr:`fault` and the state's ``last_error`` say why, predictions raise
+        :class:`ActiveSlotDamagedError`, and installing a bundle signed by a current key
+        repairs it. Call after anything that may revoke a key.
+
+        Returns:
+            Why the model was stopped, or ``None`` if it serves on (or none served).
+        """
+        model = self.model
+        if model is None:
+            return None
+        try:
+            revoked = TrustStore(self.data_dir).revoked()
+        except EdgeopsError as exc:  # a damaged trust store: the next start-up fails closed the same way
+            revoked, why = frozenset({model.signer}), f"the trust store cannot be read ({exc})"
+        else:
+            why = f"its signing key sha256:{model.signer[:16]}… is revoked"
+        if model.signer not in revoked and (model.signer or not revoked):
+            return None
+        m = model.manifest
+        reason = (
+            f"active slot {self.state.active} ({m.name} release {m.release}) is no longer served: {why}; install a "
+            "release signed by a current release key (docs/adr/0018)"
+        )
+        with self._lock:
+            if self.model is not model:  # replaced meanwhile (an install): the new one verified against current keys
+                return None
+            self.model = None
+        self.fault = reason
+        log.error("%s", reason)
+        with contextlib.suppress(EdgeopsError), self.data_dir.lock("revocation"):
+            state = self.data_dir.load_state()  # fresh: never write back an older copy
+            state.last_error = reason[:500]
+            self.data_dir.save_state(state)
+            self.state = state
+        return reason
 
     def predict(self, features: Any) -> Prediction:
         """Run the active model on one raw feature vector.

@@ -3,7 +3,10 @@
 ::
 
     edgeops-agent verify BUNDLE --key PUB.pem            offline check, as install does
-    edgeops-agent trust add KEY.pem --data-dir D          add a release key to the trust store
+    edgeops-agent trust add KEY.pem --data-dir D          add a development key (no root of trust)
+    edgeops-agent trust root ROOT.json --data-dir D [--release-keys LIST.json]   provision the root
+    edgeops-agent trust update --data-dir D [--root R.json ...] [--release-keys LIST.json]
+    edgeops-agent trust show --data-dir D [--json]
     edgeops-agent install BUNDLE --data-dir D [--target T] [--json]
     edgeops-agent status --data-dir D [--json]
     edgeops-agent predict --data-dir D [FEATURES_JSON]    one JSON array, or JSON lines on stdin
@@ -106,21 +109,113 @@ def verify(bundle: Path, keys: tuple[Path, ...]) -> None:
 
 @main.group()
 def trust() -> None:
-    """Manage the trust store of release keys."""
+    """Manage the trust store: a root of trust and its release keys, or development keys."""
 
 
 @trust.command("add")
 @click.argument("key", type=click.Path(path_type=Path, dir_okay=False))
 @_data_dir
 def trust_add(key: Path, data_dir: Path) -> None:
-    """Trust KEY (an ECDSA P-256 public key, PEM) for bundle signatures."""
+    """Trust KEY (an ECDSA public key, PEM) for bundle signatures: a single-key development setup.
+
+    Refused on a device with a root of trust (its release-key list decides which keys sign).
+    """
     from edgeops_agent.store import DataDir
+    from edgeops_agent.trust import TrustStore
 
     def body() -> None:
-        trusted = DataDir(data_dir).add_trusted_key(key)
+        trusted = TrustStore(DataDir(data_dir)).add_development_key(key)
         click.echo(f"trusted key sha256:{trusted.fingerprint[:16]}… ({key})")
 
     _run(False, body)
+
+
+def _trust_line(update: Any) -> str:
+    detail = update.detail()
+    revoked = f", revoked {', '.join(k[:16] + '…' for k in detail['revoked'])}" if detail["revoked"] else ""
+    what = "updated" if update.changed else "unchanged (the same documents are trusted already)"
+    return f"trust {what}: root version {detail['root_version']}, release-key list version {detail['keys_version']}{revoked}"
+
+
+@trust.command("root")
+@click.argument("root", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--release-keys", type=click.Path(path_type=Path, dir_okay=False), help="The first release-key list.")
+@_data_dir
+def trust_root(root: Path, release_keys: Path | None, data_dir: Path) -> None:
+    """Provision ROOT (root.json from `edgeops keys root init`) as this device's root of trust.
+
+    Trust on first use: whoever sets the device up vouches for ROOT. Afterwards a root is
+    replaced only by a trust_update signed by the current one; bundles verify only against
+    the release keys a root-signed list names.
+    """
+    from edgeops_agent.store import DataDir
+    from edgeops_agent.trust import TrustStore, read_document
+
+    def body() -> None:
+        doc = read_document(root, what="root")
+        listed = read_document(release_keys, what="release-key list") if release_keys is not None else None
+        click.echo(_trust_line(TrustStore(DataDir(data_dir)).provision(doc, listed)))
+
+    _run(False, body)
+
+
+@trust.command("update")
+@click.option(
+    "--root",
+    "roots",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A newer root, oldest first. Repeatable.",
+)
+@click.option("--release-keys", type=click.Path(path_type=Path, dir_okay=False), help="A newer release-key list.")
+@_data_dir
+def trust_update(roots: tuple[Path, ...], release_keys: Path | None, data_dir: Path) -> None:
+    """Apply root rotations and/or a release-key list from files, as a trust_update command does."""
+    from edgeops_agent.store import DataDir
+    from edgeops_agent.trust import TrustStore, read_document
+    from edgeops_core.trust import trust_update_args
+
+    def body() -> None:
+        args: dict[str, Any] = {"root": [read_document(r, what="root") for r in roots]}
+        if release_keys is not None:
+            args["release_keys"] = read_document(release_keys, what="release-key list")
+        click.echo(_trust_line(TrustStore(DataDir(data_dir)).update(*trust_update_args(args))))
+
+    _run(False, body)
+
+
+@trust.command("show")
+@_data_dir
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def trust_show(data_dir: Path, as_json: bool) -> None:
+    """Show the root of trust, the release keys and the revoked keys (or the development keys)."""
+    from edgeops_agent.store import DataDir
+    from edgeops_agent.trust import TrustStore
+
+    def body() -> None:
+        s = TrustStore(DataDir(data_dir)).summary()
+        if as_json:
+            click.echo(json.dumps({"ok": True, **s.to_dict()}))
+            return
+        if s.root_version is None:
+            click.echo(f"no root of trust: development keys ({len(s.development_keys)})")
+            for k in s.development_keys:
+                click.echo(f"  {k}")
+            return
+        click.echo(f"root:     version {s.root_version}, expires {s.root_expires}, {s.threshold} of {len(s.root_keys)} keys")
+        for k in s.root_keys:
+            click.echo(f"  {k}")
+        if s.keys_version is None:
+            click.echo("release keys: no list yet (send a trust_update)")
+        else:
+            click.echo(f"release keys: list version {s.keys_version}, expires {s.keys_expires}, {len(s.release_keys)} trusted")
+            for k in s.release_keys:
+                click.echo(f"  {k}")
+        click.echo(f"revoked:  {len(s.revoked)}")
+        for k in s.revoked:
+            click.echo(f"  {k}")
+
+    _run(as_json, body)
 
 
 @main.command()
@@ -163,11 +258,24 @@ def install(bundle: Path, data_dir: Path, target: str | None, switch_model: str 
 def status(data_dir: Path, as_json: bool) -> None:
     """Show the active bundle, both slots, the anti-rollback floor and the last error."""
     from edgeops_agent.store import DataDir
+    from edgeops_agent.trust import TrustStore
 
     def body() -> None:
         data = DataDir(data_dir)
         state = data.load_state()
-        doc = {"ok": True, **state.to_dict(), "trusted_keys": [k.fingerprint for k in data.trusted_keys()]}
+        try:
+            trust, trust_error = TrustStore(data).summary(), None
+        except EdgeopsError as exc:  # a damaged trust store must not hide the rest of the status
+            trust, trust_error = None, str(exc)
+        keys = () if trust is None else trust.release_keys if trust.root_version is not None else trust.development_keys
+        root_version = trust.root_version if trust is not None else None
+        doc = {
+            "ok": True,
+            **state.to_dict(),
+            "trusted_keys": list(keys),
+            "root_version": root_version,
+            "trust_error": trust_error,
+        }
         if as_json:
             click.echo(json.dumps(doc))
             return
@@ -186,7 +294,11 @@ def status(data_dir: Path, as_json: bool) -> None:
             click.echo(f"slot {slot}:   {text}")
         floor = ", ".join(f"{k} {v}" for k, v in sorted(state.highest_release.items())) or "none"
         click.echo(f"highest:  {floor}")
-        click.echo(f"trusted:  {len(doc['trusted_keys'])} key(s)")
+        if trust is None:
+            click.echo(f"trusted:  error: {trust_error}")
+        else:
+            root = f" (root version {root_version}, release-key list version {trust.keys_version})" if root_version else ""
+            click.echo(f"trusted:  {len(keys)} key(s){root}")
         click.echo(f"last error: {state.last_error or 'none'}")
 
     _run(as_json, body)

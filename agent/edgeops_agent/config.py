@@ -14,6 +14,11 @@
     reconnect_min_s = 0.5             # backoff doubles from here...
     reconnect_max_s = 30.0            # ...up to here
     # username = "ecu-0042"  password = "..."
+    tls = { ca = "tls/ca.crt", cert = "tls/client.crt", key = "tls/client.key" }
+                                      # optional: mutual TLS (TLS 1.2+, the broker's name checked
+                                      # against host; no plaintext once set). Also warn_days = 14
+                                      # (cert_expiring events) and renew_days = 30 (ask the
+                                      # console for a new certificate; 0: only on renew_cert)
     session_expiry_s = 604800         # the broker keeps commands for an absent device this long
                                       # (7 days; below the 30-day window of command ids)
 
@@ -70,6 +75,7 @@ from typing import Any
 
 from edgeops_agent.drift import MAX_INPUT_RING, DriftConfig
 from edgeops_agent.errors import ConfigError
+from edgeops_agent.identity import TlsSettings
 from edgeops_agent.mqtt import MqttSettings
 from edgeops_core import COMMAND_WINDOW_S, FieldReader, InputError, MessageError, check_device_id, load_toml
 from edgeops_core.messages import MAX_SAMPLE_ROWS, MAX_TAGS, check_tags
@@ -90,7 +96,7 @@ _LISTEN = re.compile(r"\[(?P<v6>[0-9A-Fa-f:.]+)\]:(?P<port6>[0-9]{1,5})|(?P<host
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
 _MQTT = {
     "host", "port", "prefix", "keepalive_s", "username", "password",
-    "reconnect_min_s", "reconnect_max_s", "inflight", "session_expiry_s",
+    "reconnect_min_s", "reconnect_max_s", "inflight", "session_expiry_s", "tls",
 }  # fmt: skip
 
 
@@ -221,6 +227,7 @@ def load_config(path: Path) -> AgentConfig:
         else defaults.reconnect_max_s,
         inflight=r.integer(m, "inflight", "mqtt", minimum=1) if "inflight" in m else defaults.inflight,
         session_expiry_s=_session_expiry(r, m, defaults.session_expiry_s),
+        tls=_tls(r, m, base),
     )
     t = r.mapping(data.get("telemetry", {}), "telemetry")
     r.only(t, {"interval_s"}, "telemetry")
@@ -262,6 +269,27 @@ def load_config(path: Path) -> AgentConfig:
         ota=_ota(r, data),
         tags=_tags(r, data),
     )
+
+
+def _tls(r: FieldReader, m: Mapping[str, Any], base: Path) -> TlsSettings | None:
+    """``mqtt.tls``: three files that must exist, and the expiry thresholds."""
+    if "tls" not in m:
+        return None
+    t = r.mapping(m["tls"], "mqtt.tls")
+    r.only(t, {"ca", "cert", "key", "warn_days", "renew_days"}, "mqtt.tls")
+    paths: list[Path] = []
+    for name in ("ca", "cert", "key"):
+        path = (base / r.string(t, name, "mqtt.tls")).resolve()
+        if not path.is_file():
+            raise r.fail(f"mqtt.tls.{name}", "an existing file", str(path))
+        paths.append(path)
+    ca, cert, key = paths
+    defaults = TlsSettings(ca, cert, key)
+    warn = r.integer(t, "warn_days", "mqtt.tls", minimum=0) if "warn_days" in t else defaults.warn_days
+    renew = r.integer(t, "renew_days", "mqtt.tls", minimum=0) if "renew_days" in t else defaults.renew_days
+    if max(warn, renew) > 3650:
+        raise r.fail("mqtt.tls.warn_days" if warn > 3650 else "mqtt.tls.renew_days", "at most 3650 days", max(warn, renew))
+    return TlsSettings(ca, cert, key, warn_days=warn, renew_days=renew)
 
 
 def _bounded(r: FieldReader, d: Mapping[str, Any], key: str, maximum: int) -> int:

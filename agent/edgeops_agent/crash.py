@@ -19,6 +19,13 @@ Checkpoints, in the order an update passes them:
     the new slot is active on trial, before the health check's live inferences;
 ``committed``
     the trial is confirmed (floor raised), before the ``ota_committed`` event is queued.
+
+And in a trust update (:mod:`edgeops_agent.trust`), after each file it writes:
+
+``trust_pending``
+    the whole new state is in ``trust/pending.json`` (the update's commit point);
+``trust_revoked``, ``trust_root``
+    ``revoked.json``, then ``root.json``, were replaced from it.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ __all__ = ["CHECKPOINTS", "CRASH_ENV", "crash_point"]
 #: The environment variable naming the checkpoint to die at.
 CRASH_ENV = "EDGEOPS_AGENT_CRASH_AT"
 #: The checkpoint names (``after_block`` takes ``:K``).
-CHECKPOINTS = ("after_block", "staging_complete", "slot_written", "trial", "committed")
+CHECKPOINTS = (
+    "after_block", "staging_complete", "slot_written", "trial", "committed", "trust_pending", "trust_revoked", "trust_root",
+)  # fmt: skip
 
 
 def crash_point(name: str, count: int | None = None) -> None:

@@ -30,6 +30,9 @@ directly, never through the outbox. Start-up counts a start-up of a trial (a cra
 rolls back before the model loads) and resumes an unfinished deploy once connected.
 ``commit`` and ``rollback`` end a held deploy (issue 9); for a deploy that is not held they
 are answered ``command_rejected`` (:class:`~edgeops_agent.errors.CommandRejectedError`).
+``trust_update`` goes to the trust store (:class:`~edgeops_agent.trust.TrustStore`, verified
+whole before anything is written): ``trust_updated``, or ``trust_update_refused`` and
+``command_failed``; an active model whose key it revokes stops serving (ADR 0018).
 
 Test-only: ``EDGEOPS_AGENT_FAULT`` (:mod:`edgeops_agent.fault`) is parsed before anything
 starts; a malformed value stops the start with one :class:`ConfigError` line.
@@ -57,11 +60,13 @@ from edgeops_agent.commands import CommandJournal
 from edgeops_agent.config import AgentConfig
 from edgeops_agent.errors import AgentError, CommandRejectedError, ConfigError
 from edgeops_agent.fault import fault_from_environ
+from edgeops_agent.identity import Identity, IdentityError, Renewal
 from edgeops_agent.mqtt import MqttLink
 from edgeops_agent.outbox import Outbox, Pending
 from edgeops_agent.server import EndpointServer
 from edgeops_agent.service import Notifier, ServiceMonitor, status_text, watchdog_timeout_s
 from edgeops_agent.store import DataDir
+from edgeops_agent.trust import TrustStore
 from edgeops_agent.updater import Updater
 from edgeops_core import (
     Command,
@@ -77,6 +82,7 @@ from edgeops_core import (
     utc_now_text,
 )
 from edgeops_core.messages import DEFAULT_SAMPLE_ROWS
+from edgeops_core.trust import TrustError, trust_update_args
 
 if TYPE_CHECKING:
     from edgeops_agent.metrics import MetricsServer
@@ -140,6 +146,41 @@ def _rollback(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
     return daemon.updater.rollback(str(cmd.args["deploy_id"]))
 
 
+def _trust_update(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
+    # Everything is verified before a byte is written: a refusal changes nothing trusted.
+    try:
+        update = TrustStore(daemon.data).update(*trust_update_args(cmd.args))
+    except (TrustError, AgentError) as exc:  # refused, or the disk
+        daemon._event("trust_update_refused", {"id": cmd.id, "reason": str(exc)})
+        raise CommandFailedError(f"trust_update refused: {exc}") from exc
+    detail = update.detail()
+    stopped = daemon.agent.enforce_revocations()  # ADR 0018: a revoked active bundle stops serving
+    daemon._event("trust_updated", {"id": cmd.id, "source": "command", **detail, "active_revoked": stopped})
+    if stopped:
+        daemon.publish_state()
+    return detail
+
+
+def _renewal(daemon: Daemon) -> Renewal:
+    if daemon.renewal is None:
+        raise CommandRejectedError("this agent does not connect over TLS ([mqtt] tls): it has no certificate to renew")
+    return daemon.renewal
+
+
+def _renew_cert(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
+    try:
+        return _renewal(daemon).request("requested", cmd.id)
+    except IdentityError as exc:
+        raise CommandFailedError(str(exc)) from exc
+
+
+def _install_cert(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
+    try:
+        return _renewal(daemon).install(str(cmd.args["certificate"]))
+    except IdentityError as exc:
+        raise CommandFailedError(str(exc)) from exc
+
+
 #: One handler per command type; each returns the ``command_done`` detail or raises
 #: :class:`CommandFailedError` (``command_failed``) or :class:`CommandRejectedError`
 #: (``command_rejected``: the command does not apply now, e.g. a commit of a deploy not held).
@@ -150,6 +191,9 @@ HANDLERS: dict[str, Handler] = {
     "deploy": _deploy,
     "commit": _commit,
     "rollback": _rollback,
+    "trust_update": _trust_update,
+    "renew_cert": _renew_cert,
+    "install_cert": _install_cert,
 }
 
 
@@ -210,6 +254,8 @@ class Daemon:
         # The Last Will is composed now and published by the broker later: no time, no seq.
         offline = {**self._state(online=False), "ts": None, "seq": None}
         self._will = offline
+        tls = config.mqtt.tls
+        identity = Identity(tls, dev, self.data.root / "tls") if tls is not None else None
         self.link = MqttLink(
             config.mqtt,
             dev,
@@ -219,7 +265,20 @@ class Daemon:
             on_quarantine=self._quarantined,
             on_connected=self.publish_state,
             on_block=self.updater.on_block,
+            tls_context=identity.context if identity is not None else None,
         )
+        self.renewal: Renewal | None = None
+        if identity is not None:
+            csr_topic = device_topic(prefix, dev, "csr")
+            self.renewal = Renewal(
+                identity,
+                publish=lambda message: self.link.publish_direct(csr_topic, message),
+                put_event=self._put_event,
+                use_context=self.link.set_tls_context,
+                reconnect=self.link.reconnect,
+                connects=lambda: self.link.connects,
+                connected=self.link.connected,
+            )
         self.outbox.on_health = self._outbox_health
         self.stopping = False
         self.metrics: MetricsServer | None = None
@@ -455,8 +514,17 @@ class Daemon:
             while not self._stop.wait(interval):
                 self.agent.flush_drift()
                 self._telemetry(interval)
+                self._check_certificate()
         finally:
             self.shutdown()
+
+    def _check_certificate(self) -> None:
+        if self.renewal is None or not self.link.connected.is_set():
+            return
+        try:
+            self.renewal.check()
+        except IdentityError as exc:  # e.g. the new key cannot be stored: asked again later
+            log.error("certificate renewal: %s", exc)
 
     def stop(self) -> None:
         """Ask :meth:`run` to return."""
@@ -472,6 +540,9 @@ class Daemon:
             self.metrics.stop()
         if self._serve_endpoint:
             self.server.stop()
+        else:  # bound but never served: close the socket all the same
+            self.server.server_close()
+            self.server.path.unlink(missing_ok=True)
         self.updater.stop()
         if self._worker.is_alive():
             # Commands still queued are dropped unprocessed: the journal never recorded them,

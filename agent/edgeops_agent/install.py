@@ -5,7 +5,11 @@ under the data directory's lock (:meth:`DataDir.lock`):
 
 1. verify the bundle against the trust store while streaming it (container, signature,
    digests, exact member set, manifest schema, expiry; :func:`edgeops_core.verify_bundle_file`),
-   so memory stays bounded whatever the bundle's size;
+   so memory stays bounded whatever the bundle's size. With a root of trust the keys are
+   the trusted release keys, after the release-key list the manifest may carry has been
+   applied (:meth:`~edgeops_agent.trust.TrustStore.apply_embedded`: it is root-signed on its
+   own, so a bundle signed by a key it adds installs in one step); without one, the
+   development keys;
 2. the target must be the device's; the name must be the model the device is bound to
    (or an explicit switch to it, ADR 0009); the release must be greater than the highest
    release of that name ever installed here -- or, to repair a damaged active slot, be
@@ -45,6 +49,7 @@ from edgeops_agent.errors import (
 )
 from edgeops_agent.model import LoadedModel
 from edgeops_agent.store import PROCESS_TOKEN, AgentState, DataDir, SlotInfo, SlotWriter, Trial
+from edgeops_agent.trust import TrustStore
 from edgeops_core import (
     MAX_BUNDLE_BYTES,
     BundleError,
@@ -59,6 +64,7 @@ from edgeops_core import (
     verify_members,
 )
 from edgeops_core.digest import sha256_hex, sha256_new
+from edgeops_core.trust import TrustUpdate
 
 __all__ = ["InstallResult", "adopt_trial", "confirm_trial", "install_bundle", "read_bundle", "recover", "rollback_trial"]
 
@@ -79,6 +85,8 @@ class InstallResult:
     self_tests: int
     model: LoadedModel
     trial: bool = False
+    #: The release-key list the bundle carried, when it was newer and applied (step 1).
+    trust: TrustUpdate | None = None
 
 
 def read_bundle(source: Path | bytes) -> bytes:
@@ -198,9 +206,9 @@ def _install(
         raise InputError("this device's target is unknown: pass --target (it is then recorded in the data directory)")
     if state.target is not None and target is not None and target != state.target:
         raise WrongTargetError(f"this device is a {state.target!r} device; --target {target!r} does not match")
-    trusted = data_dir.trusted_keys()
-    if not trusted:
-        raise BundleError(f"the trust store {data_dir.trust_dir} is empty: add the release key with `edgeops-agent trust add`")
+    store = TrustStore(data_dir)
+    embedded = store.apply_embedded(source)  # before the keys: it may add the one that signed
+    trusted = store.bundle_keys()
     # 1. verify (streaming for a file).
     if isinstance(source, bytes):
         manifest, _ = verify_members(read_members(read_bundle(source)), trusted)
@@ -285,6 +293,7 @@ def _install(
         self_tests=tests,
         model=model,
         trial=trial,
+        trust=embedded,
     )
 
 

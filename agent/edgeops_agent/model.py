@@ -30,8 +30,18 @@ import numpy as np
 
 from edgeops_agent.errors import ModelOutputError, SelfTestError, TensorInputError
 from edgeops_agent.runtime import ModelRunner, Runtime, open_runtime
-from edgeops_core import BundleError, ExpiredBundleError, Manifest, TrustedKey, read_members, verify_members
+from edgeops_core import (
+    SIGNATURE_MEMBER,
+    BundleError,
+    ExpiredBundleError,
+    Manifest,
+    SignatureError,
+    TrustedKey,
+    read_members,
+    verify_members,
+)
 from edgeops_core.digest import sha256_hex
+from edgeops_core.signature import key_hint
 
 __all__ = ["LoadedModel", "Prediction"]
 
@@ -150,15 +160,24 @@ class LoadedModel:
         )
 
     @classmethod
-    def from_installed(cls, data: bytes, sha256: str, *, source: str, threads: int | None = None) -> LoadedModel:
+    def from_installed(
+        cls, data: bytes, sha256: str, *, source: str, threads: int | None = None, revoked: frozenset[str] = frozenset()
+    ) -> LoadedModel:
         """Load an installed slot: its bytes must hash to the ``sha256`` recorded at install.
 
         The signature was checked when the bundle was installed and the whole file's digest
         stored in the (checksummed) state, so start-up needs only the hash, not the
-        signature stack (``cryptography`` stays out of a serving agent's memory).
+        signature stack (``cryptography`` stays out of a serving agent's memory). The signer
+        is the signature's key hint, which the install's check pinned to the key that verified.
+
+        Args:
+            revoked: key ids revoked since (:meth:`edgeops_agent.trust.TrustStore.revoked`): a
+                slot signed by one of them is not served (docs/adr/0018).
 
         Raises:
             BundleError: the slot's bytes changed since the install.
+            SignatureError: the slot's signing key is revoked, or unknown (no key hint) while
+                keys are revoked.
         """
 
         digest = sha256_hex(data)
@@ -167,9 +186,16 @@ class LoadedModel:
                 f"{source}: sha256 {digest[:16]}… differs from the {sha256[:16]}… recorded at install; reinstall the bundle"
             )
         members = read_members(data)
+        signer = key_hint(members[SIGNATURE_MEMBER])
+        if signer in revoked or (revoked and not signer):
+            whose = f"key sha256:{signer[:16]}…, which is revoked" if signer else "an unnamed key while keys are revoked"
+            raise SignatureError(
+                f"{source}: signed by {whose}; not served (docs/adr/0018): install a release signed by a current release key",
+                member=SIGNATURE_MEMBER,
+            )
         manifest = Manifest.from_json(members["manifest.json"])
         expired = manifest.expires_at <= datetime.now(UTC)
-        return cls(manifest, members[manifest.model_file], digest=digest, signer="", expired=expired, threads=threads)
+        return cls(manifest, members[manifest.model_file], digest=digest, signer=signer, expired=expired, threads=threads)
 
     def prepare(self, features: Any) -> tuple[np.ndarray, np.ndarray]:
         """``(raw row as float32 [features], runtime input tensor)``.

@@ -35,11 +35,15 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from edgeops_agent.identity import TlsSettings
 from edgeops_agent.outbox import Outbox, OutboxError, Pending
 from edgeops_agent.transport import Clock, PahoTransport, RealClock, Transport
 from edgeops_core import device_topic
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["MqttLink", "MqttSettings"]
 
@@ -65,6 +69,8 @@ class MqttSettings:
     reconnect_max_s: float = 30.0
     inflight: int = 32
     session_expiry_s: int = 7 * 24 * 3600  # how long the broker queues commands for an absent device
+    #: Mutual TLS (``[mqtt] tls``); ``None``: plain TCP.
+    tls: TlsSettings | None = None
 
 
 class MqttLink:
@@ -83,6 +89,7 @@ class MqttLink:
         on_block: Callable[[bytes], None] | None = None,
         transport: Transport | None = None,
         clock: Clock | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         """Prepare the link (nothing connects until :meth:`start`).
 
@@ -99,6 +106,11 @@ class MqttLink:
                 it must only hand the frame over); ``None``: not subscribed.
             transport: the MQTT client; a :class:`PahoTransport` for ``settings`` by default.
             clock: time source for the link's waits.
+            tls_context: the client's TLS context (:class:`~edgeops_agent.identity.Identity`);
+                required when ``settings.tls`` is set: there is no plaintext fallback.
+
+        Raises:
+            ValueError: ``settings.tls`` is set and no ``tls_context`` was given.
         """
         self.settings = settings
         self.device_id = device_id
@@ -121,6 +133,8 @@ class MqttLink:
         self.state_topic = device_topic(settings.prefix, device_id, "state")
         self.block_topic = device_topic(settings.prefix, device_id, "ota_block")
         if transport is None:
+            if settings.tls is not None and tls_context is None:
+                raise ValueError("mqtt.tls is configured but no TLS context was given: refusing a plaintext connection")
             transport = PahoTransport(
                 settings.host,
                 settings.port,
@@ -131,6 +145,7 @@ class MqttLink:
                 reconnect_min_s=settings.reconnect_min_s,
                 reconnect_max_s=settings.reconnect_max_s,
                 inflight=settings.inflight,
+                tls_context=tls_context,
             )
         self.transport = transport
         transport.on_connect = self._connected
@@ -188,6 +203,19 @@ class MqttLink:
         Safe to call from any thread, the transport's callbacks included.
         """
         self._set_transport_will(offline_state)
+        if self._started:
+            self._will_dirty.set()
+            self.outbox.wake()
+
+    def set_tls_context(self, context: ssl.SSLContext) -> None:
+        """Connect with ``context`` from the next (re)connect on (new credentials, :mod:`edgeops_agent.identity`)."""
+        setter = getattr(self.transport, "set_tls_context", None)
+        if setter is None:
+            raise ValueError(f"{type(self.transport).__name__} does not speak TLS")
+        setter(context)
+
+    def reconnect(self) -> None:
+        """Reconnect in the same controlled way as for a new Will (e.g. to present new credentials)."""
         if self._started:
             self._will_dirty.set()
             self.outbox.wake()
@@ -322,7 +350,7 @@ class MqttLink:
         self._will_dirty.clear()
         if self._stop.is_set():
             return
-        log.info("reconnecting to hand the broker the new Last Will")
+        log.info("reconnecting (a new Last Will or new credentials)")
         self.transport.disconnect()
         self.connected.clear()
         self._connect()

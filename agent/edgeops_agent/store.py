@@ -4,7 +4,8 @@ Layout::
 
     <data>/state.json          {"state": {...}, "sha256": "<hex of the canonical state JSON>"}
     <data>/agent.lock          flock'd by the one process working on the directory ("pid purpose")
-    <data>/trust/<fp>.pem      trusted public keys (file name: key fingerprint prefix)
+    <data>/trust/<fp>.pem      development keys (file name: key fingerprint prefix); with a root
+                               of trust (trust/root.json, edgeops_agent.trust) they are ignored
     <data>/slots/a/bundle.edgeops
     <data>/slots/b/bundle.edgeops
     <data>/outbox.sqlite       the MQTT outbox (edgeops_agent.outbox)
@@ -361,7 +362,8 @@ class DataDir:
             raise AgentError(f"{self.state_path}: cannot write the state: {exc.strerror or exc}") from exc
 
     def trusted_keys(self) -> list[TrustedKey]:
-        """Every key in the trust store.
+        """Every development key (``trust/*.pem``); what bundles verify against is
+        :meth:`edgeops_agent.trust.TrustStore.bundle_keys` (these, only without a root).
 
         Raises:
             KeyFileError: a file in the trust store is not a usable public key.

@@ -31,7 +31,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = [
     "Clock",
@@ -203,8 +206,13 @@ class PahoTransport:
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
         inflight: int = 32,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
-        """Prepare the client; nothing connects until :meth:`connect`."""
+        """Prepare the client; nothing connects until :meth:`connect`.
+
+        With ``tls_context`` every connection is TLS with that context (its certificate chain
+        may be replaced between connections: :mod:`edgeops_agent.identity`).
+        """
         import paho.mqtt.client as mqtt  # paho imports ssl: only load it when the link is used
         from paho.mqtt.enums import CallbackAPIVersion
 
@@ -221,6 +229,8 @@ class PahoTransport:
         client.reconnect_delay_set(min_delay=cast(int, reconnect_min_s), max_delay=cast(int, reconnect_max_s))
         client.max_inflight_messages_set(inflight)
         client.max_queued_messages_set(0)
+        if tls_context is not None:
+            client.tls_set_context(tls_context)
         client.on_connect = self._connected
         client.on_disconnect = self._disconnected
         client.on_publish = self._published
@@ -244,6 +254,21 @@ class PahoTransport:
     def set_will(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
         """Set the Will for the next CONNECT (paho reads it only when connecting)."""
         self.client.will_set(topic, payload, qos=qos, retain=retain)
+
+    def set_tls_context(self, context: ssl.SSLContext) -> None:
+        """Use ``context`` from the next connection on (the one open now keeps its own).
+
+        paho accepts ``tls_set_context`` once per client, and replacing the pair inside one
+        context is not atomic (a handshake in between would go out without a certificate),
+        so the new context replaces paho's reference: one assignment, read once per connect
+        (paho 2.x ``_ssl_wrap_socket``).
+
+        Raises:
+            ValueError: this client was made without TLS (no plaintext client becomes TLS later).
+        """
+        if getattr(self.client, "_ssl_context", None) is None:
+            raise ValueError("this MQTT client was made without TLS")
+        self.client._ssl_context = context
 
     def connect(self, *, clean_start: bool, session_expiry_s: int) -> None:
         """Start paho's network thread, connecting and reconnecting in the background."""
@@ -285,6 +310,10 @@ class PahoTransport:
             self.client.disconnect()
         finally:
             self.client.loop_stop()
+            # paho's loop_start makes a new wake-up socket pair without closing the last one:
+            # without this, every controlled reconnect (a new Will, new credentials) leaked two
+            # descriptors.
+            self.client._reset_sockets(sockpair_only=True)
 
     # the shared loop's side (share_network_loop) -----------------------------------------------
 
@@ -517,6 +546,11 @@ class NetworkLoop:
         # A lost connection: paho closes the socket and calls on_disconnect, which schedules
         # the reconnect.
         client.client.loop_read()
+        sock = client.client.socket()
+        # TLS: bytes already decrypted into the SSL object's buffer do not wake the selector.
+        while sock is not None and getattr(sock, "pending", lambda: 0)() > 0:
+            client.client.loop_read()
+            sock = client.client.socket()
         if client.client.want_write():
             client._flush()
 

@@ -76,6 +76,7 @@ from edgeops_agent.install import adopt_trial, confirm_trial, rollback_trial
 from edgeops_agent.model import LoadedModel
 from edgeops_agent.ota import OTA_DIR, OtaError, Staging, TransferEngine, TransferPolicy, install_staged, preflight
 from edgeops_agent.store import DataDir, write_durably
+from edgeops_agent.trust import TrustStore
 from edgeops_core import BlockRequest, CommandError, Deploy, EdgeopsError, MessageError, OtaOutcome, OtaProgress, utc_now_text
 from edgeops_core.messages import deploy_args, deploy_hold_s
 
@@ -540,10 +541,14 @@ class Updater:
             try:
                 result = install_staged(self.data, path, target=self.target)
             except EdgeopsError as exc:
+                if self.agent is not None:  # a list the bundle carried may have revoked the serving model's key
+                    self.agent.enforce_revocations()
                 raise OtaError("install_rejected", f"deploy {cur.deploy.deploy_id}: {type(exc).__name__}: {exc}") from exc
         finally:
             if staging is not None:
                 staging.close()
+        if result.trust is not None:
+            self._event("trust_updated", {"source": "bundle", "deploy_id": cur.deploy.deploy_id, **result.trust.detail()})
         with self._lock:
             cur.phase, cur.boots = "trial", 0
             self._save()
@@ -749,7 +754,10 @@ class Updater:
             return
         try:
             model = LoadedModel.from_installed(
-                self.data.slot_path(state.active).read_bytes(), info.sha256, source=str(self.data.slot_path(state.active))
+                self.data.slot_path(state.active).read_bytes(),
+                info.sha256,
+                source=str(self.data.slot_path(state.active)),
+                revoked=TrustStore(self.data).revoked(),  # a rollback target signed by a revoked key is not served
             )
         except (OSError, EdgeopsError) as exc:
             agent.fault = f"the previous slot {state.active} cannot be served after the rollback: {exc}"

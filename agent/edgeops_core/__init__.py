@@ -32,6 +32,7 @@ from edgeops_core.errors import (
     ManifestError,
     ProfileError,
     SignatureError,
+    TrustError,
     UnknownTargetError,
 )
 from edgeops_core.fielddata import (
@@ -184,6 +185,7 @@ __all__ = [
     "TargetProfile",
     "Telemetry",
     "TensorSpec",
+    "TrustError",
     "TrustedKey",
     "UnknownTargetError",
     "VerifiedBundle",

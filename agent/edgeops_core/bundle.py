@@ -34,6 +34,7 @@ Device-only checks (target, anti-rollback, self-test) belong to the agent.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
@@ -64,6 +65,7 @@ __all__ = [
     "VerifiedBundleFile",
     "pack_bundle",
     "read_bundle_file",
+    "read_manifest_member",
     "read_members",
     "verify_bundle",
     "verify_bundle_file",
@@ -321,6 +323,30 @@ def _scan(fh: BinaryIO, *, keep_model: bool, hash_file: bool) -> _Scan:
             f"truncated bundle: the end-of-archive is {len(tail) + _BLOCK} bytes, expected {expected + _BLOCK}"
         )
     return _Scan(found, reader.pos, None if reader.hash is None else reader.hash.hexdigest())
+
+
+def read_manifest_member(source: Path | bytes) -> bytes:
+    """The bytes of ``manifest.json``, the first member, **unverified**; nothing else is read.
+
+    For metadata that must be looked at before the signature is checked: a release-key list
+    the manifest carries (:mod:`edgeops_core.trust`) is signed by the root on its own, so it
+    can be applied first and the bundle then verified against the keys it lists. The header
+    is held to the same rules as in a full verification; trust nothing else in the result.
+
+    Raises:
+        BundleFormatError: unreadable, not a regular file, or the first member is not a
+            well-formed ``manifest.json`` within :data:`MAX_MANIFEST_BYTES`.
+    """
+    with contextlib.ExitStack() as stack:
+        fh: BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else stack.enter_context(_open_bundle(source))
+        reader = _Reader(fh, hash_file=False)
+        try:
+            name, size = _check_header(reader.exactly(_BLOCK, "a tar header"), [], 0)
+            if size > MAX_MANIFEST_BYTES:
+                raise BundleFormatError(f"member {name!r} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit", member=name)
+            return reader.exactly(size, f"member {name!r}")
+        except OSError as exc:
+            raise BundleFormatError(f"{source if isinstance(source, Path) else 'bundle'}: cannot read: {exc}") from exc
 
 
 def read_members(data: bytes) -> dict[str, bytes]:

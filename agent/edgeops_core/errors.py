@@ -14,7 +14,9 @@ Errors are split by who is at fault, so a caller can tell "your input is wrong" 
         ├── SignatureError       model.sig is malformed or does not verify
         ├── DigestMismatchError  a member's bytes differ from the signed digest
         ├── ManifestError        manifest.json is malformed or violates the schema
-        └── ExpiredBundleError   the manifest's ``expires`` is in the past
+        ├── ExpiredBundleError   the manifest's ``expires`` is in the past
+        └── TrustError           root or release-key metadata is malformed, under-signed,
+                                 a replay or expired (edgeops_core.trust)
 
 Every message says what was expected and what arrived, and names the file or member.
 """
@@ -33,6 +35,7 @@ __all__ = [
     "ManifestError",
     "ProfileError",
     "SignatureError",
+    "TrustError",
     "UnknownTargetError",
 ]
 
@@ -91,3 +94,8 @@ class ManifestError(BundleError):
 
 class ExpiredBundleError(BundleError):
     """The manifest's ``expires`` timestamp is not in the future."""
+
+
+class TrustError(BundleError):
+    """Root or release-key metadata (:mod:`edgeops_core.trust`) is malformed, not signed by a
+    threshold of the right keys, a replay of an older version, or expired."""

@@ -10,7 +10,9 @@ Invariants, checked by :meth:`Manifest.from_json` and by the constructor alike:
 * ``runtime`` is ``onnxruntime``, ``litert`` or ``tflite-micro`` and ``model_file`` is the
   format that runtime executes; ``precision`` is ``int8``, ``fp16`` or ``fp32``;
 * every number anywhere in it (metrics and hyperparameters included) is finite, and
-  ``hyperparameters`` nests at most 32 levels.
+  ``hyperparameters`` nests at most 32 levels;
+* ``release_keys``, when present, is a structurally valid release-key list document
+  (:func:`edgeops_core.trust.parse_release_keys`); its signatures are the device's business.
 
 The field-by-field reference is ``docs/bundle-format.md``; keep the two in step.
 """
@@ -26,9 +28,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from edgeops_core._json import MAX_JSON_DEPTH, load_untrusted_json
-from edgeops_core.errors import ManifestError
+from edgeops_core.errors import ManifestError, TrustError
 from edgeops_core.fields import FieldReader
 from edgeops_core.profile import FORMATS_BY_RUNTIME
+from edgeops_core.trust import parse_release_keys
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -193,6 +196,10 @@ class Manifest:
     created: str
     expires: str
     schema_version: int = field(default=SCHEMA_VERSION)
+    #: The host's release-key list when the bundle was signed (the whole signed document), or
+    #: ``None``. A device applies it before checking the signature if it is newer and its root
+    #: signed it (docs/security.md); it changes nothing else.
+    release_keys: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_invariants(self)
@@ -271,6 +278,8 @@ class Manifest:
             "lineage": lineage,
             "created": self.created,
             "expires": self.expires,
+            # Written only when set, so a bundle built without a root of trust is unchanged.
+            **({"release_keys": dict(self.release_keys)} if self.release_keys is not None else {}),
         }
 
     def to_json(self) -> bytes:
@@ -394,6 +403,7 @@ def _from_dict(raw: object) -> Manifest:
         ),
         created=_R.string(m, "created"),
         expires=_R.string(m, "expires"),
+        release_keys=None if m.get("release_keys") is None else dict(_R.mapping(m["release_keys"], "release_keys")),
     )
 
 
@@ -434,6 +444,11 @@ def _check_invariants(m: Manifest) -> None:  # noqa: C901 - one flat list of sch
     if m.precision not in _PRECISIONS:
         raise _fail(f"precision must be one of {', '.join(_PRECISIONS)}, got {m.precision!r}")
     _check_numbers(m)
+    if m.release_keys is not None:
+        try:
+            parse_release_keys(m.release_keys)
+        except TrustError as exc:
+            raise _fail(f"field 'release_keys': {exc}") from exc
     if len(m.inputs) != 1 or len(m.outputs) != 1:
         raise _fail(f"expected exactly 1 input and 1 output tensor, got {len(m.inputs)} and {len(m.outputs)}")
     n_features, n_labels = len(m.feature_names), len(m.labels)

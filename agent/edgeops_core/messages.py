@@ -41,7 +41,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -50,8 +50,9 @@ from typing import Any, ClassVar, Self
 from edgeops_core._json import load_untrusted_json
 from edgeops_core.bundle import MAX_BUNDLE_BYTES
 from edgeops_core.digest import sha256_new
-from edgeops_core.errors import InputError
-from edgeops_core.topics import MESSAGE_SCHEMA, check_device_id
+from edgeops_core.errors import InputError, TrustError
+from edgeops_core.topics import MESSAGE_SCHEMA, check_device_id, utc_now_text
+from edgeops_core.trust import trust_update_args
 
 __all__ = [
     "BLOCK_HEADER_BYTES",
@@ -70,6 +71,7 @@ __all__ = [
     "MAX_COMMAND_BYTES",
     "MAX_COMMAND_DEPTH",
     "MAX_HOLD_S",
+    "MAX_PEM_CHARS",
     "MAX_PREDICTED_LABELS",
     "MAX_REQUEST_BLOCKS",
     "MAX_REQUEST_BYTES",
@@ -84,6 +86,7 @@ __all__ = [
     "BlockFrame",
     "BlockRequest",
     "BundleInfo",
+    "CertificateRequest",
     "Command",
     "CommandError",
     "Deploy",
@@ -101,13 +104,18 @@ __all__ = [
     "deploy_args",
     "deploy_command",
     "deploy_hold_s",
+    "install_cert_command",
     "parse_command",
+    "renew_cert_command",
     "rollback_command",
+    "trust_update_command",
 ]
 
 #: Commands the agent understands (``deploy``: an over-the-air update, ADR 0012; ``commit`` and
 #: ``rollback``: end a held deploy, args ``{"deploy_id"}``).
-COMMAND_TYPES = ("ping", "status", "sample_upload", "deploy", "commit", "rollback")
+#: ``trust_update``: a root-signed list of release keys (and root rotations), docs/security.md;
+#: ``renew_cert``: make a new key and CSR; ``install_cert``: the console's answer to a CSR.
+COMMAND_TYPES = ("ping", "status", "sample_upload", "deploy", "commit", "rollback", "trust_update", "renew_cert", "install_cert")
 #: Most tags in a state (``[tags]`` in agent.toml).
 MAX_TAGS = 32
 #: Most labels whose prediction counts a telemetry record carries (``inference.predicted``).
@@ -145,6 +153,12 @@ EVENT_TYPES = (
     "ota_committed",
     "ota_rolled_back",
     "ota_failed",
+    "trust_updated",
+    "trust_update_refused",
+    "cert_expiring",
+    "cert_renewal_requested",
+    "cert_renewed",
+    "cert_renewal_failed",
 )
 #: The ``health`` values of the retained state (``degraded``: the outbox cannot write, e.g. a
 #: full disk; the model keeps serving).
@@ -787,6 +801,12 @@ class Command:
             deploy_hold_s(self.args)
         if self.type in ("commit", "rollback"):
             _deploy_id_args(self.type, self.args)
+        if self.type == "renew_cert" and self.args:
+            raise CommandError(f"renew_cert takes no arguments, got {sorted(self.args)[0]!r}")
+        if self.type == "install_cert":
+            _install_cert_args(self.args)
+        if self.type == "trust_update":
+            _trust_update_args(self.args)
         if self.issued_at is not None and self.issued_time() is None:
             raise _fail(CommandError, "command 'issued_at'", "UTC text YYYY-MM-DDTHH:MM:SS.ffffffZ", self.issued_at)
         object.__setattr__(self, "args", _frozen(self.args))
@@ -812,6 +832,64 @@ class Command:
     def from_json(cls, payload: bytes | str) -> Command:
         """Same as :func:`parse_command`."""
         return parse_command(payload)
+
+
+#: Longest PEM text of a certificate signing request or a certificate on the wire (a P-256
+#: leaf is about 700 characters; room for long names and extensions, not for a chain of junk).
+MAX_PEM_CHARS = 8192
+
+
+def _install_cert_args(args: Mapping[str, Any]) -> None:
+    extra = sorted(set(args) - {"certificate"})
+    if extra:
+        raise CommandError(f"install_cert has unknown argument {extra[0]!r}")
+    pem = args.get("certificate")
+    if not isinstance(pem, str) or not pem.startswith("-----BEGIN CERTIFICATE-----") or len(pem) > MAX_PEM_CHARS:
+        expected = f"PEM certificate text of at most {MAX_PEM_CHARS} characters"
+        raise _fail(CommandError, "install_cert 'certificate'", expected, _brief(pem))
+
+
+def install_cert_command(certificate_pem: str, *, command_id: str | None = None) -> bytes:
+    """The ``install_cert`` command: the console's answer to a :class:`CertificateRequest`.
+
+    Raises:
+        CommandError: not PEM certificate text, or too long.
+    """
+    cid = _check_command_id(f"install_cert-{os.urandom(8).hex()}" if command_id is None else command_id)
+    return Command(id=cid, type="install_cert", args={"certificate": certificate_pem}, issued_at=utc_now_text()).to_json()
+
+
+def _trust_update_args(args: Mapping[str, Any]) -> None:
+    """Structure only; the device verifies the signatures (:mod:`edgeops_core.trust`)."""
+    try:
+        trust_update_args(args)
+    except TrustError as exc:
+        raise CommandError(f"trust_update: {exc}") from exc
+
+
+def trust_update_command(
+    roots: Sequence[Mapping[str, Any]], release_keys: Mapping[str, Any] | None, *, command_id: str | None = None
+) -> bytes:
+    """The ``trust_update`` command: root documents (oldest first) and/or a release-key list.
+
+    Raises:
+        CommandError: a malformed document, nothing to send, or over :data:`MAX_COMMAND_BYTES`
+            (send fewer roots).
+    """
+    cid = _check_command_id(f"trust_update-{os.urandom(8).hex()}" if command_id is None else command_id)
+    args: dict[str, Any] = {"root": list(roots)}
+    if release_keys is not None:
+        args["release_keys"] = release_keys
+    payload = Command(id=cid, type="trust_update", args=args, issued_at=utc_now_text()).to_json()
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise CommandError(f"trust_update command is {len(payload)} bytes, the limit is {MAX_COMMAND_BYTES}: send fewer roots")
+    return payload
+
+
+def renew_cert_command(*, command_id: str | None = None) -> bytes:
+    """The ``renew_cert`` command: the device makes a new key and answers with a :class:`CertificateRequest`."""
+    cid = _check_command_id(f"renew_cert-{os.urandom(8).hex()}" if command_id is None else command_id)
+    return Command(id=cid, type="renew_cert", issued_at=utc_now_text()).to_json()
 
 
 def parse_command(payload: bytes | str) -> Command:
@@ -1255,6 +1333,49 @@ class BlockRequest(_Header):
         """
         if len(data) > MAX_REQUEST_BYTES:
             raise MessageError(f"ota_request payload is {len(data)} bytes, the limit is {MAX_REQUEST_BYTES}")
+        return super().from_json(data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CertificateRequest(_Header):
+    """The device asks for a new certificate on ``csr``: a PKCS#10 request for its own id.
+
+    ``reason``: ``expiring`` (the agent's own check) or ``requested`` (a ``renew_cert``
+    command, whose id is ``command_id``). The console checks the request's common name
+    against the topic's device id; the broker's ACL checks the topic against the connection's
+    certificate, so a device can only ask for itself.
+    """
+
+    csr: str
+    reason: str
+    command_id: str | None = None
+
+    _KIND: ClassVar[str] = "csr"
+    _BODY: ClassVar[tuple[str, ...]] = ("csr", "reason", "command_id")
+
+    def _check(self) -> None:
+        if (
+            not isinstance(self.csr, str)
+            or not self.csr.startswith("-----BEGIN CERTIFICATE REQUEST-----")
+            or len(self.csr) > MAX_PEM_CHARS
+        ):
+            raise _fail(
+                MessageError, "csr.csr", f"PEM certificate request text of at most {MAX_PEM_CHARS} characters", _brief(self.csr)
+            )
+        if self.reason not in ("expiring", "requested"):
+            raise _fail(MessageError, "csr.reason", "'expiring' or 'requested'", self.reason)
+        if self.command_id is not None and not (isinstance(self.command_id, str) and _COMMAND_ID.fullmatch(self.command_id)):
+            raise _fail(MessageError, "csr.command_id", "1-64 characters [A-Za-z0-9._:-] or null", self.command_id)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Self:
+        """Parse a request (at most :data:`MAX_COMMAND_BYTES`).
+
+        Raises:
+            MessageError: too large, not JSON, or invalid.
+        """
+        if len(data) > MAX_COMMAND_BYTES:
+            raise MessageError(f"csr payload is {len(data)} bytes, the limit is {MAX_COMMAND_BYTES}")
         return super().from_json(data)
 
 

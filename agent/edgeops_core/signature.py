@@ -31,7 +31,7 @@ from edgeops_core._json import load_untrusted_json
 from edgeops_core.digest import sha256_hex, sha256_new
 from edgeops_core.errors import KeyFileError, SignatureError
 
-__all__ = ["SIGNATURE_MEMBER", "TrustedKey", "load_public_key", "verify_signature"]
+__all__ = ["SIGNATURE_MEMBER", "TrustedKey", "key_hint", "load_public_key", "verify_signature"]
 
 SIGNATURE_MEMBER = "model.sig"
 _BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -221,6 +221,19 @@ def _parse_statement(payload: bytes) -> dict[str, str]:
     if subject_digest != root.hexdigest():
         raise _fail("subject digest does not match the listed resources")
     return digests
+
+
+def key_hint(sig_bytes: bytes) -> str:
+    """The key hint of ``model.sig`` (the signing key's fingerprint, or ``""``), without checking the signature.
+
+    Only meaningful for a bundle that verified before and whose bytes are pinned since (an
+    installed slot): :func:`verify_signature` then accepted it under a key with exactly this
+    fingerprint when the hint is not empty. Needs no ``cryptography``.
+
+    Raises:
+        SignatureError: ``model.sig`` is malformed.
+    """
+    return _parse_envelope(sig_bytes)[0]
 
 
 def verify_signature(sig_bytes: bytes, trusted: Iterable[TrustedKey]) -> tuple[dict[str, str], TrustedKey]:

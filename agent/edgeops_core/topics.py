@@ -11,6 +11,7 @@ Topics live under one versioned prefix, one subtree per device, so a broker ACL
     <prefix>/<device_id>/cmd         console → device commands, each with an ``id``
     <prefix>/<device_id>/ota_request device → console: the blocks of a deploy it lacks (JSON)
     <prefix>/<device_id>/ota_block   console → device: one block per message, binary (ADR 0012)
+    <prefix>/<device_id>/csr         device → console: a certificate signing request (renewal)
 
 Every device → console message is a JSON object with ``schema`` (1), ``device_id``, ``ts``
 (UTC ``YYYY-MM-DDTHH:MM:SS.ffffffZ``) and ``seq`` (the device's outbox sequence number:
@@ -40,7 +41,7 @@ __all__ = [
 DEFAULT_PREFIX = "edgeops/v1"
 MESSAGE_SCHEMA = 1
 #: Per-device topic leaves.
-LEAVES = ("state", "telemetry", "events", "samples", "cmd", "ota_request", "ota_block")
+LEAVES = ("state", "telemetry", "events", "samples", "cmd", "ota_request", "ota_block", "csr")
 
 # fullmatch, never match: ``$`` also matches before a trailing newline, and "dev\n" as an
 # MQTT client id makes the broker refuse every CONNECT.

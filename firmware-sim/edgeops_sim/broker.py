@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -72,6 +73,29 @@ class Broker:
         self.conf = folder / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def from_config(cls, conf: Path, port: int, folder: Path, *, host: str = "127.0.0.1") -> Broker:
+        """A broker that runs ``conf`` exactly as it is (e.g. ``edgeops fleet broker-config``'s output).
+
+        ``conf`` must listen on ``host``:``port`` (readiness is a TCP connect there); the log
+        goes to ``folder/log``. ``stop``/``start`` behave as for a broker of our own config.
+        """
+        broker = cls.__new__(cls)
+        broker.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        broker.host, broker.port, broker.conf, broker.proc = host, port, conf, None
+        return broker
+
+    def reload(self) -> None:
+        """Send SIGHUP: mosquitto re-reads its configuration (ACL, certificates, CRL) without a restart.
+
+        Raises:
+            SimError: the broker is not running.
+        """
+        if self.proc is None:
+            raise SimError("the broker is not running")
+        self.proc.send_signal(signal.SIGHUP)
 
     @property
     def url(self) -> str:

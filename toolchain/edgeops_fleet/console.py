@@ -61,8 +61,9 @@ from edgeops_core import (
     parse_topic,
 )
 from edgeops_core._json import load_untrusted_json
+from edgeops_fleet.certs import CertificateSigner
 from edgeops_fleet.errors import BrokerError, FleetError, SenderError, StoreError
-from edgeops_fleet.link import BrokerUrl
+from edgeops_fleet.link import BrokerUrl, new_client
 from edgeops_fleet.ota import BlockServer
 from edgeops_fleet.store import MAX_DB_INT, Incoming, Store
 
@@ -101,7 +102,7 @@ BATCH_WAIT_S = 0.05
 #: the queue holds at least that many, so paho's network thread never waits on it.
 RECEIVE_MAXIMUM = 2000
 _QUEUE_SIZE = 2 * RECEIVE_MAXIMUM
-_LEAVES = ("state", "telemetry", "events", "ota_request", "samples")
+_LEAVES = ("state", "telemetry", "events", "ota_request", "samples", "csr")
 #: Sample uploads waiting to be stored (each may be a few hundred kB; they are rare).
 _SAMPLES_QUEUE = 64
 _KINDS = {"state": "state", "telemetry": "telemetry", "events": "event"}
@@ -196,6 +197,8 @@ class Console:
         connect_timeout_s: how long :meth:`start` waits for the broker.
         tick_s: how often the rollout engine advances.
         work_dir: where autopilot runs keep their datasets and builds (default ``$EDGEOPS_HOME/autopilot``).
+        ca: the fleet CA folder: the console then signs the devices' certificate renewals
+            (:mod:`edgeops_fleet.certs`); ``None``: renewal requests are ignored.
 
     Raises:
         InputError: a non-loopback ``http`` without a token, or a token with whitespace.
@@ -214,6 +217,7 @@ class Console:
         connect_timeout_s: float = 10.0,
         tick_s: float = 1.0,
         work_dir: Path | None = None,
+        ca: Path | None = None,
     ) -> None:
         """Check the configuration; nothing connects until :meth:`start`."""
         if token is not None and (not token or any(c.isspace() for c in token)):
@@ -249,6 +253,9 @@ class Console:
         self._http_thread: threading.Thread | None = None
         self._http_address: tuple[str, int] | None = None
         self._reject_log = _RateLimit()
+        self.signer: CertificateSigner | None = None
+        if ca is not None:
+            self.signer = CertificateSigner(ca, prefix, lambda device_id, payload: self.command(device_id, payload))
         self.counters = {
             "received": 0, "stored": 0, "duplicates": 0, "rejected": 0, "acked": 0, "db_errors": 0, "samples_dropped": 0,
         }  # fmt: skip
@@ -301,6 +308,8 @@ class Console:
         except StoreError as exc:  # the tick thread retries: a rollout is never lost to a busy DB
             log.error("resuming rollouts failed, retrying on the next tick: %s", exc)
         self._spawn(self._samples_loop, "console-samples")
+        if self.signer is not None:
+            self.signer.start()
         self.autopilot.start()
         self._spawn(self._tick_loop, "console-rollouts")
         if sock is not None:
@@ -313,6 +322,8 @@ class Console:
         """
         self._stop.set()
         self.autopilot.stop()
+        if self.signer is not None:
+            self.signer.stop()
         server, self._http_server = self._http_server, None
         if server is not None:
             server.should_exit = True
@@ -418,8 +429,6 @@ class Console:
     # -- MQTT --------------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
@@ -427,7 +436,7 @@ class Console:
             socket.create_connection((self.broker.host, self.broker.port), timeout=min(self.connect_timeout_s, 5.0)).close()
         except OSError as exc:
             raise BrokerError(f"cannot reach the broker at {self.broker}: {exc.strerror or exc}") from exc
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        client = new_client(self.broker, self.client_id)
         client.manual_ack_set(True)
         client.reconnect_delay_set(min_delay=1, max_delay=5)
         client.max_inflight_messages_set(256)
@@ -473,6 +482,12 @@ class Console:
             item = _Received(message.topic, bytes(message.payload), message.mid, message.qos, self._generation, time.time())
             if message.topic.endswith("/ota_request"):
                 self._take_request(item)
+                self._ack([item])
+            elif message.topic.endswith("/csr"):
+                if self.signer is not None:
+                    self.signer.take(item.topic, item.payload)
+                elif self._reject_log.allow(time.monotonic()):
+                    log.warning("certificate request on %s ignored: this console has no CA (fleet serve --ca DIR)", item.topic)
                 self._ack([item])
             elif message.topic.endswith("/samples"):
                 try:

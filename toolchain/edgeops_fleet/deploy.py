@@ -50,7 +50,7 @@ from edgeops_core import (
     parse_topic,
 )
 from edgeops_fleet.errors import SenderError
-from edgeops_fleet.link import BrokerUrl, connect
+from edgeops_fleet.link import BrokerUrl, connect, new_client
 from edgeops_fleet.ota import BlockServer, announce
 
 if TYPE_CHECKING:
@@ -196,11 +196,8 @@ class Deployer:
             BrokerError: the broker does not accept the connection in time.
         """
         import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
 
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"edgeops-fleet-{self.deploy.deploy_id}", protocol=mqtt.MQTTv5
-        )
+        client = new_client(self.broker, f"edgeops-fleet-{self.deploy.deploy_id}")
         client.reconnect_delay_set(min_delay=1, max_delay=2)
         client.max_inflight_messages_set(64)
         client.on_connect = self._on_connect

@@ -1,5 +1,12 @@
 """The console's MQTT connection: the broker URL and a connected paho client.
 
+``mqtt://HOST:PORT`` is plain TCP; ``mqtts://HOST:PORT`` (port 8883 by default) is mutual TLS
+with the files of a folder ``edgeops fleet provision --console`` wrote (``ca.crt``,
+``client.crt``, ``client.key``): TLS 1.2 or later, the broker's certificate checked against
+``ca.crt`` and its name against HOST (docs/security.md). Every console client (the console,
+``fleet deploy``, ``fleet status``, ``fleet trust-push``) is made by :func:`new_client`, so
+none of them can connect in plaintext to a TLS URL.
+
 paho is imported inside the functions that connect, so ``import edgeops_fleet`` stays free
 of it (a test pins the fleet package's imports).
 """
@@ -7,8 +14,10 @@ of it (a test pins the fleet package's imports).
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
@@ -18,44 +27,111 @@ from edgeops_fleet.errors import BrokerError
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
 
-__all__ = ["BrokerUrl", "connect", "parse_broker_url"]
+__all__ = ["BrokerUrl", "TlsFiles", "connect", "new_client", "parse_broker_url"]
 
 DEFAULT_MQTT_PORT = 1883
+DEFAULT_MQTTS_PORT = 8883
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A console identity: the fleet CA's certificate, the console's certificate and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> TlsFiles:
+        """``ca.crt``, ``client.crt`` and ``client.key`` of ``folder``.
+
+        Raises:
+            InputError: the folder or one of the files is missing.
+        """
+        files = cls(folder / "ca.crt", folder / "client.crt", folder / "client.key")
+        for path in (files.ca, files.cert, files.key):
+            if not path.is_file():
+                raise InputError(f"--tls {folder}: {path.name} is missing (edgeops fleet provision NAME --console writes it)")
+        return files
+
+    def context(self) -> ssl.SSLContext:
+        """A client context: TLS 1.2 or later, the broker checked against ``ca`` and by name.
+
+        Raises:
+            InputError: a file cannot be read or the key does not match the certificate.
+        """
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_verify_locations(cafile=str(self.ca))
+            ctx.load_cert_chain(str(self.cert), str(self.key))
+        except (OSError, ssl.SSLError) as exc:
+            raise InputError(f"TLS files {self.cert.parent}: cannot use them: {exc}") from exc
+        return ctx
 
 
 @dataclass(frozen=True)
 class BrokerUrl:
-    """Where the broker listens (``mqtt://HOST:PORT``; plain TCP)."""
+    """Where the broker listens (``mqtt://HOST:PORT``, plain TCP; ``mqtts://``, with ``tls``)."""
 
     host: str
     port: int
+    tls: TlsFiles | None = None
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"mqtt://{host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
-def parse_broker_url(url: str) -> BrokerUrl:
-    """Parse ``mqtt://HOST[:PORT]`` (port 1883 by default).
+def parse_broker_url(url: str, tls: Path | None = None) -> BrokerUrl:
+    """Parse ``mqtt://HOST[:PORT]`` (port 1883 by default) or ``mqtts://HOST[:PORT]`` (8883) with ``tls``.
+
+    Args:
+        url: the broker URL.
+        tls: the folder of the console's TLS files; required by ``mqtts://``, refused with
+            ``mqtt://`` (a URL says plainly whether the connection is encrypted).
 
     Raises:
         InputError: another scheme, no host, a port outside 1..65535, or a path, query,
-            fragment or user name in the URL.
+            fragment or user name in the URL; ``mqtts://`` without ``tls`` or the reverse.
     """
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise InputError(f"broker URL {url!r}: {exc}; expected mqtt://HOST:PORT") from exc
-    if parts.scheme != "mqtt":
-        raise InputError(f"broker URL {url!r} must start with mqtt:// (expected mqtt://HOST:PORT)")
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise InputError(f"broker URL {url!r} must start with mqtt:// or mqtts:// (expected mqtt://HOST:PORT)")
+    if parts.scheme == "mqtts" and tls is None:
+        raise InputError(
+            f"broker URL {url!r} is TLS: give the console's TLS folder (--tls DIR, from edgeops fleet provision --console)"
+        )
+    if parts.scheme == "mqtt" and tls is not None:
+        raise InputError(f"broker URL {url!r} is plain TCP but TLS files were given: use mqtts://")
     if not parts.hostname:
         raise InputError(f"broker URL {url!r} has no host; expected mqtt://HOST:PORT")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username is not None:
         raise InputError(f"broker URL {url!r} must be only mqtt://HOST:PORT (no user, path or query)")
     if port == 0:
         raise InputError(f"broker URL {url!r}: port must be 1..65535")
+    if tls is not None:
+        return BrokerUrl(parts.hostname, DEFAULT_MQTTS_PORT if port is None else port, TlsFiles.from_folder(tls))
     return BrokerUrl(parts.hostname, DEFAULT_MQTT_PORT if port is None else port)
+
+
+def new_client(broker: BrokerUrl, client_id: str = "", **kwargs: Any) -> mqtt.Client:
+    """A paho MQTT v5 client for ``broker``, with its TLS context when the URL is ``mqtts://``.
+
+    Raises:
+        InputError: the TLS files cannot be used.
+    """
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, **kwargs)
+    if broker.tls is not None:
+        client.tls_set_context(broker.tls.context())
+    return client
 
 
 def connect(

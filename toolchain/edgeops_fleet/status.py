@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgeops_core import DEFAULT_PREFIX, InputError, MessageError, State, parse_topic
-from edgeops_fleet.link import BrokerUrl, connect
+from edgeops_fleet.link import BrokerUrl, connect, new_client
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
@@ -95,8 +95,6 @@ def fleet_status(
     Raises:
         BrokerError: the broker does not accept the connection in time.
     """
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
 
     seen: dict[str, DeviceStatus] = {}
     lock = threading.Lock()
@@ -128,7 +126,7 @@ def fleet_status(
             seen[device_id] = row
             last[0] = time.monotonic()
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5)
+    client = new_client(broker)
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
     client.on_message = on_message

@@ -734,6 +734,8 @@ def release_revert(
 def _add_fleet() -> None:
     from edgeops_toolchain.field_cli import data, demo  # adds its commands to `fleet` too
     from edgeops_toolchain.fleet_cli import fleet  # it imports this module's helpers, so it comes last
+    from edgeops_toolchain.keys_cli import root  # noqa: F401 - adds root/rotate/revoke/renew/show to `keys`, trust-push to `fleet`
+    from edgeops_toolchain.pki_cli import ca  # noqa: F401 - adds ca, provision, cert, broker-config to `fleet`
 
     main.add_command(fleet)
     main.add_command(data)

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # rich and the fleet package load only when a fleet command r
     from rich.live import Live
     from rich.table import Table
 
-    from edgeops_fleet import DeviceReport, DeviceStatus
+    from edgeops_fleet import BrokerUrl, DeviceReport, DeviceStatus
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_COMMITTED", "fleet"]
 
@@ -40,7 +41,36 @@ def fleet() -> None:
     """Deploy bundles to devices over MQTT and show the fleet."""
 
 
-_broker_option = click.option("--broker", required=True, metavar="mqtt://HOST:PORT", help="The MQTT broker.")
+def _remember_tls(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    ctx.meta["edgeops.tls"] = value
+
+
+def _broker_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--broker URL`` and ``--tls DIR`` (read back by :func:`broker_url`)."""
+    fn = click.option(
+        "--tls",
+        type=click.Path(path_type=Path, file_okay=False),
+        envvar="EDGEOPS_MQTT_TLS",
+        expose_value=False,
+        callback=_remember_tls,
+        help="Folder with ca.crt, client.crt, client.key (edgeops fleet provision NAME --console) for an mqtts:// broker "
+        "[env: EDGEOPS_MQTT_TLS].",
+    )(fn)
+    return click.option("--broker", required=True, metavar="mqtt[s]://HOST:PORT", help="The MQTT broker.")(fn)
+
+
+def broker_url(url: str) -> BrokerUrl:
+    """``--broker`` parsed, with the command's ``--tls`` folder.
+
+    Raises:
+        InputError: a malformed URL, ``mqtts://`` without ``--tls`` (or the reverse), unusable TLS files.
+    """
+    from edgeops_fleet import parse_broker_url
+
+    ctx = click.get_current_context(silent=True)
+    return parse_broker_url(url, ctx.meta.get("edgeops.tls") if ctx is not None else None)
+
+
 _prefix_option = click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="Topic prefix.")
 
 
@@ -79,11 +109,11 @@ def deploy(
     Exit 0: every device committed the release; 3: at least one refused, rolled back,
     failed or timed out (each is named with its reason).
     """
-    from edgeops_fleet import Deployer, parse_broker_url
+    from edgeops_fleet import Deployer
     from edgeops_toolchain.export_c import default_trusted_keys
 
     def body() -> None:
-        url = parse_broker_url(broker)
+        url = broker_url(broker)
         for device_id in devices:
             check_device_id(device_id)
         if max_rate is not None and not 0 < max_rate < math.inf:
@@ -154,10 +184,10 @@ def deploy(
 @click.pass_context
 def status(ctx: click.Context, broker: str, prefix: str, wait_s: float, as_json: bool) -> None:
     """List every device the broker holds a retained state for."""
-    from edgeops_fleet import fleet_status, parse_broker_url
+    from edgeops_fleet import fleet_status
 
     def body() -> None:
-        url = parse_broker_url(broker)
+        url = broker_url(broker)
         if not 0 < wait_s < math.inf:
             raise InputError(f"--wait must be > 0 seconds, got {wait_s:g}")
         rows = fleet_status(url, prefix=prefix, max_wait_s=wait_s)
@@ -471,6 +501,8 @@ def _group_params(group: str | None, target: str | None, tags: tuple[str, ...]) 
 @click.option("--bundles", "bundles_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Where rollout bundles are kept [default: $EDGEOPS_HOME/console-bundles].")  # fmt: skip
 @click.option("--client-id", default="edgeops-console", show_default=True, help="MQTT client id (names the broker session).")
+@click.option("--ca", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="The fleet CA folder: sign the devices' certificate renewals (docs/security.md).")  # fmt: skip
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -481,16 +513,16 @@ def serve(
     prefix: str,
     bundles_dir: Path | None,
     client_id: str,
+    ca: Path | None,
 ) -> None:
     """Run the fleet console: ingest, rollouts, OTA blocks, HTTP API and dashboard, until SIGTERM/SIGINT."""
     import logging
 
     def body() -> None:
-        from edgeops_fleet import parse_broker_url
         from edgeops_fleet.console import Console, is_loopback, parse_http_address
         from edgeops_fleet.store import Store, default_db_url
 
-        url = parse_broker_url(broker)
+        url = broker_url(broker)
         http = parse_http_address(http_address)
         # Checked before the database is opened: a refused configuration changes nothing.
         if not token and not is_loopback(http[0]):
@@ -503,7 +535,14 @@ def serve(
         store = Store.open(database)
         try:
             console = Console(
-                url, store, prefix=prefix, http=http, token=token or None, bundles_dir=bundles_dir, client_id=client_id
+                url,
+                store,
+                prefix=prefix,
+                http=http,
+                token=token or None,
+                bundles_dir=bundles_dir,
+                client_id=client_id,
+                ca=ca,
             )
 
             def started() -> None:

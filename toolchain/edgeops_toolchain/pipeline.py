@@ -69,6 +69,7 @@ from edgeops_toolchain.data import (
     reference_rows,
 )
 from edgeops_toolchain.errors import BudgetExceededError, BuildError, UnsupportedTargetError
+from edgeops_toolchain.keyring import check_signing_key
 from edgeops_toolchain.project import Project, load_entry
 from edgeops_toolchain.registry import BuildRecord, Registry, now_text
 from edgeops_toolchain.signing import dev_key, load_signing_key, sign_members
@@ -166,6 +167,8 @@ class BuildState:
     bundle_path: Path | None = None
     registry: Registry | None = None
     release_above: int = 0
+    #: The host's release-key list, embedded in the manifest (``None`` without a root of trust).
+    release_keys: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     current: Step | None = None
     loaded_field_data: tuple[tuple[Path, FieldDataset], ...] | None = None
@@ -204,7 +207,7 @@ class Step:
         name: short identifier (``train``).
         title: what the progress line shows.
         inputs: what the step's outputs depend on: :class:`BuildState` fields produced by
-            earlier steps, or outside inputs named ``project.*``, ``target.*`` or ``key``.
+            earlier steps, or outside inputs named ``project.*``, ``target.*``, ``key`` or ``key.*``.
         outputs: the :class:`BuildState` fields the step sets (checked after it runs).
         run: the work; reads from and writes to the :class:`BuildState`.
         deterministic: the outputs are a function of the inputs (``package`` is not: it
@@ -439,6 +442,7 @@ def _step_package(s: BuildState) -> None:
         ),
         created=format_time(created),
         expires=format_time(created + timedelta(days=s.project.ttl_days)),
+        release_keys=s.release_keys,
     )
     s.members = {"manifest.json": s.manifest.to_json(), s.profile.model_file: s.need("model")}
 
@@ -578,6 +582,7 @@ STEPS: tuple[Step, ...] = (
             "project",
             "target",
             "key",
+            "key.release_keys",
         ),
         outputs=("manifest", "members"),
         run=_step_package,
@@ -676,6 +681,8 @@ def _external(name: str, s: BuildState) -> object:
         "target.format": lambda: prof.format,
         "target.precision": lambda: prof.precision,
         "key": lambda: s.trusted.fingerprint,
+        # The list the manifest embeds: a new list makes a new release, the same one reuses it.
+        "key.release_keys": lambda: None if s.release_keys is None else digest_json(s.release_keys),
     }
     if name not in values:  # a step declared an input nobody knows: a bug
         raise BuildError(f"internal: unknown step input {name!r}")
@@ -772,6 +779,7 @@ def run_build(
         pair, created = dev_key()
         key, public = pair.private, pair.public
     trusted = load_signing_key(key)  # fail before an expensive build, not after it
+    release_keys = check_signing_key(trusted, source=str(key))  # a key devices would refuse fails now, too
     cache = cache or CacheOptions(root=None)
     store = StepCache(cache.root) if cache.root is not None else None
     with Registry(registry) as reg:
@@ -784,6 +792,7 @@ def run_build(
             progress=progress or _Silent(),
             registry=reg,
             release_above=release_above,
+            release_keys=release_keys,
         )
         keys = step_keys(state)
         entries, corrupted = _lookup(state, store, keys, read=cache.read)

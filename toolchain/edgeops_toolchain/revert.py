@@ -49,6 +49,7 @@ from edgeops_core import (
     write_atomically,
 )
 from edgeops_toolchain.errors import BuildError
+from edgeops_toolchain.keyring import check_signing_key
 from edgeops_toolchain.registry import Registry, ReleaseRecord
 from edgeops_toolchain.signing import dev_key, load_signing_key, sign_members
 
@@ -143,9 +144,12 @@ def revert_release(
             pair, created_key = dev_key()
             key, public = pair.private, pair.public
         signer = load_signing_key(key)
+        release_keys = check_signing_key(signer, source=str(key))  # as a build: devices must take the key
         trusted = [load_public_key(p) for p in verify_keys] or [signer]
         earlier = _verified_source(record, trusted)
         manifest = _revert_manifest(earlier.manifest, release=last + 1, parent=last, reverted_to=to)
+        # The host's current list, not the one the earlier release carried.
+        manifest = dataclasses.replace(manifest, release_keys=release_keys)
         model = earlier.model
         stem = manifest.bundle_filename().removesuffix(".edgeops")
         members = {"manifest.json": manifest.to_json(), manifest.model_file: model}
