@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +24,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker import free_port, mosquitto_binary
+from broker import Broker, free_port
 from conftest import Built
 from edgeops_agent.config import load_config
 from edgeops_agent.daemon import Daemon
@@ -45,38 +43,10 @@ from edgeops_fleet.store import Store
 
 
 @dataclass
-class TlsBroker:
-    """Mosquitto running exactly the generated configuration."""
-
-    conf: Path
-    port: int
-    folder: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.folder / "mosquitto.log", "ab") as log:
-            self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError((self.folder / "mosquitto.log").read_text()[-800:])
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-
-@dataclass
 class Pki:
     ca: CertificateAuthority
     root: Path
-    broker: TlsBroker
+    broker: Broker
     console_tls: Path
     watch_tls: Path
 
@@ -105,7 +75,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:
     )
     ca.issue(console_identity("main"), root / "console")
     ca.issue(console_identity("watch"), root / "watch")
-    broker = TlsBroker(conf, port, root / "broker")
+    broker = Broker.from_config(conf, port, root / "broker")
     broker.start()
     try:
         yield Pki(ca, root, broker, root / "console", root / "watch")

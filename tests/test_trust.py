@@ -310,6 +310,32 @@ def test_huge_and_deep_documents_are_typed_errors(keys: dict[str, Key]) -> None:
         parse_release_keys(huge_key)
 
 
+def test_a_pem_that_has_no_utf8_form_is_a_refusal_not_a_crash(root1: Any, keys: dict[str, Key]) -> None:
+    """A lone surrogate ("\\ud800" is valid JSON) passed the structure checks, then broke the canonical bytes."""
+    k = keys
+    bad = list_doc(5, [k["a"]], k["r1"], k["r2"])
+    bad["signed"]["keys"][k["a"].id] += "\ud800"
+    with pytest.raises(TrustError, match="ASCII only"):
+        parse_release_keys(bad)
+    with pytest.raises(TrustError, match="ASCII only"):
+        parse_release_keys(load_metadata(json.dumps(bad).encode()))  # as it arrives: an escape in JSON text
+    with pytest.raises(CommandError, match="ASCII only"):
+        parse_command(json.dumps({"id": "t-1", "type": "trust_update", "args": {"release_keys": bad}}))
+    with pytest.raises(TrustError, match="no canonical form"):
+        canonical_bytes({"keys": {"x": "\ud800"}})
+
+
+def test_a_document_with_a_field_twice_is_refused(root1: Any, keys: dict[str, Key]) -> None:
+    """json.loads keeps the last of two equal names: a signer and a verifier could read two documents."""
+    text = json.dumps(list_doc(5, [keys["a"]], keys["r1"], keys["r2"]))
+    twice = text.replace('"revoked": []', '"revoked": ["' + "a" * 64 + '"], "revoked": []')
+    assert twice != text
+    with pytest.raises(TrustError, match="object has the name 'revoked' twice"):
+        load_metadata(twice.encode())
+    with pytest.raises(CommandError, match="twice"):
+        parse_command(b'{"id": "t-1", "id": "t-2", "type": "ping"}')
+
+
 def test_trust_update_command_args_are_checked_on_the_wire(root1: Any, keys: dict[str, Key]) -> None:
     k = keys
     listed = list_doc(5, [k["a"]], k["r1"], k["r2"])
@@ -320,12 +346,14 @@ def test_trust_update_command_args_are_checked_on_the_wire(root1: Any, keys: dic
     for args, message in [
         ({}, "carries neither a root nor a release-key list"),
         ({"root": [], "extra": 1}, "unknown argument 'extra'"),
-        ({"root": [root1.to_dict()] * (MAX_ROOT_CHAIN + 1)}, f"at most {MAX_ROOT_CHAIN} root documents"),
         ({"root": [root1.to_dict(), root1.to_dict()]}, "oldest first"),
         ({"release_keys": {"signed": {}, "signatures": []}}, "release-key list document must have _type"),
     ]:
         with pytest.raises(CommandError, match=f"trust_update: .*{message}"):
             parse_command(json.dumps({"id": "t-2", "type": "trust_update", "args": args}))
+    # The chain bound; on the wire the command's 64 KiB usually binds first.
+    with pytest.raises(TrustError, match=f"at most {MAX_ROOT_CHAIN} root documents"):
+        trust_update_args({"root": [root1.to_dict()] * (MAX_ROOT_CHAIN + 1)})
     deep: Any = "x"
     for _ in range(10):
         deep = [deep]

@@ -528,3 +528,203 @@ def test_builds_embed_the_list_and_a_new_list_makes_a_new_release(tmp_path: Path
         refused.returncode == 5
         and f"signing key sha256:{fp[:16]}… ({stranger}) is not in release-key list version 2" in refused.stderr
     )
+
+
+def test_a_revocation_that_lands_during_an_install_wins(
+    tmp_path: Path, built: Built, host: Host, device: DataDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The install checks its signer against the trust store again at its commit, and the agent after activating."""
+    import edgeops_agent.install as install_module
+
+    k1 = load_signing_key(built.private_key).fingerprint
+    rotate_release_key(host.root_keys)  # v2: k1 + k2 (the new signing key)
+    k2_private = tmp_path / "k2.pem"
+    k2_private.write_bytes(host.signing_key.read_bytes())
+    TrustStore(device).update((), parse_release_keys(host.documents()[1]))
+    agent = Agent(device)
+    agent.install(resign(built, tmp_path, "r2", {"release": 2}, k2_private))  # serving release 2, signed by k2
+    revoke_release_key(k1, host.root_keys)
+    v3 = parse_release_keys(host.documents()[1])
+
+    # 1. The trust_update (another thread, as the daemon's worker) lands after the install read the keys.
+    real_keys, fired = TrustStore.bundle_keys, []
+
+    def racing_keys(self: TrustStore, **kw: Any) -> Any:
+        keys = real_keys(self, **kw)
+        if not fired:
+            fired.append(True)
+            t = threading.Thread(target=TrustStore(device).update, args=((), v3))
+            t.start()
+            t.join()
+        return keys
+
+    monkeypatch.setattr(TrustStore, "bundle_keys", racing_keys)
+    with pytest.raises(SignatureError, match=f"key sha256:{k1[:16]}…, which is no longer a trusted key"):
+        agent.install(resign(built, tmp_path, "r3", {"release": 3}, built.private_key))
+    monkeypatch.setattr(TrustStore, "bundle_keys", real_keys)
+    assert fired and k1 in TrustStore(device).revoked()
+    assert device.load_state().highest_release == {"vibration-classifier": 2}  # the floor did not move
+    assert agent.model is not None and agent.model.manifest.release == 2
+    assert sorted(p.name for p in (device.root / "slots").glob("*/bundle.edgeops")) == ["bundle.edgeops"]
+
+    # 2. It lands after the commit, before the agent activates the model: the agent stops serving it.
+    rotate_release_key(host.root_keys)  # v4: k2 + k3, so k2 can be revoked
+    revoke_release_key(load_signing_key(k2_private).fingerprint, host.root_keys)  # v5
+    v5 = parse_release_keys(host.documents()[1])
+    real_install = install_module.install_bundle
+
+    def install_then_revoke(*args: Any, **kw: Any) -> Any:
+        result = real_install(*args, **kw)
+        t = threading.Thread(target=TrustStore(device).update, args=((), v5))
+        t.start()
+        t.join()
+        return result
+
+    monkeypatch.setattr(install_module, "install_bundle", install_then_revoke)
+    assert agent.install(resign(built, tmp_path, "r4", {"release": 4}, k2_private)).release == 4
+    assert agent.model is None and "is revoked" in (agent.fault or "")
+    assert "is revoked" in (device.load_state().last_error or "")
+
+
+def test_a_rollback_to_a_slot_signed_by_a_revoked_key_serves_nothing(
+    tmp_path: Path, built: Built, host: Host, device: DataDir
+) -> None:
+    """Not the rolled-back trial's model: the state says the old slot is active, so that is what would answer."""
+    k1 = load_signing_key(built.private_key).fingerprint
+    rotate_release_key(host.root_keys)
+    TrustStore(device).update((), parse_release_keys(host.documents()[1]))
+    agent = InProcessDaemon(device)
+    try:
+        served = agent.daemon.agent
+        trial = install_bundle(device, resign(built, tmp_path, "r2", {"release": 2}, host.signing_key), trial=True)
+        served._activate(trial.model)  # what the updater does with a trial
+        served.state = device.load_state()
+        revoke_release_key(k1, host.root_keys)
+        events = agent.send(*host.documents())
+        assert events["trust_updated"]["active_revoked"] is None  # the trial's key (k2) serves on
+        rollback_trial(device, "health check failed")  # the trial fails: back to slot a, signed by k1
+        agent.daemon.updater._serve_active()
+        assert served.model is None and "cannot be served after the rollback" in (served.fault or "")
+        assert "which is revoked" in (device.load_state().last_error or "")
+        assert served.state_message(online=True)["health"] == "no_model"
+        with pytest.raises(ActiveSlotDamagedError, match="which is revoked"):
+            served.predict(np.zeros(trial.model.n_features, dtype=np.float32))
+    finally:
+        agent.close()
+
+
+def test_a_disk_error_after_the_journal_commits_is_an_applied_update(
+    tmp_path: Path, built: Built, host: Host, device: DataDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers take the new state from pending.json: the answer says applied, and the revocation is enforced."""
+    import edgeops_agent.trust as trust_module
+
+    k1 = load_signing_key(built.private_key).fingerprint
+    real_write = trust_module.write_durably
+    full: set[str] = set()
+
+    def write(path: Path, data: bytes) -> None:
+        if path.name in full:
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(trust_module, "write_durably", write)
+    agent = InProcessDaemon(device)
+    try:
+        rotate_release_key(host.root_keys)
+        revoke_release_key(k1, host.root_keys)  # v3 revokes the key of the serving model
+        roots, v3 = host.documents()
+        full.add("revoked.json")
+        events = agent.send(roots, v3)
+        assert "trust_update_refused" not in events and "command_done" in events, events
+        updated = events["trust_updated"]
+        assert (updated["keys_version"], updated["revoked"], updated["changed"]) == (3, [k1], True)
+        assert "No space left on device" in updated["warning"] and "pending.json" in updated["warning"]
+        assert updated["active_revoked"] and agent.daemon.agent.model is None
+        assert "pending.json" in trust_files(device)
+        full.clear()
+        again = agent.send(roots, v3)["trust_updated"]  # the next writer finishes the journal
+        assert again["changed"] is False and "warning" not in again
+        assert sorted(trust_files(device)) == ["release-keys.json", "revoked.json", "root.json"]
+        # Before the commit point it is a refusal, and no file changes.
+        renew = signed_by({**v3["signed"], "version": 4}, *host.root_keys)
+        full.add("pending.json")
+        before = trust_files(device)
+        events = agent.send(roots, renew)
+        assert set(events) == {"trust_update_refused", "command_failed"}, events
+        assert trust_files(device) == before
+    finally:
+        agent.close()
+
+
+def test_a_device_many_root_versions_behind_catches_up_in_one_push(
+    tmp_path: Path, host: Host, device: DataDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chain cannot be applied in parts (each rotation re-signs the list with the new root only): one command."""
+    import edgeops_core.messages as messages
+    from edgeops_core.trust import trust_update_args
+
+    keys = host.root_keys
+    for i in range(10):  # root versions 2..11: more than the old 8-root window
+        keys = rotate_root(keys, generate=1, out=tmp_path / f"root-{i}", threshold=1).new_keys
+    trusted = load_host_trust()
+    assert trusted is not None
+    roots, listed = trusted.update_documents()
+    assert [r["signed"]["version"] for r in roots] == list(range(1, 12)) and trusted.oldest_reachable_root() == 1
+    update = TrustStore(device).update(*trust_update_args(parse_command_args(trust_update_command(roots, listed))))
+    assert (update.state.root.version, update.state.release_keys.version) == (11, 11)  # type: ignore[union-attr]
+    # What does not fit in one command is left out, oldest first, and the host says which devices it strands.
+    monkeypatch.setattr(messages, "MAX_COMMAND_BYTES", len(trust_update_command(roots[-4:], listed)) + 100)
+    cut, _ = trusted.update_documents()
+    assert [r["signed"]["version"] for r in cut] == [8, 9, 10, 11] and trusted.oldest_reachable_root() == 7
+
+
+def parse_command_args(payload: bytes) -> Any:
+    from edgeops_core import parse_command
+
+    return parse_command(payload).args
+
+
+def test_provisioning_a_root_refuses_a_model_signed_by_a_key_the_list_does_not_name(
+    tmp_path: Path, built: Built, host: Host
+) -> None:
+    """A development-key model would otherwise serve on, and stay a rollback target, vouched for by no root."""
+    data = DataDir(tmp_path / "dev-device")
+    dev = generate_keypair(tmp_path / "dev-key")
+    TrustStore(data).add_development_key(dev.public)
+    install_bundle(data, resign(built, tmp_path, "dev-r1", {}, dev.private), target="ecu")
+    root = load_metadata((host.out / "root.json").read_bytes())
+    v1 = load_metadata((host.out / "release-keys.json").read_bytes())
+    fp = load_signing_key(dev.private).fingerprint
+    for listed, which in ((v1, "release-key list version 1 does not name"), (None, "no release-key list names")):
+        with pytest.raises(TrustError, match=f"slot a .* signed by key sha256:{fp[:16]}…, which {which}"):
+            TrustStore(data).provision(root, listed)
+        assert not TrustStore(data).has_root()
+    rotate_release_key(host.root_keys, new_key=dev.public)  # the remedy: a list that names the key
+    assert TrustStore(data).provision(root, host.documents()[1]).state.release_keys.version == 2  # type: ignore[union-attr]
+    assert Agent(data).model is not None
+
+
+def test_an_interrupted_root_rotation_leaves_the_host_usable(
+    tmp_path: Path, built: Built, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full between the host's release-keys.json and root.json: builds and the next rotation still work."""
+    import edgeops_toolchain.keyring as keyring
+
+    real_write = keyring.write_atomically
+
+    def write(path: Path, data: bytes) -> None:
+        if (path.parent.name, path.name) == ("trust", "root.json"):  # the host's current root, not out/root.json
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(keyring, "write_atomically", write)
+    with pytest.raises(InputError, match="No space left on device"):
+        rotate_root(host.root_keys, generate=1, out=tmp_path / "new-root")
+    monkeypatch.setattr(keyring, "write_atomically", real_write)
+    trusted = load_host_trust()  # root.json v1, release-keys.json v2 (signed by the old and the new root)
+    assert trusted is not None and (trusted.root.version, trusted.release_keys.version) == (1, 2)  # type: ignore[union-attr]
+    assert [r.version for r in trusted.root_history()] == [1]  # the unpublished v2 copy is not sent
+    assert check_signing_key(load_signing_key(built.private_key), source="k") is not None  # builds work
+    rotation = rotate_root(host.root_keys, generate=1, out=tmp_path / "retry")
+    assert (rotation.root.version, rotation.release_keys.version) == (2, 3)  # type: ignore[union-attr]

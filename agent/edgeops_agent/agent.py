@@ -391,6 +391,9 @@ class Agent:
         self._activate(result.model)
         self.fault = None
         self.state = self.data_dir.load_state()
+        # A trust_update handled since the install's commit found the old model serving;
+        # the one just activated is checked here.
+        self.enforce_revocations()
         self.event(
             "install_activated",
             {
@@ -414,25 +417,39 @@ class Agent:
         Returns:
             Why the model was stopped, or ``None`` if it serves on (or none served).
         """
-        model = self.model
-        if model is None:
-            return None
-        try:
-            revoked = TrustStore(self.data_dir).revoked()
-        except EdgeopsError as exc:  # a damaged trust store: the next start-up fails closed the same way
-            revoked, why = frozenset({model.signer}), f"the trust store cannot be read ({exc})"
-        else:
-            why = f"its signing key sha256:{model.signer[:16]}… is revoked"
-        if model.signer not in revoked and (model.signer or not revoked):
-            return None
-        m = model.manifest
-        reason = (
-            f"active slot {self.state.active} ({m.name} release {m.release}) is no longer served: {why}; install a "
-            "release signed by a current release key (docs/adr/0018)"
-        )
-        with self._lock:
-            if self.model is not model:  # replaced meanwhile (an install): the new one verified against current keys
+        while True:
+            model = self.model
+            if model is None:
                 return None
+            try:
+                revoked = TrustStore(self.data_dir).revoked()
+            except EdgeopsError as exc:  # a damaged trust store: the next start-up fails closed the same way
+                revoked, why = frozenset({model.signer}), f"the trust store cannot be read ({exc})"
+            else:
+                why = f"its signing key sha256:{model.signer[:16]}… is revoked"
+            if model.signer not in revoked and (model.signer or not revoked):
+                return None
+            m = model.manifest
+            reason = (
+                f"active slot {self.state.active} ({m.name} release {m.release}) is no longer served: {why}; install a "
+                "release signed by a current release key (docs/adr/0018)"
+            )
+            if self._stop_serving(reason, only=model):
+                return reason
+            # Replaced meanwhile (an install, a rollback): its key was checked before a
+            # revocation that may have landed since, so check the model serving now.
+
+    def _stop_serving(self, reason: str, *, only: LoadedModel | None = None) -> bool:
+        """Serve no model from now on, as after a failed start-up check: :attr:`fault` and ``last_error`` say why.
+
+        With ``only``, nothing happens unless that model is the one serving.
+
+        Returns:
+            Whether the model was dropped.
+        """
+        with self._lock:
+            if only is not None and self.model is not only:
+                return False
             self.model = None
         self.fault = reason
         log.error("%s", reason)
@@ -441,7 +458,7 @@ class Agent:
             state.last_error = reason[:500]
             self.data_dir.save_state(state)
             self.state = state
-        return reason
+        return True
 
     def predict(self, features: Any) -> Prediction:
         """Run the active model on one raw feature vector.

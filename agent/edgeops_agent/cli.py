@@ -134,6 +134,8 @@ def _trust_line(update: Any) -> str:
     detail = update.detail()
     revoked = f", revoked {', '.join(k[:16] + '…' for k in detail['revoked'])}" if detail["revoked"] else ""
     what = "updated" if update.changed else "unchanged (the same documents are trusted already)"
+    if update.warning is not None:
+        click.echo(f"warning: {update.warning}", err=True)
     return f"trust {what}: root version {detail['root_version']}, release-key list version {detail['keys_version']}{revoked}"
 
 

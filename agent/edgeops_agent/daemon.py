@@ -31,8 +31,10 @@ rolls back before the model loads) and resumes an unfinished deploy once connect
 ``commit`` and ``rollback`` end a held deploy (issue 9); for a deploy that is not held they
 are answered ``command_rejected`` (:class:`~edgeops_agent.errors.CommandRejectedError`).
 ``trust_update`` goes to the trust store (:class:`~edgeops_agent.trust.TrustStore`, verified
-whole before anything is written): ``trust_updated``, or ``trust_update_refused`` and
-``command_failed``; an active model whose key it revokes stops serving (ADR 0018).
+whole before anything is written): ``trust_updated`` (with a ``warning`` when a file after
+the journal's commit point could not be written), or ``trust_update_refused`` and
+``command_failed`` (nothing changed); either way, an active model whose key is now revoked
+stops serving (ADR 0018).
 
 Test-only: ``EDGEOPS_AGENT_FAULT`` (:mod:`edgeops_agent.fault`) is parsed before anything
 starts; a malformed value stops the start with one :class:`ConfigError` line.
@@ -147,17 +149,23 @@ def _rollback(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
 
 
 def _trust_update(daemon: Daemon, cmd: Command) -> Mapping[str, Any]:
-    # Everything is verified before a byte is written: a refusal changes nothing trusted.
+    # Everything is verified before a byte is written: a refusal changes nothing trusted. A
+    # disk error after the journal's commit point is no refusal: the update is applied, with
+    # a warning (TrustStore._write).
+    stopped: str | None = None
     try:
-        update = TrustStore(daemon.data).update(*trust_update_args(cmd.args))
-    except (TrustError, AgentError) as exc:  # refused, or the disk
-        daemon._event("trust_update_refused", {"id": cmd.id, "reason": str(exc)})
-        raise CommandFailedError(f"trust_update refused: {exc}") from exc
+        try:
+            update = TrustStore(daemon.data).update(*trust_update_args(cmd.args))
+        except (TrustError, AgentError) as exc:  # refused, or the journal could not be written
+            daemon._event("trust_update_refused", {"id": cmd.id, "reason": str(exc)})
+            raise CommandFailedError(f"trust_update refused: {exc}") from exc
+    finally:
+        # Whatever the outcome: finishing an earlier update's journal may have revoked a key too.
+        stopped = daemon.agent.enforce_revocations()  # ADR 0018: a revoked active bundle stops serving
+        if stopped:
+            daemon.publish_state()
     detail = update.detail()
-    stopped = daemon.agent.enforce_revocations()  # ADR 0018: a revoked active bundle stops serving
     daemon._event("trust_updated", {"id": cmd.id, "source": "command", **detail, "active_revoked": stopped})
-    if stopped:
-        daemon.publish_state()
     return detail
 
 

@@ -22,6 +22,10 @@ under the data directory's lock (:meth:`DataDir.lock`):
    step-2 checks on *its* manifest, load its model and run the self-test vectors;
 5. commit: one atomic state write makes the slot active and raises the floor (or, for a
    trial, makes it active on trial: see :mod:`edgeops_agent.store` and :func:`confirm_trial`).
+   Just before it, under the trust store's lock (:meth:`~edgeops_agent.trust.TrustStore.held`),
+   the key that signed the bundle must still be one a bundle may be signed by: a
+   ``trust_update`` handled on another thread since step 1 may have revoked it, and none
+   can run between that check and the commit.
 
 A crash (kill -9) anywhere before step 5 leaves the state pointing at the old slot, so the
 old model keeps running; the next lock holder removes the temporary files.
@@ -52,11 +56,13 @@ from edgeops_agent.store import PROCESS_TOKEN, AgentState, DataDir, SlotInfo, Sl
 from edgeops_agent.trust import TrustStore
 from edgeops_core import (
     MAX_BUNDLE_BYTES,
+    SIGNATURE_MEMBER,
     BundleError,
     BundleFormatError,
     EdgeopsError,
     InputError,
     Manifest,
+    SignatureError,
     format_time,
     read_bundle_file,
     read_members,
@@ -283,7 +289,13 @@ def _install(
             model_name=manifest.name,
             last_error=None,
         )
-    data_dir.save_state(new)  # the commit point
+    with store.held():
+        try:
+            _still_trusted(store, on_disk.signer)
+        except BaseException:
+            path.unlink(missing_ok=True)  # the state records the slot as empty since step 3
+            raise
+        data_dir.save_state(new)  # the commit point
     return InstallResult(
         slot=slot,
         name=manifest.name,
@@ -294,6 +306,22 @@ def _install(
         model=model,
         trial=trial,
         trust=embedded,
+    )
+
+
+def _still_trusted(store: TrustStore, signer: str) -> None:
+    """Step 5's check (the caller holds the trust store's lock).
+
+    Raises:
+        SignatureError: ``signer`` is no longer a key a bundle may be signed by.
+        TrustError: the trusted metadata expired or is damaged meanwhile.
+    """
+    if any(key.fingerprint == signer for key in store.bundle_keys()):
+        return
+    raise SignatureError(
+        f"the bundle is signed by key sha256:{signer[:16]}…, which is no longer a trusted key: a trust update revoked "
+        "or removed it while the bundle was being installed; install a release signed by a current release key",
+        member=SIGNATURE_MEMBER,
     )
 
 

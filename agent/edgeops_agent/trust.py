@@ -21,11 +21,19 @@ Invariants:
   ``revoked.json`` are replaced one by one and ``pending.json`` is deleted. A reader that finds
   ``pending.json`` takes the state from it, and the next update finishes it first. So a kill -9
   between any two files leaves the old state or the new one, never a mix of the two;
+* once ``pending.json`` is written the update is applied, whatever happens next: a file that
+  then cannot be replaced (disk full) is reported as a warning of the applied update
+  (:attr:`~edgeops_core.trust.TrustUpdate.warning`), never as a refusal;
 * one update at a time: the data directory's lock between processes, a lock per directory
   between threads (a ``trust_update`` command and an over-the-air install carrying a list),
   which readers in the process hold too, so none reads half an update. A reader in another
   process (``status`` beside a running daemon) may, and then reports the store as damaged
-  once; revocations it reads are never fewer than before the update;
+  once; revocations it reads are never fewer than before the update. An install holds that
+  lock (:meth:`TrustStore.held`) from its last check of the signer to its commit, so no
+  ``trust_update`` revokes the key in between;
+* provisioning a root never leaves a model serving on a key its list does not name
+  (:meth:`TrustStore.provision`): from then on every servable slot was signed by a listed
+  key, and only a revocation takes one out of service;
 * reading the revoked key ids (:meth:`TrustStore.revoked`) parses JSON only, so a serving agent
   checks its active bundle's key at start-up without loading ``cryptography``;
 * damaged trust files are an error (:class:`~edgeops_core.TrustError`), never read as "no
@@ -35,6 +43,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -46,9 +55,10 @@ from typing import Any
 
 from edgeops_agent.errors import AgentError
 from edgeops_agent.store import DataDir, write_durably
-from edgeops_core import BundleError, EdgeopsError, TrustedKey
+from edgeops_core import SIGNATURE_MEMBER, BundleError, EdgeopsError, TrustedKey, read_members
 from edgeops_core._json import load_untrusted_json
 from edgeops_core.bundle import read_manifest_member
+from edgeops_core.signature import key_hint
 from edgeops_core.trust import (
     MAX_METADATA_BYTES,
     ReleaseKeyList,
@@ -127,6 +137,14 @@ class TrustStore:
         self.keys_path = self.folder / KEYS_FILE
         self.revoked_path = self.folder / REVOKED_FILE
         self.pending_path = self.folder / PENDING_FILE
+
+    def held(self) -> threading.RLock:
+        """This directory's trust lock in this process, as a context manager: no update runs while it is held.
+
+        Re-entrant; an install holds it from its last check of the signer to its commit.
+        (Between processes the data directory's lock excludes updates already.)
+        """
+        return _guard(self.data.root)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -256,13 +274,18 @@ class TrustStore:
         """Install the first root (trust on first use, by whoever sets the device up), and optionally a list.
 
         The root must be signed by a threshold of its own keys and not be expired. The same
-        root again is a no-op (a list with it is then applied as an update).
+        root again is a no-op (a list with it is then applied as an update). A device that
+        already holds a model must get the list with the root, and the list must name the key
+        that signed each slot that may serve (the active one, and the rollback target of a
+        pending trial): otherwise a development key would go on signing what the device
+        serves, vouched for by no root (docs/adr/0018).
 
         Raises:
-            TrustError: malformed, under-signed or expired; or another root is already
-                provisioned (rotate it with a ``trust_update`` signed by the current root).
+            TrustError: malformed, under-signed or expired; another root is already
+                provisioned (rotate it with a ``trust_update`` signed by the current root);
+                or a slot that may serve is signed by a key the list does not name.
             DataDirLockedError: another process works on the data directory.
-            AgentError: the files cannot be written.
+            AgentError: the journal (``pending.json``) cannot be written (nothing changed).
         """
         moment = now or datetime.now(UTC)
         root = parse_root(root_doc)
@@ -280,12 +303,44 @@ class TrustStore:
             verify_root(root, moment)
             update = plan_update(TrustState(root=root), (), doc, moment) if doc is not None else None
             state = update.state if update is not None else TrustState(root=root)
-            self._write(state, root_changed=True, keys_changed=doc is not None)
+            self._check_servable_slots(state)
+            warning = self._write(state, root_changed=True, keys_changed=doc is not None)
             return TrustUpdate(
                 state=state,
                 roots=(root,),
                 release_keys_changed=doc is not None,
                 newly_revoked=tuple(sorted(state.revoked)),
+                warning=warning,
+            )
+
+    def _check_servable_slots(self, state: TrustState) -> None:
+        """Refuse a first root whose list does not name the signer of a slot that may serve."""
+        try:
+            agent_state = self.data.load_state()
+        except EdgeopsError as exc:
+            raise TrustError(f"cannot check the installed slots before provisioning a root: {exc}") from exc
+        slots = [agent_state.active]
+        if agent_state.trial is not None:
+            slots.append(agent_state.trial.previous)  # a rollback would serve it again
+        doc = state.release_keys
+        listed = {k for k in (doc.keys if doc is not None else {}) if k not in state.revoked}
+        for slot in dict.fromkeys(s for s in slots if s is not None):
+            info = agent_state.slots.get(slot)
+            if info is None:
+                continue
+            try:
+                signer = key_hint(read_members(self.data.slot_path(slot).read_bytes())[SIGNATURE_MEMBER])
+            except (OSError, EdgeopsError, KeyError):
+                continue  # unreadable or damaged: its start-up check refuses to serve it anyway
+            if signer in listed:
+                continue
+            which = f"release-key list version {doc.version} does not name" if doc is not None else "no release-key list names"
+            key = f"key sha256:{signer[:16]}…" if signer else "an unnamed key"
+            raise TrustError(
+                f"slot {slot} ({info.name} release {info.release}) is signed by {key}, which {which}: with this root it "
+                "would keep serving on a key no root vouched for. Provision the root with a list that names the key "
+                "(--release-keys; `edgeops keys rotate --new-key PUB.pem` adds it), or first install a release signed "
+                "by a listed key"
             )
 
     def update(
@@ -297,8 +352,9 @@ class TrustStore:
             TrustError: refused (no root provisioned, or a rule of ``plan_update``); nothing
                 trusted changed.
             DataDirLockedError: another process works on the data directory.
-            AgentError: the files cannot be written (the old state stays, or the new one
-                completes at the next update).
+            AgentError: the journal (``pending.json``) cannot be written: nothing trusted
+                changed. A file that fails after it is a warning of the applied update
+                (:attr:`~edgeops_core.trust.TrustUpdate.warning`), finished by the next update.
         """
         moment = now or datetime.now(UTC)
         with self.data.lock("trust"), _guard(self.data.root):
@@ -324,7 +380,7 @@ class TrustStore:
 
         Raises:
             DataDirLockedError: another process works on the data directory.
-            AgentError: the files cannot be written.
+            AgentError: the journal (``pending.json``) cannot be written (nothing changed).
         """
         if not self.has_root():
             return None
@@ -352,11 +408,22 @@ class TrustStore:
     ) -> TrustUpdate:
         update = plan_update(current, roots, doc, now)
         if update.changed:
-            self._write(update.state, root_changed=bool(update.roots), keys_changed=update.release_keys_changed)
+            warning = self._write(update.state, root_changed=bool(update.roots), keys_changed=update.release_keys_changed)
+            if warning is not None:
+                update = dataclasses.replace(update, warning=warning)
         return update
 
-    def _write(self, state: TrustState, *, root_changed: bool, keys_changed: bool) -> None:
-        """Commit ``state`` (the caller holds both locks): pending.json, the files, then no pending.json."""
+    def _write(self, state: TrustState, *, root_changed: bool, keys_changed: bool) -> str | None:
+        """Commit ``state`` (the caller holds both locks): pending.json, the files, then no pending.json.
+
+        Returns:
+            ``None``, or a warning: the commit point passed (``pending.json`` is in place, so
+            every reader takes the new state from it) but a file after it could not be
+            written; the next writer finishes the journal.
+
+        Raises:
+            AgentError: ``pending.json`` could not be written: nothing changed.
+        """
         doc = state.release_keys
         pending = {
             "root": state.root.to_dict(),
@@ -366,9 +433,26 @@ class TrustStore:
         try:
             write_durably(self.pending_path, json.dumps(pending, sort_keys=True, separators=(",", ":")).encode() + b"\n")
         except OSError as exc:
-            raise AgentError(f"{self.pending_path}: cannot write the trust store: {exc.strerror or exc}") from exc
+            # The caller finished any earlier journal, so a pending.json now is this one: renamed
+            # into place, only the folder's fsync failed, and readers already take it.
+            if not self.pending_path.exists():
+                raise AgentError(f"{self.pending_path}: cannot write the trust store: {exc.strerror or exc}") from exc
+            return self._committed_but(f"{self.folder}: cannot sync the trust store: {exc.strerror or exc}")
         self._crash_point("trust_pending")
-        self._finish_pending(root_changed=root_changed, keys_changed=keys_changed)
+        try:
+            self._finish_pending(root_changed=root_changed, keys_changed=keys_changed)
+        except AgentError as exc:
+            return self._committed_but(str(exc))
+        return None
+
+    @staticmethod
+    def _committed_but(problem: str) -> str:
+        warning = (
+            f"applied, but not every trust file was replaced ({problem}): the device uses the new state from "
+            "pending.json, and the next trust update finishes writing the files"
+        )
+        log.warning("%s", warning)
+        return warning
 
     def _finish_pending(self, *, root_changed: bool = True, keys_changed: bool = True) -> None:
         """Replace the files from ``pending.json`` and delete it (a no-op without one).

@@ -563,6 +563,9 @@ class Updater:
         agent._activate(model)  # the same switch Agent.install makes
         agent.fault = None
         agent.state = self.data.load_state()
+        # A trust_update handled since the install (or the load) checked this model's key
+        # found the previous model serving: check this one now.
+        agent.enforce_revocations()
         self._state_changed()
 
     def _budget_ms(self, model: LoadedModel) -> float:
@@ -760,8 +763,11 @@ class Updater:
                 revoked=TrustStore(self.data).revoked(),  # a rollback target signed by a revoked key is not served
             )
         except (OSError, EdgeopsError) as exc:
-            agent.fault = f"the previous slot {state.active} cannot be served after the rollback: {exc}"
-            log.error("%s", agent.fault)
+            # The rolled-back trial model must not go on answering while the state says the old
+            # slot is active: serve nothing, as a start-up with that slot would.
+            agent.flush_drift()
+            agent._stop_serving(f"the previous slot {state.active} cannot be served after the rollback: {exc}")
+            self._state_changed()
             return
         self._serve(model)
 

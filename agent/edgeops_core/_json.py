@@ -4,7 +4,8 @@
 ``RecursionError``, which no caller expects; and a 400-digit integer parses, then breaks
 ``math.isfinite``. Every JSON document that arrives from outside (``manifest.json``,
 ``model.sig`` and its signed statement) goes through :func:`load_untrusted_json`, which
-turns both into ``ValueError`` so each caller converts it into its own typed error.
+turns both, and an object with the same name twice, into ``ValueError`` so each caller
+converts it into its own typed error.
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"non-finite number {name} is not allowed")
 
 
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal names; a signature over one reading of a document
+    # must not be checked against another, so a name given twice is refused.
+    obj: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in obj:
+            raise ValueError(f"object has the name {name[:60]!r} twice")
+        obj[name] = value
+    return obj
+
+
 def _depth(value: object) -> int:
     """Nesting depth of a parsed document, computed without recursion."""
     deepest = 0
@@ -51,7 +63,8 @@ def _depth(value: object) -> int:
 def load_untrusted_json(data: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Parse UTF-8 JSON from an untrusted source.
 
-    Rejects NaN/Infinity, integers over 20 digits and nesting deeper than ``max_depth``.
+    Rejects NaN/Infinity, integers over 20 digits, an object with the same name twice and
+    nesting deeper than ``max_depth``.
 
     Raises:
         ValueError: not UTF-8 (``UnicodeDecodeError`` is a ``ValueError``), not JSON, or
@@ -59,7 +72,7 @@ def load_untrusted_json(data: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """
     text = data.decode("utf-8")
     try:
-        doc = json.loads(text, parse_int=_parse_int, parse_constant=_reject_constant)
+        doc = json.loads(text, parse_int=_parse_int, parse_constant=_reject_constant, object_pairs_hook=_unique_object)
     except RecursionError as exc:
         # The C decoder stops at the interpreter's recursion limit and unwinds cleanly.
         raise ValueError(f"nested deeper than {max_depth} levels") from exc

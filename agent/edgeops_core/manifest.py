@@ -157,6 +157,8 @@ class Lineage:
     release whose model this one ships again, byte for byte (``None`` for a build).
     ``field_datasets`` are the digests (``sha256:<hex>``, sorted) of the field datasets
     (:mod:`edgeops_core.fielddata`) the build trained on and measured with; ``()`` when none.
+    ``model_digest`` (``sha256:<hex>``) is the digest of the trained model file the project
+    brought (``[model] weights``, ``program`` or ``onnx``); ``None`` when the build trained it.
     """
 
     dataset_digest: str
@@ -167,6 +169,7 @@ class Lineage:
     runtime_version: str | None = None
     reverted_to: int | None = None
     field_datasets: tuple[str, ...] = ()
+    model_digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,8 @@ class Manifest:
             lineage["reverted_to"] = self.lineage.reverted_to
         if self.lineage.field_datasets:
             lineage["field_datasets"] = list(self.lineage.field_datasets)
+        if self.lineage.model_digest is not None:
+            lineage["model_digest"] = self.lineage.model_digest
         return {
             "schema_version": self.schema_version,
             "name": self.name,
@@ -400,6 +405,7 @@ def _from_dict(raw: object) -> Manifest:
             runtime_version=None if lin.get("runtime_version") is None else _R.string(lin, "runtime_version", "lineage"),
             reverted_to=None if reverted is None else _R.as_int(reverted, "lineage.reverted_to", minimum=1),
             field_datasets=field_datasets,
+            model_digest=None if lin.get("model_digest") is None else _R.string(lin, "model_digest", "lineage"),
         ),
         created=_R.string(m, "created"),
         expires=_R.string(m, "expires"),
@@ -498,3 +504,5 @@ def _check_invariants(m: Manifest) -> None:  # noqa: C901 - one flat list of sch
         raise _fail("lineage.field_datasets must be a list of 'sha256:' + 64 hex digit digests")
     if list(digests) != sorted(set(digests)):
         raise _fail("lineage.field_datasets must be sorted and without repeats")
+    if m.lineage.model_digest is not None and not _FIELD_DIGEST.fullmatch(m.lineage.model_digest):
+        raise _fail("lineage.model_digest must be 'sha256:' + 64 hex digits")

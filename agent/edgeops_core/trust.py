@@ -118,9 +118,12 @@ MAX_KEYS = 32
 MAX_SIGNATURES = 32
 #: Most key ids one list may revoke.
 MAX_REVOKED = 256
-#: Most root documents one ``trust_update`` may carry (a device that missed more catches up in
-#: several updates).
-MAX_ROOT_CHAIN = 8
+#: Most root documents one ``trust_update`` may carry. A chain cannot be split over several
+#: updates (each root rotation re-signs the list with the new root's keys only, so a device
+#: stopped half-way would hold a list its root does not sign, which :func:`plan_update`
+#: refuses): a device catches up in one update, so the bound is generous and the command's
+#: size (64 KiB, about 30 roots of 3 keys) usually binds first.
+MAX_ROOT_CHAIN = 64
 _KEYID = re.compile(r"[0-9a-f]{64}")
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 _PEM_HEAD = "-----BEGIN PUBLIC KEY-----"
@@ -131,8 +134,16 @@ _ROLE_NAMES = {ROOT_TYPE: "root", RELEASE_KEYS_TYPE: "release-key list"}
 
 
 def canonical_bytes(signed: Mapping[str, Any]) -> bytes:
-    """The bytes a metadata signature covers: ``signed`` as sorted, compact UTF-8 JSON."""
-    return json.dumps(signed, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    """The bytes a metadata signature covers: ``signed`` as sorted, compact UTF-8 JSON.
+
+    Raises:
+        TrustError: a string that has no UTF-8 form (a lone surrogate, which JSON's ``\\ud800``
+            escape can carry), or a value JSON cannot hold.
+    """
+    try:
+        return json.dumps(signed, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except (UnicodeError, ValueError, TypeError) as exc:
+        raise TrustError(f"metadata has no canonical form: {exc}") from exc
 
 
 def _parse_time(text: str) -> datetime:
@@ -258,8 +269,11 @@ def _keys(raw: object, where: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for keyid, pem in raw.items():
         _keyid(keyid, f"{where} key id")
-        if not isinstance(pem, str) or not pem.startswith(_PEM_HEAD) or len(pem) > _MAX_PEM_CHARS:
-            raise TrustError(f"{where}[{keyid[:16]}…] must be a PEM public key of at most {_MAX_PEM_CHARS} characters")
+        # PEM is ASCII by definition (RFC 7468); anything else (a lone surrogate) has no UTF-8 form.
+        if not isinstance(pem, str) or not pem.startswith(_PEM_HEAD) or len(pem) > _MAX_PEM_CHARS or not pem.isascii():
+            raise TrustError(
+                f"{where}[{keyid[:16]}…] must be a PEM public key of at most {_MAX_PEM_CHARS} characters, ASCII only"
+            )
         out[keyid] = pem
     return out
 
@@ -412,7 +426,9 @@ def _load_keys(meta: _Metadata) -> dict[str, TrustedKey]:
     out: dict[str, TrustedKey] = {}
     for keyid, pem in meta.keys.items():
         try:
-            key = TrustedKey.from_pem(pem.encode(), source=f"{meta.role} key {keyid[:16]}…")
+            key = TrustedKey.from_pem(pem.encode("ascii"), source=f"{meta.role} key {keyid[:16]}…")
+        except UnicodeError as exc:  # parse_* refuse it first; a document built in code may not have been parsed
+            raise TrustError(f"{meta.role} key {keyid[:16]}… is not an ASCII PEM: {exc}") from exc
         except KeyFileError as exc:
             raise TrustError(str(exc)) from exc
         if key.fingerprint != keyid:
@@ -563,12 +579,15 @@ class TrustUpdate:
         roots: the root documents to store, one per version applied (empty: root unchanged).
         release_keys_changed: the list is new.
         newly_revoked: key ids revoked by this update and not before, sorted.
+        warning: set when the update is committed but not every file could be replaced (the
+            next writer finishes it; readers already see the new state).
     """
 
     state: TrustState
     roots: tuple[RootMetadata, ...] = ()
     release_keys_changed: bool = False
     newly_revoked: tuple[str, ...] = ()
+    warning: str | None = None
 
     @property
     def changed(self) -> bool:
@@ -576,15 +595,21 @@ class TrustUpdate:
         return bool(self.roots) or self.release_keys_changed
 
     def detail(self) -> dict[str, Any]:
-        """The ``trust_updated`` event's detail: versions, newly revoked ids, how many are revoked in all."""
+        """The ``trust_updated`` event's detail: versions, newly revoked ids, how many are revoked in all.
+
+        ``warning`` is there only when set (:attr:`warning`).
+        """
         doc = self.state.release_keys
-        return {
+        detail: dict[str, Any] = {
             "root_version": self.state.root.version,
             "keys_version": doc.version if doc is not None else None,
             "revoked": list(self.newly_revoked),
             "revoked_total": len(self.state.revoked),
             "changed": self.changed,
         }
+        if self.warning is not None:
+            detail["warning"] = self.warning
+        return detail
 
 
 def plan_update(

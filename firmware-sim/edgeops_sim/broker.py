@@ -7,6 +7,7 @@ subscribers' reconnects, not the broker's memory. The tests use the same class.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -40,10 +41,17 @@ def mosquitto_binary() -> str:
     raise SimError("mosquitto is not installed (apt-get install mosquitto; scripts/setup.sh does it), or pass --broker URL")
 
 
-def _more_files() -> None:
-    """In the child: as many open files as the hard limit allows (one per connection)."""
+def _more_files(pid: int) -> None:
+    """As many open files for ``pid`` as the hard limit allows (one per connection).
+
+    Set from outside with ``prlimit`` rather than in a ``preexec_fn``: a ``preexec_fn`` makes
+    ``subprocess`` run Python's fork handlers, and a library that registered one (JAX, pulled
+    in by the TFLite exporter) warns that forking a multithreaded process may deadlock.
+    Mosquitto checks the limit at each accept, so raising it right after the start is enough.
+    """
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with contextlib.suppress(OSError, ValueError):  # not permitted here: the default limit still serves a test fleet
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Broker:
@@ -109,9 +117,8 @@ class Broker:
             SimError: mosquitto is missing or did not listen within 10 s.
         """
         with open(self.folder / "log", "ab") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                [mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_more_files
-            )
+            self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=log)
+        _more_files(self.proc.pid)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

@@ -33,7 +33,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeops_core import InputError, KeyFileError, TrustedKey, format_time, write_atomically
+from edgeops_core import CommandError, InputError, KeyFileError, TrustedKey, format_time, write_atomically
+from edgeops_core.messages import trust_update_command
 from edgeops_core.trust import (
     MAX_KEYS,
     MAX_ROOT_CHAIN,
@@ -112,15 +113,40 @@ class HostTrust:
         found: dict[int, RootMetadata] = {}
         for path in (self.folder / "roots").glob("*.root.json"):
             doc = _read_doc(path, parse_root)
-            found[doc.version] = doc
+            # A copy above root.json is a rotation that stopped before root.json was written
+            # (disk full): never published, and redone (same version) by the next rotation.
+            if doc.version < self.root.version:
+                found[doc.version] = doc
         found[self.root.version] = self.root
         return [found[v] for v in sorted(found)]
 
     def update_documents(self) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-        """What a ``trust_update`` carries: the newest roots (oldest first, at most
-        :data:`~edgeops_core.trust.MAX_ROOT_CHAIN`) and the current list."""
-        roots = [r.to_dict() for r in self.root_history()[-MAX_ROOT_CHAIN:]]
-        return roots, self.release_keys.to_dict() if self.release_keys is not None else None
+        """What a ``trust_update`` carries: the current list and the newest roots, oldest first.
+
+        As many roots as one command holds (:data:`~edgeops_core.messages.MAX_COMMAND_BYTES`,
+        :data:`~edgeops_core.trust.MAX_ROOT_CHAIN`): a device applies the chain from its own
+        version in one update, and cannot take it in parts (see ``MAX_ROOT_CHAIN``). A device
+        whose root is older than the first one sent must be provisioned again
+        (:meth:`oldest_reachable_root`).
+        """
+        return self._fit()
+
+    def oldest_reachable_root(self) -> int:
+        """The oldest root version a device may have and still catch up with :meth:`update_documents`."""
+        roots, _ = self._fit()
+        return max(1, int(roots[0]["signed"]["version"]) - 1) if roots else self.root.version
+
+    def _fit(self) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        listed = self.release_keys.to_dict() if self.release_keys is not None else None
+        history = [r.to_dict() for r in self.root_history()[-MAX_ROOT_CHAIN:]]
+        # Drop the oldest roots until the command fits (a 3-key root is about 2 KiB).
+        for start in range(len(history)):
+            try:
+                trust_update_command(history[start:], listed, command_id="size-check")
+            except CommandError:
+                continue
+            return history[start:], listed
+        return history[-1:], listed  # the newest alone; trust_update_command names the size
 
 
 def _read_doc(path: Path, parse: Any) -> Any:
@@ -321,7 +347,11 @@ def _current_signing_keyid() -> str | None:
 
 
 def _save(host_folder: Path, *, root: RootMetadata | None = None, doc: ReleaseKeyList | None = None) -> None:
-    """Write the host's files: the root's history copy first, then the list, then the current root."""
+    """Write the host's files: the root's history copy first, then the list, then the current root.
+
+    Stopped part-way, the files stay usable: a history copy above ``root.json`` is ignored
+    (:meth:`HostTrust.root_history`), and a rotation's list is signed by the old root too.
+    """
     try:
         (host_folder / "roots").mkdir(parents=True, exist_ok=True)
         if root is not None:
@@ -557,8 +587,9 @@ def rotate_root(
     """Replace the root (TUF §5.3.4): root version + 1, signed by the old root and by the new keys.
 
     The new root's keys are ``new_keys`` (private keys), or ``generate`` new ones written to
-    ``out``. The current list is signed again by the new keys (version + 1), so devices that
-    take the new root keep a valid list.
+    ``out``. The current list is signed again (version + 1) by the new keys, so devices that
+    take the new root keep a valid list, and by the old ones, so the host's files stay valid
+    if it stops between writing the list and ``root.json``.
 
     Raises:
         InputError: no root on this host, old keys below the old threshold, no new key, a
@@ -588,8 +619,12 @@ def rotate_root(
     doc = None
     if host.release_keys is not None:
         current = host.release_keys
-        doc = _list(current.version + 1, current.keys, current.revoked, _expires(moment, expires_days), fresh)
+        # Signed by the old root's keys too (extra signatures count for nothing on a device on
+        # the new root): _save writes the list before root.json, and a host stopped between
+        # the two (disk full) must still hold a list its root.json signs, or every build fails.
+        doc = _list(current.version + 1, current.keys, current.revoked, _expires(moment, expires_days), signers)
         verify_release_keys(root, doc, current.version, moment)
+        verify_release_keys(host.root, doc, current.version, moment)
     if out is not None:
         try:
             write_atomically(out / "root.json", root.to_json())

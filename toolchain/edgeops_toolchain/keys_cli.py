@@ -274,6 +274,13 @@ def trust_push(
             raise InputError(f"{trust_dir() / 'root.json'}: no root of trust on this host; nothing to push")
         roots, listed = host.update_documents()
         payload = trust_update_command(roots, listed)
+        if roots and roots[0]["signed"]["version"] > 1:  # older roots did not fit in one command
+            click.echo(
+                f"warning: the command carries roots {roots[0]['signed']['version']}..{host.root.version} (what fits in one "
+                f"command): a device on a root older than version {host.oldest_reachable_root()} cannot catch up and must "
+                "be provisioned again",
+                err=True,
+            )
         targets = list(devices) or [row.device_id for row in fleet_status(url, prefix=prefix)]
         if not targets:
             raise InputError(f"no device has a retained state under {prefix}/ on {url}")
