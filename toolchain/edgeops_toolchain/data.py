@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from edgeops_toolchain.project import Checks, Project, load_entry
 __all__ = [
     "FIELD_SPLITS",
     "MIN_FIELD_REFERENCE_ROWS",
+    "NPZ_ARRAYS",
     "DataReport",
     "Dataset",
     "FieldRows",
@@ -41,6 +43,7 @@ __all__ = [
     "field_rows",
     "load_dataset",
     "load_field_data",
+    "load_npz",
     "reference_rows",
     "with_field_data",
 ]
@@ -123,13 +126,56 @@ class DataReport:
     reference_source: str = "training"
 
 
-def _names(raw: Mapping[str, object], key: str) -> tuple[str, ...]:
+def _names(raw: Mapping[str, object], key: str, where: str = "dataset") -> tuple[str, ...]:
     value = raw.get(key)
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
-        raise DataError(f"dataset: '{key}' must be a non-empty list of strings")
+        raise DataError(f"{where}: '{key}' must be a non-empty list of strings")
     if len(set(value)) != len(value):
-        raise DataError(f"dataset: '{key}' has duplicate names")
+        raise DataError(f"{where}: '{key}' has duplicate names")
     return tuple(value)
+
+
+#: The arrays of a ``[data] npz`` file: the dataset entry point's mapping, as arrays.
+NPZ_ARRAYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test", "feature_names", "label_names")
+
+
+def load_npz(path: Path) -> dict[str, object]:
+    """The dataset mapping stored in a ``[data] npz`` file (:data:`NPZ_ARRAYS`, nothing else).
+
+    Read with ``allow_pickle=False``: an object array (a pickle) is refused, never executed.
+    ``feature_names`` and ``label_names`` are 1-D string arrays; the other arrays are checked
+    by :func:`load_dataset` like an entry point's.
+
+    Raises:
+        DataError: the file is not a readable ``.npz``, or an array is missing, extra, pickled
+            or (for the names) not 1-D strings; the message names the array.
+    """
+    where = f"data.npz {path.name}"
+    arrays: dict[str, object] = {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            extra = sorted(set(npz.files) - set(NPZ_ARRAYS))
+            if extra:
+                raise DataError(f"{where}: unexpected array {extra[0]!r} (expected exactly {', '.join(NPZ_ARRAYS)})")
+            for name in NPZ_ARRAYS:
+                if name not in npz.files:
+                    raise DataError(f"{where}: array {name!r} is missing (expected {', '.join(NPZ_ARRAYS)})")
+                try:
+                    arrays[name] = npz[name]
+                except ValueError as exc:  # allow_pickle=False refuses object arrays here
+                    raise DataError(f"{where}: array {name!r} cannot be read without pickle: {exc}") from exc
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{where}: not a readable .npz file: {exc}") from exc
+    for name in ("feature_names", "label_names"):
+        value = arrays[name]
+        if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.kind != "U":
+            shape = list(value.shape) if isinstance(value, np.ndarray) else "?"
+            dtype = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+            raise DataError(f"{where}: array {name!r} must be 1-D strings, got dtype {dtype} shape {shape}")
+        arrays[name] = [str(v) for v in value]
+    return arrays
 
 
 def load_dataset(project: Project, *, field_data: Sequence[tuple[Path, FieldDataset]] | None = None) -> Dataset:
@@ -146,36 +192,43 @@ def load_dataset(project: Project, *, field_data: Sequence[tuple[Path, FieldData
             not match the project or fails a check.
         FieldDataError: a field dataset file cannot be read or is refused.
     """
-    func = load_entry(project, project.data_entry)
-    try:
-        raw = func(**project.data_params)
-    except Exception as exc:  # the project's code may raise anything
-        raise DataError(f"dataset entry {project.data_entry!r} raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(raw, Mapping):
-        raise DataError(f"dataset entry {project.data_entry!r} must return a mapping, got {type(raw).__name__}")
-    features, labels = _names(raw, "feature_names"), _names(raw, "label_names")
+    if project.data_npz is not None:
+        raw: Mapping[str, object] = load_npz(project.data_npz)
+        where = f"data.npz {project.data_npz.name}"
+    else:
+        entry = str(project.data_entry)
+        func = load_entry(project, entry)
+        try:
+            returned = func(**project.data_params)
+        except Exception as exc:  # the project's code may raise anything
+            raise DataError(f"dataset entry {entry!r} raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(returned, Mapping):
+            raise DataError(f"dataset entry {entry!r} must return a mapping, got {type(returned).__name__}")
+        raw = returned
+        where = "dataset"
+    features, labels = _names(raw, "feature_names", where), _names(raw, "label_names", where)
     arrays: dict[str, np.ndarray] = {}
     for split in SPLITS:
         x_raw, y_raw = raw.get(f"x_{split}"), raw.get(f"y_{split}")
         if x_raw is None or y_raw is None:
-            raise DataError(f"dataset: split '{split}' is missing (need x_{split} and y_{split})")
+            raise DataError(f"{where}: split '{split}' is missing (need x_{split} and y_{split})")
         x, y = np.asarray(x_raw), np.asarray(y_raw)
         if x.ndim != 2 or x.shape[1] != len(features):
             raise DataError(
-                f"dataset: x_{split} must have shape [rows, {len(features)}] (one column per feature name), got {list(x.shape)}"
+                f"{where}: x_{split} must have shape [rows, {len(features)}] (one column per feature name), got {list(x.shape)}"
             )
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-            raise DataError(f"dataset: x_{split} must be numeric, got dtype {x.dtype}")
+            raise DataError(f"{where}: x_{split} must be numeric, got dtype {x.dtype}")
         if y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise DataError(f"dataset: y_{split} must have shape [{x.shape[0]}] (one label per row), got {list(y.shape)}")
+            raise DataError(f"{where}: y_{split} must have shape [{x.shape[0]}] (one label per row), got {list(y.shape)}")
         if not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"dataset: y_{split} must hold integer class indices, got dtype {y.dtype}")
+            raise DataError(f"{where}: y_{split} must hold integer class indices, got dtype {y.dtype}")
         if x.shape[0] == 0:
-            raise DataError(f"dataset: split '{split}' is empty")
+            raise DataError(f"{where}: split '{split}' is empty")
         bad = (y < 0) | (y >= len(labels))
         if bad.any():
             row = int(np.argmax(bad))
-            raise DataError(f"dataset: y_{split}[{row}] = {int(y[row])} is not a class index in 0..{len(labels) - 1}")
+            raise DataError(f"{where}: y_{split}[{row}] = {int(y[row])} is not a class index in 0..{len(labels) - 1}")
         arrays[f"x_{split}"] = x.astype(np.float32)
         arrays[f"y_{split}"] = y.astype(np.int64)
     ds = Dataset(

@@ -68,9 +68,9 @@ from edgeops_toolchain.data import (
     load_field_data,
     reference_rows,
 )
-from edgeops_toolchain.errors import BudgetExceededError, BuildError, UnsupportedTargetError
+from edgeops_toolchain.errors import BudgetExceededError, BuildError, ProjectError, UnsupportedTargetError
 from edgeops_toolchain.keyring import check_signing_key
-from edgeops_toolchain.project import Project, load_entry
+from edgeops_toolchain.project import Project
 from edgeops_toolchain.registry import BuildRecord, Registry, now_text
 from edgeops_toolchain.signing import dev_key, load_signing_key, sign_members
 from edgeops_toolchain.validate import (
@@ -172,6 +172,34 @@ class BuildState:
     timings: dict[str, float] = field(default_factory=dict)
     current: Step | None = None
     loaded_field_data: tuple[tuple[Path, FieldDataset], ...] | None = None
+    brought_model: bytes | None = None
+
+    def model_file(self) -> bytes:
+        """The bytes of the project's trained model file, read once per build.
+
+        The train step's cache key, the loaded model, its cache entry and the lineage's
+        ``model_digest`` all come from these bytes, so a file edited during a build cannot
+        give a bundle whose digest names another model.
+
+        Raises:
+            ProjectError: the project gives no model file, or it cannot be read.
+        """
+        if self.brought_model is None:
+            path = self.project.model_file
+            if path is None:  # a step asked for a file the project does not give: a bug
+                raise ProjectError(f"internal: project {self.project.name!r} gives no trained model file")
+            try:
+                self.brought_model = path.read_bytes()
+            except OSError as exc:
+                where = self.project.root / "edgeops.toml"
+                raise ProjectError(f"{where}: {self.project.model_field()}: cannot read {path}: {exc}") from exc
+        return self.brought_model
+
+    def model_digest(self) -> str | None:
+        """``sha256:<hex>`` of :meth:`model_file`, or ``None`` when the build trains its model."""
+        if self.project.model_file is None:
+            return None
+        return "sha256:" + hashlib.sha256(self.model_file()).hexdigest()
 
     def field_data(self) -> tuple[tuple[Path, FieldDataset], ...]:
         """The project's field datasets, loaded (and digest-checked) once per build.
@@ -228,22 +256,36 @@ def _step_data(s: BuildState) -> None:
 
 
 def _step_train(s: BuildState) -> None:
+    if s.project.model_file is not None:
+        # A brought model: load (and check) it instead of training; cached like a trained one.
+        s.trained = _load_pretrained(s, s.model_file())
+        return
     from edgeops_toolchain.train import train_model
 
     s.trained = train_model(s.project, s.need("dataset"), s.need("report").preprocessing, on_epoch=s.advance)
 
 
+def _load_pretrained(s: BuildState, data: bytes) -> TrainResult:
+    from edgeops_toolchain.pretrained import load_pretrained
+
+    return load_pretrained(s.project, data, s.need("dataset"), s.need("report").preprocessing)
+
+
 def _step_export(s: BuildState) -> None:
     ds = s.need("dataset")
     n_features, n_classes = len(ds.feature_names), len(ds.label_names)
-    if s.profile.format == "onnx":
+    trained = s.need("trained")
+    if trained.onnx is not None:
+        # A brought ONNX model, already normalized and checked: it is the fp32 model.
+        s.fp32_model = trained.onnx
+    elif s.profile.format == "onnx":
         from edgeops_toolchain.onnx_export import export_onnx
 
-        s.fp32_model = export_onnx(s.need("trained").model, n_features, n_classes)
+        s.fp32_model = export_onnx(trained.torch_model(), n_features, n_classes)
     else:
         from edgeops_toolchain.tflite_export import export_tflite
 
-        s.fp32_model = export_tflite(s.need("trained").model, n_features, n_classes)
+        s.fp32_model = export_tflite(trained.torch_model(), n_features, n_classes)
 
 
 def _step_quantize(s: BuildState) -> None:
@@ -254,7 +296,7 @@ def _step_quantize(s: BuildState) -> None:
     ds, pre = s.need("dataset"), s.need("report").preprocessing
     n = min(s.project.quantization.calibration_samples, ds.x_train.shape[0])
     # Calibrate on a seeded, class-mixed sample of training rows, never on test rows.
-    rows = np.random.default_rng(s.project.training.seed).choice(ds.x_train.shape[0], size=n, replace=False)
+    rows = np.random.default_rng(s.project.seed).choice(ds.x_train.shape[0], size=n, replace=False)
     calibration = apply_preprocessing(pre, ds.x_train[np.sort(rows)])
     if s.profile.format == "onnx":
         from edgeops_toolchain.onnx_export import io_quantization, quantize_int8
@@ -264,14 +306,12 @@ def _step_quantize(s: BuildState) -> None:
     else:
         from edgeops_toolchain.tflite_export import quantize_tflite, tflite_io
 
-        s.model = quantize_tflite(s.need("trained").model, calibration, len(ds.label_names))
+        s.model = quantize_tflite(s.need("trained").torch_model(), calibration, len(ds.label_names))
         (d_in, q_in), (d_out, q_out) = tflite_io(s.model)
         s.io_quant, s.io_dtypes = (q_in, q_out), (d_in, d_out)
 
 
 def _step_validate(s: BuildState) -> None:
-    import torch
-
     ds, report, trained = s.need("dataset"), s.need("report"), s.need("trained")
     fp32, model, profile = s.need("fp32_model"), s.need("model"), s.profile
     if profile.format == "onnx":
@@ -287,8 +327,8 @@ def _step_validate(s: BuildState) -> None:
         # TFLite Micro's op resolver would refuse the model: nothing more can be measured.
         raise BudgetExceededError([operator_check(unsupported)])
     x_test = apply_preprocessing(report.preprocessing, ds.x_test)
-    with torch.no_grad():
-        torch_logits = trained.model(torch.from_numpy(x_test)).numpy()
+    # A brought ONNX model has no torch model to compare with: its parity row is left out.
+    torch_logits = trained.logits(x_test) if trained.model is not None else None
     floating = Evaluator(float_runtime, fp32, profile.threads)
     float_logits = floating.predict(x_test)
     s.advance(1, 5)
@@ -318,7 +358,7 @@ def _step_validate(s: BuildState) -> None:
         "accuracy_deployed": acc,
         "accuracy_drop_points": round((acc_float - acc) * 100, 6),
         "top1_agreement": float((pred_float == pred).mean()),
-        "parity_max_abs_diff": float(np.abs(torch_logits - float_logits).max()),
+        **({"parity_max_abs_diff": float(np.abs(torch_logits - float_logits).max())} if torch_logits is not None else {}),
         "model_bytes": float(len(model)),
         "fp32_model_bytes": float(len(fp32)),
         "size_ratio": len(model) / len(fp32),
@@ -439,6 +479,7 @@ def _step_package(s: BuildState) -> None:
             parent_release=last or None,
             runtime_version=_runtime_version(s.profile.runtime),
             field_datasets=ds.field.digests if ds.field is not None else (),
+            model_digest=s.model_digest(),
         ),
         created=format_time(created),
         expires=format_time(created + timedelta(days=s.project.ttl_days)),
@@ -498,6 +539,10 @@ def _step_report(s: BuildState) -> None:
 def _save_trained(s: BuildState) -> bytes:
     import torch
 
+    if s.project.model_file is not None:
+        # A brought model is its file: the entry keeps those bytes and loading re-reads them,
+        # so the cached model is the one the key was computed over.
+        return s.model_file()
     t = s.need("trained")
     buf = io.BytesIO()
     torch.save({"state": t.model.state_dict(), "parameters": t.parameters, "loss": t.loss_per_epoch, "val": t.val_accuracy}, buf)
@@ -507,11 +552,13 @@ def _save_trained(s: BuildState) -> bytes:
 def _load_trained(s: BuildState, data: bytes) -> Any:
     import torch
 
-    from edgeops_toolchain.train import TrainResult
+    from edgeops_toolchain.train import TrainResult, build_model
 
+    if s.project.model_file is not None:
+        return _load_pretrained(s, data)
     saved = torch.load(io.BytesIO(data), weights_only=True)
     ds = s.need("dataset")
-    model = load_entry(s.project, s.project.model_entry)(len(ds.feature_names), len(ds.label_names), **s.project.model_params)
+    model = build_model(s.project, len(ds.feature_names), len(ds.label_names))
     model.load_state_dict(saved["state"])
     model.eval()
     return TrainResult(model=model, parameters=saved["parameters"], loss_per_epoch=saved["loss"], val_accuracy=saved["val"])
@@ -663,6 +710,8 @@ def _external(name: str, s: BuildState) -> object:
     values: dict[str, Callable[[], object]] = {
         "project.data": lambda: {
             "entry": p.data_entry,
+            # The npz by its bytes (absent otherwise, so other projects keep their keys).
+            **({"npz": p.data_npz_digest()} if p.data_npz is not None else {}),
             "params": dict(p.data_params),
             "files": p.data_files_digest(),
             # Field datasets by content digest: a new dataset re-runs data and everything
@@ -672,8 +721,13 @@ def _external(name: str, s: BuildState) -> object:
         "project.code": p.source_digest,
         "project.checks": lambda: dataclasses.asdict(p.checks),
         "project.preprocessing": lambda: p.preprocessing,
-        "project.model": lambda: {"entry": p.model_entry, "params": dict(p.model_params)},
-        "project.train": lambda: dataclasses.asdict(p.training),
+        # A brought model by its bytes: a changed file re-runs train (load) and what follows.
+        "project.model": lambda: {
+            "entry": p.model_entry,
+            "params": dict(p.model_params),
+            **({p.model_field(): s.model_digest()} if p.model_file is not None else {}),
+        },
+        "project.train": lambda: dataclasses.asdict(p.training) if p.training is not None else None,
         "project.quantization": lambda: dataclasses.asdict(p.quantization),
         "project.bundle": lambda: {"self_test_vectors": p.self_test_vectors, "ttl_days": p.ttl_days},
         "project": lambda: {"name": p.name, "version": p.version, "description": p.description, "code": p.code_digest()},
@@ -773,6 +827,12 @@ def run_build(
         raise UnsupportedTargetError(
             f"target {profile.name!r} runs {profile.runtime}; this toolchain builds for {', '.join(_RUNTIMES)}"
         )
+    if project.model_kind == "onnx" and profile.format != "onnx":
+        raise ProjectError(
+            f"{project.root / 'edgeops.toml'}: model.onnx cannot be built for target {profile.name!r}, which runs "
+            f"{profile.runtime} ({profile.format}): edgeops converts PyTorch models to TFLite (model.entry + model.weights, "
+            "or model.program), not ONNX models; give the PyTorch model, or build for an onnxruntime target"
+        )
     public: Path | None = None
     created = False
     if key is None:
@@ -797,7 +857,10 @@ def run_build(
         keys = step_keys(state)
         entries, corrupted = _lookup(state, store, keys, read=cache.read)
         run, load = _plan(entries)
-        for step in STEPS:
+        for declared in STEPS:
+            # A brought model is loaded, not trained: the progress line says so.
+            brought = declared.name == "train" and project.model_file is not None
+            step = dataclasses.replace(declared, title="Load model") if brought else declared
             state.current = step
             if step.name not in run:
                 if step.name in load:

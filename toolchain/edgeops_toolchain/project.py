@@ -4,6 +4,14 @@ The project file is loaded into a frozen :class:`Project`; unknown tables or key
 rejected so a typo cannot silently fall back to a default. Entry points are
 ``module:function`` where ``module`` is a ``.py`` file in the project folder; they are
 imported only when a step needs them, so ``edgeops targets`` never imports torch.
+
+A project either trains its model (``[model] entry`` + ``[train]``) or brings a trained one
+(docs/projects.md, "Bring your own model"): ``[model] weights`` (a ``state_dict`` for the
+entry point's module), ``[model] program`` (a ``torch.export`` program) or ``[model] onnx``.
+A project that brings its model has no ``[train]`` table: it is refused rather than
+ignored, so nobody believes settings in it shape the weights. Its data comes from the
+entry point or from one ``[data] npz`` file. Files are paths relative to the project
+folder, inside it, and must exist when the project is loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +30,17 @@ from typing import Any
 from edgeops_core.fields import FieldReader, load_toml
 from edgeops_toolchain.errors import ProjectError
 
-__all__ = ["FIELD_REFERENCES", "PROJECT_FILE", "Checks", "Project", "Quantization", "Training", "load_entry", "load_project"]
+__all__ = [
+    "FIELD_REFERENCES",
+    "MODEL_FILE_KEYS",
+    "PROJECT_FILE",
+    "Checks",
+    "Project",
+    "Quantization",
+    "Training",
+    "load_entry",
+    "load_project",
+]
 
 PROJECT_FILE = "edgeops.toml"
 #: Where the drift reference comes from when the build has field data (the first is the default).
@@ -30,6 +48,14 @@ FIELD_REFERENCES = ("field", "training")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?$")
 _ENTRY = re.compile(r"^[A-Za-z_]\w*:[A-Za-z_]\w*$")
+#: ``[model]`` keys that name a trained model file, and what each holds.
+MODEL_FILE_KEYS = MappingProxyType(
+    {
+        "weights": "a PyTorch state_dict (torch.save) for the model entry point's module",
+        "program": "a torch.export program (torch.export.save, .pt2)",
+        "onnx": "an ONNX model (onnxruntime targets only)",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -69,8 +95,13 @@ class Project:
         version: semantic version of the model.
         description: one line about the model.
         model_entry / model_params: ``module:function`` building the ``torch.nn.Module``
-            and the keyword arguments it gets besides ``n_features`` and ``n_classes``.
-        data_entry / data_params: ``module:function`` returning the dataset mapping.
+            and the keyword arguments it gets besides ``n_features`` and ``n_classes``
+            (``None`` / empty for a ``program`` or ``onnx`` model).
+        model_file / model_kind: the trained model file (absolute) and the ``[model]`` key
+            that named it (:data:`MODEL_FILE_KEYS`); ``None`` when the build trains.
+        data_entry / data_params: ``module:function`` returning the dataset mapping
+            (``None`` / empty when ``data_npz`` gives the dataset).
+        data_npz: the dataset as one ``.npz`` file (absolute), or ``None``.
         data_files: glob patterns (relative to the project folder) of the files the dataset
             entry reads; their bytes are part of the data step's cache key.
         field_data: field dataset files (absolute paths: ``[data] field`` resolved against the
@@ -78,7 +109,8 @@ class Project:
             :mod:`edgeops_core.fielddata`.
         field_reference: ``field`` (the drift reference comes from the labelled field rows,
             when there are enough) or ``training`` (always from the training split).
-        training, quantization, checks: the tables of the same names.
+        training, quantization, checks: the tables of the same names (``training`` is
+            ``None`` when the project brings a trained model).
         preprocessing: ``standardize`` or ``none``.
         ttl_days: bundle lifetime in days.
         self_test_vectors: how many held-out windows go into the self-test.
@@ -88,11 +120,11 @@ class Project:
     name: str
     version: str
     description: str
-    model_entry: str
+    model_entry: str | None
     model_params: Mapping[str, Any]
-    data_entry: str
+    data_entry: str | None
     data_params: Mapping[str, Any]
-    training: Training
+    training: Training | None
     preprocessing: str
     quantization: Quantization
     checks: Checks
@@ -101,6 +133,31 @@ class Project:
     data_files: tuple[str, ...] = ()
     field_data: tuple[Path, ...] = ()
     field_reference: str = "field"
+    model_file: Path | None = None
+    model_kind: str | None = None
+    data_npz: Path | None = None
+
+    @property
+    def seed(self) -> int:
+        """The seed of everything random in a build besides training (the calibration sample)."""
+        return self.training.seed if self.training is not None else 0
+
+    def model_field(self) -> str:
+        """The ``[model]`` key that names the trained model file (``model.weights``...)."""
+        return f"model.{self.model_kind}"
+
+    def data_npz_digest(self) -> str | None:
+        """``sha256:<hex>`` of the ``[data] npz`` file's bytes, or ``None`` without one.
+
+        Raises:
+            ProjectError: the file cannot be read.
+        """
+        if self.data_npz is None:
+            return None
+        try:
+            return "sha256:" + hashlib.sha256(self.data_npz.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise ProjectError(f"{self.root / PROJECT_FILE}: data.npz: cannot read {self.data_npz}: {exc}") from exc
 
     def with_field_data(self, paths: Sequence[Path]) -> Project:
         """This project with ``paths`` (relative to the working directory) added to :attr:`field_data`."""
@@ -108,16 +165,22 @@ class Project:
 
     def hyperparameters(self) -> dict[str, Any]:
         """Everything that shapes the trained weights, for lineage and cache keys."""
-        data: dict[str, Any] = {"entry": self.data_entry, **dict(self.data_params)}
+        data: dict[str, Any] = (
+            {"npz": self.data_npz.relative_to(self.root).as_posix()}
+            if self.data_npz is not None
+            else {"entry": self.data_entry, **dict(self.data_params)}
+        )
         if self.field_data:
             data["field_reference"] = self.field_reference
-        return {
-            "model": {"entry": self.model_entry, **dict(self.model_params)},
-            "data": data,
-            "train": vars(self.training).copy(),
-            "preprocessing": self.preprocessing,
-            "quantization": vars(self.quantization).copy(),
-        }
+        model: dict[str, Any] = {"entry": self.model_entry, **dict(self.model_params)} if self.model_entry else {}
+        if self.model_file is not None:
+            model[str(self.model_kind)] = self.model_file.relative_to(self.root).as_posix()
+        out: dict[str, Any] = {"model": model, "data": data}
+        if self.training is not None:
+            out["train"] = vars(self.training).copy()
+        out["preprocessing"] = self.preprocessing
+        out["quantization"] = vars(self.quantization).copy()
+        return out
 
     def source_digest(self) -> str:
         """sha256 over every ``.py`` file under the project folder (not the project file).
@@ -158,8 +221,8 @@ def _digest_files(root: Path, files: list[Path]) -> str:
 _TABLES: Mapping[str, set[str]] = MappingProxyType(
     {
         "project": {"name", "version", "description"},
-        "model": {"entry", "params"},
-        "data": {"entry", "params", "files", "field", "field_reference"},
+        "model": {"entry", "params", *MODEL_FILE_KEYS},
+        "data": {"entry", "params", "files", "field", "field_reference", "npz"},
         "train": {"epochs", "batch_size", "learning_rate", "weight_decay", "seed"},
         "preprocessing": {"kind"},
         "quantization": {"calibration_samples"},
@@ -183,6 +246,10 @@ def load_project(root: Path) -> Project:
     t = {name: r.mapping(data.get(name, {}), name) for name in _TABLES}
     for name, keys in _TABLES.items():
         r.only(t[name], keys, name)
+    model_kind, model_file = _model_file(r, root, t["model"])
+    if model_kind is not None and "train" in data:
+        raise ProjectError(f"{path}: [train] is not used when model.{model_kind} gives a trained model; remove the [train] table")
+    data_npz = _data_npz(r, root, t["data"])
 
     def entry(table: str) -> str:
         value = r.string(t[table], "entry", table)
@@ -205,11 +272,13 @@ def load_project(root: Path) -> Project:
         name=name,
         version=version,
         description=str(t["project"].get("description", "")),
-        model_entry=entry("model"),
+        model_entry=entry("model") if model_kind in (None, "weights") else None,
         model_params=MappingProxyType(dict(r.mapping(t["model"].get("params", {}), "model.params"))),
-        data_entry=entry("data"),
+        data_entry=entry("data") if data_npz is None else None,
         data_params=MappingProxyType(dict(r.mapping(t["data"].get("params", {}), "data.params"))),
-        training=Training(
+        training=None
+        if model_kind is not None
+        else Training(
             epochs=r.integer(train, "epochs", "train", minimum=1),
             batch_size=r.integer(train, "batch_size", "train", minimum=1),
             learning_rate=r.number(train, "learning_rate", "train", minimum=0, exclusive_minimum=True),
@@ -232,7 +301,51 @@ def load_project(root: Path) -> Project:
         data_files=_patterns(r, t["data"]),
         field_data=tuple(root.resolve() / rel for rel in _relative_paths(r, t["data"], "field")),
         field_reference=_choice(r, t["data"], "field_reference", FIELD_REFERENCES),
+        model_file=model_file,
+        model_kind=model_kind,
+        data_npz=data_npz,
     )
+
+
+def _project_file(r: FieldReader, root: Path, table: Mapping[str, Any], field: str) -> Path:
+    """The file ``table[key]`` names: a relative path inside the project folder that exists."""
+    key = field.split(".")[1]
+    value = table[key]
+    if not isinstance(value, str) or not value or value.startswith("/") or ".." in Path(value).parts:
+        raise r.fail(field, "a file path relative to the project folder, inside it", value)
+    found = root.resolve() / value
+    if not found.is_file():
+        what = MODEL_FILE_KEYS.get(key, "the dataset as arrays")
+        raise ProjectError(f"{r.source}: field '{field}': file {value!r} does not exist in {root.resolve()} (expected {what})")
+    return found
+
+
+def _model_file(r: FieldReader, root: Path, table: Mapping[str, Any]) -> tuple[str | None, Path | None]:
+    """Which trained model file ``[model]`` names (kind, path), or ``(None, None)`` to train."""
+    given = [k for k in MODEL_FILE_KEYS if k in table]
+    if len(given) > 1:
+        raise r.fail("model", "at most one of weights, program or onnx", ", ".join(given))
+    if not given:
+        return None, None
+    kind = given[0]
+    if kind == "weights" and "entry" not in table:
+        raise r.fail("model.entry", "the module:function whose module model.weights holds the state_dict of", "nothing")
+    if kind != "weights":
+        # A program or an ONNX file is the whole model: an entry point would never be called.
+        extra = [k for k in ("entry", "params") if k in table]
+        if extra:
+            raise r.fail(f"model.{extra[0]}", f"absent when model.{kind} gives the whole model", table[extra[0]])
+    return kind, _project_file(r, root, table, f"model.{kind}")
+
+
+def _data_npz(r: FieldReader, root: Path, table: Mapping[str, Any]) -> Path | None:
+    """The ``[data] npz`` file, which replaces the entry point (and its params and files)."""
+    if "npz" not in table:
+        return None
+    extra = [k for k in ("entry", "params", "files") if k in table]
+    if extra:
+        raise r.fail(f"data.{extra[0]}", "absent when data.npz gives the dataset", table[extra[0]])
+    return _project_file(r, root, table, "data.npz")
 
 
 def _patterns(r: FieldReader, table: Mapping[str, Any]) -> tuple[str, ...]:

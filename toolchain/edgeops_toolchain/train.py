@@ -24,17 +24,48 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["TrainResult", "train_model"]
+__all__ = ["TrainResult", "build_model", "train_model"]
 
 
 @dataclass
 class TrainResult:
-    """The trained model (eval mode) and its training curve."""
+    """The trained model (eval mode) and its training curve.
 
-    model: nn.Module
+    A project that brings its own model (:mod:`edgeops_toolchain.pretrained`) has an empty
+    curve; an ONNX one has no torch ``model`` but its normalized ``onnx`` bytes instead.
+    ``rowwise`` marks a torch model that takes one row at a time (a ``torch.export``
+    program exported with a static batch of 1).
+    """
+
+    model: nn.Module | None
     parameters: int
     loss_per_epoch: list[float]
     val_accuracy: float
+    onnx: bytes | None = None
+    rowwise: bool = False
+
+    def torch_model(self) -> nn.Module:
+        """The torch model (export needs one).
+
+        Raises:
+            BuildError: there is none (an ONNX model reached a step that needs torch: a bug,
+                since such projects are refused for TFLite targets before the build starts).
+        """
+        if self.model is None:
+            from edgeops_toolchain.errors import BuildError
+
+            raise BuildError("internal: this step needs a PyTorch model, the project gives an ONNX model")
+        return self.model
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The torch model's logits for preprocessed rows ``x`` ``[rows, n_features]``."""
+        import torch
+
+        model = self.torch_model()
+        with torch.no_grad():
+            if self.rowwise:
+                return np.concatenate([model(torch.from_numpy(x[i : i + 1])).numpy() for i in range(x.shape[0])])
+            return np.asarray(model(torch.from_numpy(x)).numpy())
 
 
 def train_model(
@@ -52,17 +83,12 @@ def train_model(
         ProjectError: the model entry point does not return a ``torch.nn.Module`` or fails.
     """
     import torch
-    from torch import nn
 
     cfg = project.training
+    if cfg is None:  # the pipeline loads a brought model instead: a bug to get here
+        raise ProjectError("internal: train_model called for a project that brings its trained model")
     torch.manual_seed(cfg.seed)
-    build = load_entry(project, project.model_entry)
-    try:
-        model = build(len(ds.feature_names), len(ds.label_names), **project.model_params)
-    except Exception as exc:  # the project's code may raise anything
-        raise ProjectError(f"model entry {project.model_entry!r} raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(model, nn.Module):
-        raise ProjectError(f"model entry {project.model_entry!r} must return a torch.nn.Module, got {type(model).__name__}")
+    model = build_model(project, len(ds.feature_names), len(ds.label_names))
     x = torch.from_numpy(apply_preprocessing(pre, ds.x_train))
     y = torch.from_numpy(ds.y_train)
     _check_output_shape(project, model, x[:2], len(ds.label_names))
@@ -86,6 +112,25 @@ def train_model(
         loss_per_epoch=losses,
         val_accuracy=val_acc,
     )
+
+
+def build_model(project: Project, n_features: int, n_classes: int) -> nn.Module:
+    """Call the project's model entry point as ``entry(n_features, n_classes, **params)``.
+
+    Raises:
+        ProjectError: the entry point raises or does not return a ``torch.nn.Module``.
+    """
+    from torch import nn
+
+    entry = str(project.model_entry)
+    build = load_entry(project, entry)
+    try:
+        model = build(n_features, n_classes, **project.model_params)
+    except Exception as exc:  # the project's code may raise anything
+        raise ProjectError(f"model entry {entry!r} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ProjectError(f"model entry {entry!r} must return a torch.nn.Module, got {type(model).__name__}")
+    return model
 
 
 def _check_output_shape(project: Project, model: nn.Module, x: torch.Tensor, n_classes: int) -> None:

@@ -1,0 +1,324 @@
+"""Bring your own model: load a trained model file in place of the train step.
+
+A project names one trained model file in ``[model]`` (docs/projects.md):
+
+* ``weights`` — a PyTorch ``state_dict`` (``torch.save``) for the module the ``entry`` point
+  builds. It is read with ``torch.load(weights_only=True)``: a pickle of arbitrary objects is
+  refused, never executed.
+* ``program`` — a ``torch.export`` program (``torch.export.save``, ``.pt2``); its module is
+  exported like a trained one. A program exported with a static batch of 1 is run row by row
+  on the host (``TrainResult.rowwise``).
+* ``onnx`` — an ONNX model, for onnxruntime targets only: edgeops converts PyTorch, not ONNX,
+  to TFLite. The model is normalized to the form the export step produces (one float input
+  ``features[1, n_features]``, one output ``logits[1, n_classes]``, batch fixed at 1, names
+  stripped) and is then the build's fp32 model.
+
+Whatever the kind, the model must map ``[rows, n_features]`` (after the project's declared
+preprocessing) to ``[rows, n_classes]`` logits, with ``n_features`` and ``n_classes`` those of
+the data. A file that does not load, or whose shapes disagree, raises :class:`ProjectError`
+naming the ``[model]`` field and why. Everything is read from the bytes the step cache keyed
+on, so a cached entry and a fresh load give the same model.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edgeops_core import Preprocessing, apply_preprocessing
+from edgeops_toolchain.errors import ProjectError
+from edgeops_toolchain.project import Project
+from edgeops_toolchain.train import TrainResult, build_model
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+    from torch import nn
+
+    from edgeops_toolchain.data import Dataset
+
+__all__ = ["load_pretrained"]
+
+
+def load_pretrained(project: Project, data: bytes, ds: Dataset, pre: Preprocessing) -> TrainResult:
+    """The project's trained model from ``data`` (the model file's bytes), checked against ``ds``.
+
+    Args:
+        project: names the kind of file (``project.model_kind``) and, for ``weights``, the
+            entry point.
+        data: the model file's bytes.
+        ds: the checked dataset (``n_features``, ``n_classes``, the validation split).
+        pre: the preprocessing the model expects its input after.
+
+    Raises:
+        ProjectError: the file does not load as its kind, or its input or output shape
+            disagrees with the data; the message names the field.
+    """
+    n_features, n_classes = len(ds.feature_names), len(ds.label_names)
+    x_val = apply_preprocessing(pre, ds.x_val)
+    if project.model_kind == "onnx":
+        model = normalize_onnx(project, data, n_features, n_classes)
+        logits = _onnx_logits(model, x_val)
+        return TrainResult(
+            model=None,
+            parameters=_onnx_parameters(model),
+            loss_per_epoch=[],
+            val_accuracy=_accuracy(logits, ds.y_val),
+            onnx=model,
+        )
+    if project.model_kind == "weights":
+        result = TrainResult(
+            model=_load_state_dict(project, data, n_features, n_classes), parameters=0, loss_per_epoch=[], val_accuracy=0.0
+        )
+    elif project.model_kind == "program":
+        module, rowwise = _load_program(project, data, n_features)
+        result = TrainResult(model=module, parameters=0, loss_per_epoch=[], val_accuracy=0.0, rowwise=rowwise)
+    else:  # load_project admits no other kind
+        raise ProjectError(f"internal: no trained model file in project {project.name!r}")
+    _check_logits(project, result, x_val[:2] if not result.rowwise else x_val[:1], n_features, n_classes)
+    module = result.torch_model()
+    result.parameters = sum(p.numel() for p in module.parameters())
+    result.val_accuracy = _accuracy(result.logits(x_val), ds.y_val)
+    return result
+
+
+def _fail(project: Project, why: str) -> ProjectError:
+    name = project.model_file.name if project.model_file is not None else "?"
+    return ProjectError(f"{project.root / 'edgeops.toml'}: {project.model_field()} ({name}): {why}")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    return float((logits.argmax(axis=1) == y).mean())
+
+
+def _load_state_dict(project: Project, data: bytes, n_features: int, n_classes: int) -> nn.Module:
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... on a bad file
+        raise _fail(
+            project,
+            "does not load as a state_dict (torch.load with weights_only=True; save it with "
+            f"torch.save(model.state_dict(), path)): {_unpickling_reason(exc)}",
+        ) from exc
+    if not isinstance(state, dict):
+        raise _fail(project, f"must hold a state_dict (a mapping of names to tensors), got {type(state).__name__}")
+    odd = next(((k, v) for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
+    if odd is not None:
+        raise _fail(
+            project,
+            f"must hold a state_dict (a mapping of names to tensors), but entry {odd[0]!r} is a {type(odd[1]).__name__}; "
+            "save it with torch.save(model.state_dict(), path)",
+        )
+    model = build_model(project, n_features, n_classes)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # missing/unexpected keys, or a parameter of another shape
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip())[:300]
+        raise _fail(
+            project,
+            f"does not fit model.entry {project.model_entry!r} built for n_features={n_features}, n_classes={n_classes} "
+            f"(the data's): {detail or _first_line(exc)}",
+        ) from exc
+    return model.eval()
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line.
+
+    torch's own text for a refused pickle explains how to load it anyway, unsafely: not
+    advice a build should pass on, so only the refused global or opcode is kept.
+    """
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return (
+            f"it pickles Python objects besides tensors ({found.group(1)}; a whole module saved with torch.save(model)?), "
+            "which weights_only refuses to run"
+        )
+    if isinstance(exc, pickle.UnpicklingError):
+        operand = re.search(r"Unsupported operand \d+", text)
+        return f"not a torch.save file of tensors ({operand.group(0) if operand else _first_line(exc)})"
+    return _first_line(exc)
+
+
+def _load_program(project: Project, data: bytes, n_features: int) -> tuple[nn.Module, bool]:
+    """The program's module, and whether it takes one row at a time (a static batch of 1)."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.load(io.BytesIO(data))
+    except Exception as exc:  # torch raises assorted types on a file that is not a program
+        raise _fail(project, f"does not load as a torch.export program (torch.export.load): {_first_line(exc)}") from exc
+    inputs = [spec for spec in program.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
+    outputs = [spec for spec in program.graph_signature.output_specs if spec.kind.name == "USER_OUTPUT"]
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise _fail(
+            project, f"takes {len(inputs)} input(s) and returns {len(outputs)} output(s); edgeops needs one input and one output"
+        )
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == getattr(inputs[0].arg, "name", None))
+    value = node.meta.get("val")
+    shape = [d if isinstance(d, int) else None for d in getattr(value, "shape", ())]
+    dtype = getattr(value, "dtype", None)
+    if dtype != torch.float32 or len(shape) != 2 or shape[1] != n_features or shape[0] not in (None, 1):
+        got = "[" + ", ".join("batch" if d is None else str(d) for d in shape) + f"] {str(dtype).removeprefix('torch.')}"
+        raise _fail(project, f"takes input {got}, expected [batch, {n_features}] float32 (n_features of the data)")
+    return _as_module(program.module()), shape[0] == 1
+
+
+def _as_module(program: nn.Module) -> nn.Module:
+    """The program's module inside a plain ``nn.Module``.
+
+    Why: the module of an exported program refuses ``train()``/``eval()``, which the
+    exporters call, and litert-torch does not convert it directly (it finds no program to
+    convert); as a child of an ordinary module it exports like a trained one. A program
+    has no training behaviour to switch, so ``train()`` only sets the flag.
+    """
+    from torch import nn
+
+    class Program(nn.Module):
+        def __init__(self, program: nn.Module) -> None:
+            super().__init__()
+            self.program = program
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.program(x)  # type: ignore[no-any-return]
+
+        def train(self, mode: bool = True) -> Program:
+            self.training = mode
+            return self
+
+    return Program(program)
+
+
+def _check_logits(project: Project, result: TrainResult, x: np.ndarray, n_features: int, n_classes: int) -> None:
+    """Run the model on a few validation rows: it must give ``[rows, n_classes]`` finite logits."""
+    try:
+        out = result.logits(x)
+    except Exception as exc:  # the model's own code may raise anything
+        raise _fail(project, f"fails on a [{x.shape[0]}, {n_features}] input: {_first_line(exc)}") from exc
+    if out.shape != (x.shape[0], n_classes):
+        raise _fail(
+            project,
+            f"returns {list(out.shape)} for a [{x.shape[0]}, {n_features}] input, expected [{x.shape[0]}, {n_classes}] "
+            f"(n_classes={n_classes}, one logit per label of the data)",
+        )
+
+
+def normalize_onnx(project: Project, data: bytes, n_features: int, n_classes: int) -> bytes:
+    """The user's ONNX model in the form the export step produces (see the module docstring).
+
+    Raises:
+        ProjectError: not an ONNX model, not one float input and one output, shapes that
+            disagree with the data, or a graph that onnx.checker or onnxruntime refuses.
+    """
+    import onnx
+
+    from edgeops_toolchain.onnx_export import INPUT_NAME, OUTPUT_NAME, strip_model
+
+    try:
+        proto = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf raises DecodeError, and others on garbage
+        raise _fail(project, f"does not load as an ONNX model: {_first_line(exc)}") from exc
+    graph = proto.graph
+    if not graph.node:
+        raise _fail(project, "does not load as an ONNX model: the graph has no nodes")
+    initializers = {i.name for i in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise _fail(
+            project,
+            f"has {len(inputs)} input(s) ({', '.join(v.name for v in inputs)}) and {len(graph.output)} output(s); "
+            "edgeops needs one input [batch, n_features] and one output [batch, n_classes]",
+        )
+    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in graph.initializer):
+        raise _fail(
+            project, "keeps weights in external data files; save it as one file (onnx.save(..., save_as_external_data=False))"
+        )
+    source, target = inputs[0], graph.output[0]
+    if source.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise _fail(project, f"input {source.name!r} is {_elem(source)}, expected float32")
+    _fix_shape(project, source, n_features, "input", "n_features")
+    _fix_shape(project, target, n_classes, "output", "n_classes")
+    renames = {source.name: INPUT_NAME, target.name: OUTPUT_NAME}
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    source.name, target.name = INPUT_NAME, OUTPUT_NAME
+    proto = strip_model(proto)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:  # ValidationError, or shape inference errors
+        raise _fail(project, f"fails onnx.checker with batch fixed at 1: {_first_line(exc)}") from exc
+    model = bytes(proto.SerializeToString())
+    out = _onnx_logits(model, np.zeros((1, n_features), dtype=np.float32), project=project)
+    if out.shape != (1, n_classes):
+        raise _fail(project, f"returns {list(out.shape)} for one row, expected [1, {n_classes}] (n_classes of the data)")
+    return model
+
+
+def _elem(value: onnx.ValueInfoProto) -> str:
+    import onnx
+
+    return str(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+
+
+def _fix_shape(project: Project, value: onnx.ValueInfoProto, width: int, what: str, name: str) -> None:
+    """Check ``value`` is ``[batch, width]`` (batch 1 or symbolic, width static or symbolic) and fix batch at 1."""
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        raise _fail(project, f"{what} {value.name!r} has no declared shape, expected [batch, {width}] ({name} of the data)")
+    dims = tensor.shape.dim
+    shape = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    static = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if len(dims) != 2 or static[0] not in (None, 1) or static[1] not in (None, width):
+        raise _fail(
+            project,
+            f"{what} {value.name!r} has shape [{', '.join(shape)}], expected [batch, {width}] ({name}={width}, the data's)",
+        )
+    dims[0].Clear()
+    dims[0].dim_value = 1
+    if static[1] is None:
+        dims[1].Clear()
+        dims[1].dim_value = width
+
+
+def _onnx_logits(model: bytes, x: np.ndarray, *, project: Project | None = None) -> np.ndarray:
+    """Float logits of an ONNX model (batch 1) for rows ``x``, one row per run."""
+    import onnxruntime as ort
+
+    from edgeops_toolchain.onnx_export import INPUT_NAME
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        rows = [session.run(None, {INPUT_NAME: x[i : i + 1].astype(np.float32)})[0] for i in range(x.shape[0])]
+    except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidGraph...)
+        if project is None:
+            raise
+        raise _fail(project, f"onnxruntime cannot run it: {_first_line(exc)}") from exc
+    return np.concatenate([np.asarray(r, dtype=np.float32).reshape(1, -1) for r in rows])
+
+
+def _onnx_parameters(model: bytes) -> int:
+    import onnx
+
+    proto = onnx.load_model_from_string(model)
+    return int(sum(int(np.prod(i.dims)) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT))
