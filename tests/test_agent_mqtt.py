@@ -279,7 +279,7 @@ def test_refused_messages_are_quarantined_not_retried(tmp_path: Path, built: Bui
 
 @pytest.mark.slow
 def test_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path, built: Built, broker: Broker) -> None:
-    """Broker down 30 s while the agent keeps inferring: afterwards every record arrives exactly once, in order."""
+    """Broker down 12 s while the agent keeps inferring: afterwards every record arrives exactly once, in order."""
     dev = _device(tmp_path, built, broker, "ecu-4", interval=0.5)
     console = Collector(broker, "ecu-4", persistent=True).start()
     dev.start()
@@ -301,10 +301,10 @@ def test_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path, built: Buil
         console.wait(lambda c: len(c.of("telemetry")) >= 3, what="telemetry before the outage")
         broker.stop()
         before = served[0]
-        time.sleep(30)
+        time.sleep(12)  # 24 telemetry records and their state and events wait in the outbox
         assert served[0] - before > 500  # inference went on during the outage
         broker.start()
-        console.wait(lambda c: len(c.of("telemetry")) >= 70, timeout=60, what="the backlog after the outage")
+        console.wait(lambda c: len(c.of("telemetry")) >= 40, timeout=60, what="the backlog after the outage")
         time.sleep(2)
     finally:
         stop.set()
@@ -326,7 +326,7 @@ def test_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path, built: Buil
     counts = [t["inference"]["count"] for t in telemetry]
     assert counts == sorted(counts) and counts[-1] >= served[0] - 100
     gap = max(b["outbox"]["pending"] for b in telemetry)
-    assert gap >= 50  # the records written during the outage waited in the outbox
+    assert gap >= 20  # the records written during the outage waited in the outbox
 
 
 def test_agent_refuses_bad_config(tmp_path: Path) -> None:

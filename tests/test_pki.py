@@ -381,6 +381,7 @@ def test_broker_config_is_one_mutual_tls_listener_with_a_least_privilege_acl(ca:
         "use_identity_as_username true",
         "use_username_as_clientid true",
         "tls_version tlsv1.2",
+        "max_queued_messages 100000",  # the default 1000 drops a lagging console's telemetry
         f"crlfile {tmp_path / 'b' / 'crl.pem'}",
         f"acl_file {tmp_path / 'b' / 'acl'}",
         f"keyfile {tmp_path / 'b' / 'server.key'}",

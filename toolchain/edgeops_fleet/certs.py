@@ -48,6 +48,12 @@ MAX_LIVE_CERTIFICATES = 4
 _QUEUE = 256
 
 
+def _device_of(topic: str) -> str:
+    """The device level of ``<prefix>/<device>/csr`` without validating it (validation is :meth:`CertificateSigner.handle`'s)."""
+    parts = topic.rsplit("/", 2)
+    return parts[-2] if len(parts) == 3 else topic
+
+
 class CertificateSigner:
     """Signs the devices' renewal requests with the fleet CA (a thread of the console)."""
 
@@ -90,7 +96,7 @@ class CertificateSigner:
 
     def take(self, topic: str, payload: bytes) -> None:
         """paho's thread: hand a request over (never blocks; one queued per device)."""
-        device = topic.rsplit("/", 2)[-2] if topic.count("/") >= 2 else topic
+        device = _device_of(topic)
         with self._lock:
             if device in self._waiting:
                 self.counters["dropped"] += 1
@@ -108,7 +114,7 @@ class CertificateSigner:
             if item is None:
                 return
             with self._lock:
-                self._waiting.discard(item[0].rsplit("/", 2)[-2] if item[0].count("/") >= 2 else item[0])
+                self._waiting.discard(_device_of(item[0]))
             try:
                 self.handle(*item)
             except Exception:  # one bad request must not end the signer
