@@ -13,6 +13,7 @@ import json
 import pickle
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -377,3 +378,214 @@ def test_program_with_a_static_batch_of_one_loads_and_runs_row_by_row(tmp_path: 
     assert isinstance(program, TrainResult) and isinstance(weights, TrainResult)
     assert program.rowwise and not weights.rowwise
     assert program.val_accuracy == weights.val_accuracy and program.parameters == weights.parameters == 9093
+
+
+def _tiny_program() -> bytes:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.export.save(torch.export.export(torch.nn.Linear(N_FEATURES, N_CLASSES).eval(), (torch.zeros(1, N_FEATURES),)), buf)
+    return buf.getvalue()
+
+
+def _rewrite_archive(archive: bytes, change: dict[str, bytes | None], add: dict[str, bytes] | None = None) -> bytes:
+    """``archive`` with members (named after the root folder) replaced, dropped (``None``) or added."""
+    import io
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(archive)) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
+        root = zin.namelist()[0].split("/", 1)[0]
+        for info in zin.infolist():
+            rel = info.filename.split("/", 1)[1]
+            data = change[rel] if rel in change else zin.read(info.filename)
+            if data is not None:
+                zout.writestr(info.filename, data)
+        for rel, data in (add or {}).items():
+            with warnings.catch_warnings():  # zipfile warns on a duplicate name, which one case wants
+                warnings.simplefilter("ignore")
+                zout.writestr(f"{root}/{rel}", data)
+    return out.getvalue()
+
+
+class _Payload:
+    """Writes ``marker`` when unpickled: the file must never be loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (eval, (f"(open({self.marker!r}, 'w').write('ran'), __import__('torch').zeros({N_CLASSES}))[1]",))
+
+
+@pytest.mark.parametrize(
+    "where", ["use-pickle-weight", "custom-object-constant", "sample-inputs", "aotinductor", "duplicate-member"]
+)
+def test_program_archive_that_would_unpickle_code_is_refused_unloaded(tmp_path: Path, where: str) -> None:
+    import io
+
+    import torch
+
+    marker = tmp_path / "PWNED"
+    evil = io.BytesIO()
+    torch.save(_Payload(marker), evil)
+    clean = _tiny_program()
+    if where == "use-pickle-weight":  # the review's mk_evil_pt2.py: the bias becomes a pickled object
+        import zipfile
+
+        with zipfile.ZipFile(io.BytesIO(clean)) as z:
+            name = next(n for n in z.namelist() if n.endswith("model_weights_config.json"))
+            config = json.loads(z.read(name))
+        entry = config["config"]["bias"]
+        entry["use_pickle"] = True
+        archive = _rewrite_archive(
+            clean,
+            {
+                "data/weights/model_weights_config.json": json.dumps(config).encode(),
+                f"data/weights/{entry['path_name']}": evil.getvalue(),
+            },
+        )
+        expected = r"entry 'bias' of 'data/weights/model_weights_config\.json' is a pickled or custom object"
+    elif where == "custom-object-constant":
+        config = {"config": {"obj": {"path_name": "custom_obj_0", "is_param": False, "use_pickle": False, "tensor_meta": None}}}
+        archive = _rewrite_archive(
+            clean,
+            {"data/constants/model_constants_config.json": json.dumps(config).encode()},
+            {"data/constants/custom_obj_0": evil.getvalue()},
+        )
+        expected = r"holds 'data/constants/custom_obj_0', which torch\.export\.load would unpickle"
+    elif where == "sample-inputs":
+        archive = _rewrite_archive(clean, {"data/sample_inputs/model.pt": evil.getvalue()})
+        expected = (
+            r"member 'data/sample_inputs/model\.pt' of the \.pt2 archive does not load with torch\.load\(weights_only=True\)"
+        )
+    elif where == "duplicate-member":  # zipfile would check the second config, torch read the first
+        archive = _rewrite_archive(clean, {}, {"data/weights/model_weights_config.json": b"{}"})
+        expected = r"is a \.pt2 archive with two members of the same name"
+    else:
+        archive = _rewrite_archive(clean, {}, {"data/aotinductor/model/model.so": b"\x7fELF"})
+        expected = r"holds 'data/aotinductor/model/model\.so'"
+    with pytest.raises(ProjectError, match=r"model\.program \(model\.pt2\): " + expected):
+        _load(_variant(tmp_path, model='program = "model.pt2"', payload=archive, name="model.pt2"))
+    assert not marker.exists()
+    _load(_variant(tmp_path / "clean", model='program = "model.pt2"', payload=clean, name="model.pt2"))
+
+
+def test_field_data_for_a_brought_model_is_refused(tmp_path: Path) -> None:
+    project = _copy_example(tmp_path / "p")
+    with pytest.raises(ProjectError, match=r"--field-data is not accepted when model\.weights gives a trained model: a brought"):
+        load_project(project).with_field_data([tmp_path / "field.npz"])
+    assert load_project(project).with_field_data([]).field_data == ()
+    text = (project / "edgeops.toml").read_text().replace("[data]\n", '[data]\nfield = ["field.npz"]\n')
+    (project / "edgeops.toml").write_text(text)
+    with pytest.raises(
+        ProjectError, match=r"field 'data\.field' is not accepted when model\.weights .* not retrained by edgeops"
+    ):
+        load_project(project)
+
+
+def test_nan_logits_are_refused_naming_the_field(tmp_path: Path) -> None:
+    import io
+
+    import torch
+
+    state = _state_dict()
+    bias = next(k for k in reversed(list(state)) if k.endswith("bias"))
+    state[bias] = torch.as_tensor(state[bias]).clone()
+    state[bias][0] = float("nan")  # type: ignore[index]
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    with pytest.raises(ProjectError, match=r"model\.weights \(model\.pt\): returns 2 NaN/inf logit\(s\) for a \[2, 106\] input"):
+        _load(_variant(tmp_path / "a", payload=buf.getvalue()))
+    nan = np.zeros(N_CLASSES, dtype=np.float32)
+    nan[0] = np.nan
+    onnx_nan = _tiny_onnx([("Add", ["t", "n"], "y")], {"n": nan})
+    with pytest.raises(
+        ProjectError, match=r"model\.onnx \(model\.onnx\): returns \d+ NaN/inf logit\(s\) for the validation rows"
+    ):
+        _load(_variant(tmp_path / "b", model='onnx = "model.onnx"', payload=onnx_nan, name="model.onnx"))
+
+
+def _tiny_onnx(
+    after: list[tuple[str, list[str], str]],
+    inits: dict[str, np.ndarray],
+    *,
+    opset: int = 17,
+    domain: str = "",
+) -> bytes:
+    """``x[batch, 106] @ W -> t``, then the nodes ``after`` (op, inputs, output; the last writes ``y``)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = {"W": np.ones((N_FEATURES, N_CLASSES), dtype=np.float32), **inits}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["t"])]
+    nodes += [
+        helper.make_node(op, ins, [out], domain=domain if op == "FusedMatMul" else "", **({"axis": 0} if op == "Concat" else {}))
+        for op, ins, out in after
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", N_FEATURES])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", N_CLASSES])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+@pytest.mark.parametrize(
+    ("after", "opset", "domain", "expected"),
+    [
+        ([("Identity", ["t"], "y")], 9, "", r"uses default-domain opset 9, edgeops needs opset 13 or later"),
+        ([("FusedMatMul", ["t", "I"], "y")], 17, "com.microsoft", r"uses operator 'FusedMatMul' of domain 'com\.microsoft'"),
+        (
+            [
+                ("Shape", ["t"], "s"),
+                ("Slice", ["s", "one", "two"], "s1"),
+                ("Slice", ["s", "zero", "one"], "s0"),
+                ("Concat", ["s1", "s0"], "s2"),
+                ("Reshape", ["t", "s2"], "y"),
+            ],
+            17,
+            "",
+            r"returns \[5, 1\] for one row, whatever its graph declares; expected \[1, n_classes\]",
+        ),
+    ],
+    ids=["opset-9", "contrib-op", "declared-batch-5-returns-5x1"],
+)
+def test_onnx_the_quantizer_cannot_take_is_refused_early(
+    tmp_path: Path, after: list[tuple[str, list[str], str]], opset: int, domain: str, expected: str
+) -> None:
+    from edgeops_toolchain.pretrained import normalize_onnx
+
+    inits = {"I": np.eye(N_CLASSES, dtype=np.float32)}
+    inits |= {k: np.array([v], dtype=np.int64) for k, v in (("zero", 0), ("one", 1), ("two", 2))}
+    payload = _tiny_onnx(after, inits, opset=opset, domain=domain)
+    project = _variant(tmp_path, model='onnx = "model.onnx"', payload=payload, name="model.onnx")
+    with pytest.raises(ProjectError, match=r"model\.onnx \(model\.onnx\): " + expected):
+        normalize_onnx(project, payload, N_FEATURES, N_CLASSES)
+
+
+def test_symlink_out_of_the_project_and_an_oversized_model_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeops_toolchain import project as project_module
+
+    outside = tmp_path / "outside.pt"
+    shutil.copy(EXAMPLE / "model.pt", outside)
+    linked = _copy_example(tmp_path / "a")
+    (linked / "model.pt").unlink()
+    (linked / "model.pt").symlink_to(outside)
+    with pytest.raises(
+        ProjectError, match=r"field 'model\.weights': file 'model\.pt' is a symbolic link to .*outside the project"
+    ):
+        load_project(linked)
+    inside = _copy_example(tmp_path / "b")
+    (inside / "model.pt").rename(inside / "real.pt")
+    (inside / "model.pt").symlink_to("real.pt")
+    assert load_project(inside).model_file == inside.resolve() / "model.pt"
+    monkeypatch.setattr(project_module, "MODEL_FILE_MAX_BYTES", 1000)
+    with pytest.raises(ProjectError, match=r"field 'model\.weights': file 'model\.pt' is \d+ bytes, more than the 1000 bytes"):
+        load_project(inside)

@@ -6,7 +6,10 @@ A project names one trained model file in ``[model]`` (docs/projects.md):
   builds. It is read with ``torch.load(weights_only=True)``: a pickle of arbitrary objects is
   refused, never executed.
 * ``program`` — a ``torch.export`` program (``torch.export.save``, ``.pt2``); its module is
-  exported like a trained one. A program exported with a static batch of 1 is run row by row
+  exported like a trained one. The archive is checked as a zip before ``torch.export.load``
+  sees it, because that loader unpickles parts of it with full pickle: only the members a
+  plain ``torch.export.save`` writes, with no pickled or custom-object payload, are accepted
+  (:func:`_check_program_archive`). A program exported with a static batch of 1 is run row by row
   on the host (``TrainResult.rowwise``).
 * ``onnx`` — an ONNX model, for onnxruntime targets only: edgeops converts PyTorch, not ONNX,
   to TFLite. The model is normalized to the form the export step produces (one float input
@@ -32,10 +35,12 @@ import numpy as np
 
 from edgeops_core import Preprocessing, apply_preprocessing
 from edgeops_toolchain.errors import ProjectError
-from edgeops_toolchain.project import Project
+from edgeops_toolchain.project import MODEL_FILE_MAX_BYTES, Project
 from edgeops_toolchain.train import TrainResult, build_model
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import onnx
     import torch
     from torch import nn
@@ -63,7 +68,7 @@ def load_pretrained(project: Project, data: bytes, ds: Dataset, pre: Preprocessi
     x_val = apply_preprocessing(pre, ds.x_val)
     if project.model_kind == "onnx":
         model = normalize_onnx(project, data, n_features, n_classes)
-        logits = _onnx_logits(model, x_val)
+        logits = _finite(project, _onnx_logits(model, x_val), "the validation rows (x_val)")
         return TrainResult(
             model=None,
             parameters=_onnx_parameters(model),
@@ -83,7 +88,7 @@ def load_pretrained(project: Project, data: bytes, ds: Dataset, pre: Preprocessi
     _check_logits(project, result, x_val[:2] if not result.rowwise else x_val[:1], n_features, n_classes)
     module = result.torch_model()
     result.parameters = sum(p.numel() for p in module.parameters())
-    result.val_accuracy = _accuracy(result.logits(x_val), ds.y_val)
+    result.val_accuracy = _accuracy(_finite(project, result.logits(x_val), "the validation rows (x_val)"), ds.y_val)
     return result
 
 
@@ -159,6 +164,7 @@ def _load_program(project: Project, data: bytes, n_features: int) -> tuple[nn.Mo
     """The program's module, and whether it takes one row at a time (a static batch of 1)."""
     import torch
 
+    _check_program_archive(project, data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -179,6 +185,108 @@ def _load_program(project: Project, data: bytes, n_features: int) -> tuple[nn.Mo
         got = "[" + ", ".join("batch" if d is None else str(d) for d in shape) + f"] {str(dtype).removeprefix('torch.')}"
         raise _fail(project, f"takes input {got}, expected [batch, {n_features}] float32 (n_features of the data)")
     return _as_module(program.module()), shape[0] == 1
+
+
+#: Bounds on a ``.pt2`` archive read before torch sees it: members, and bytes once inflated.
+PROGRAM_MAX_MEMBERS = 4096
+PROGRAM_MAX_INFLATED_BYTES = MODEL_FILE_MAX_BYTES
+
+#: The members a plain ``torch.export.save`` archive of one program named ``model`` holds
+#: (after the archive's root folder), each read by torch without unpickling arbitrary objects
+#: once the configs pass :func:`_check_program_archive`; ``extra/`` files are read as text.
+_PROGRAM_MEMBERS = re.compile(
+    r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/model\.json"
+    r"|data/weights/model_weights_config\.json|data/constants/model_constants_config\.json"
+    r"|data/weights/weight_[0-9]+|data/constants/tensor_[0-9]+|data/sample_inputs/model\.pt|extra/[^/]+)"
+)
+
+
+def _check_program_archive(project: Project, data: bytes) -> None:
+    """Refuse a ``.pt2`` that ``torch.export.load`` would unpickle unsafely, before it is loaded.
+
+    Why: torch 2.x loads weights and constants marked ``use_pickle`` with
+    ``torch.load(weights_only=False)``, custom-object and opaque constants with its own
+    unpicklers and ``pickle.loads``, AOTInductor members as shared libraries, and sample inputs
+    with a fallback to ``weights_only=False``: any of them runs code from the file. Only the
+    members :data:`_PROGRAM_MEMBERS` lists are allowed, the weights and constants configs must
+    mark no entry ``use_pickle`` and name only ``weight_N`` / ``tensor_N`` payloads, and the
+    sample inputs must load with ``torch.load(weights_only=True)``.
+    """
+    import zipfile
+
+    import torch
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, ValueError) as exc:
+        raise _fail(project, f"does not load as a torch.export program (not a .pt2 zip archive): {_first_line(exc)}") from exc
+    with archive:
+        infos = archive.infolist()
+        if len(infos) > PROGRAM_MAX_MEMBERS:
+            raise _fail(project, f"is a .pt2 archive of {len(infos)} members, more than the {PROGRAM_MAX_MEMBERS} edgeops reads")
+        if sum(i.file_size for i in infos) > PROGRAM_MAX_INFLATED_BYTES:
+            raise _fail(project, f"is a .pt2 archive of more than {PROGRAM_MAX_INFLATED_BYTES} bytes once inflated")
+        names = [i.filename for i in infos]
+        if len(set(names)) != len(names):
+            # Why: Python's zipfile reads the last of two same-named members, torch's reader the first.
+            raise _fail(project, "is a .pt2 archive with two members of the same name; edgeops refuses it")
+        roots = {name.split("/", 1)[0] for name in names}
+        if len(roots) != 1 or any("/" not in i.filename for i in infos):
+            raise _fail(project, "is not a torch.export.save archive (its members are not all under one root folder)")
+        members = {i.filename.split("/", 1)[1]: i.filename for i in infos if not i.filename.endswith("/")}
+        odd = sorted(m for m in members if not _PROGRAM_MEMBERS.fullmatch(m))
+        if odd:
+            raise _fail(
+                project,
+                f"holds {odd[0]!r}, which torch.export.load would unpickle or load as code, or which a plain "
+                "torch.export.save of one program does not write; edgeops refuses it (save the program with "
+                "torch.export.save, without custom objects or AOTInductor artifacts)",
+            )
+        if "models/model.json" not in members:
+            raise _fail(project, "does not load as a torch.export program (the archive has no models/model.json)")
+
+        def read(name: str) -> bytes:
+            try:
+                return archive.read(members[name])
+            except Exception as exc:  # zlib.error, BadZipFile on a damaged member
+                raise _fail(project, f"member {name!r} of the .pt2 archive does not read: {_first_line(exc)}") from exc
+
+        for config, prefix in (
+            ("data/weights/model_weights_config.json", "weight_"),
+            ("data/constants/model_constants_config.json", "tensor_"),
+        ):
+            if config in members:
+                _check_payload_config(project, config, read(config), prefix)
+        if "data/sample_inputs/model.pt" in members:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.load(io.BytesIO(read("data/sample_inputs/model.pt")), weights_only=True, map_location="cpu")
+            except Exception as exc:  # UnpicklingError on objects besides tensors, and others on garbage
+                raise _fail(
+                    project,
+                    "member 'data/sample_inputs/model.pt' of the .pt2 archive does not load with "
+                    f"torch.load(weights_only=True), so torch.export.load would unpickle it unsafely: {_unpickling_reason(exc)}",
+                ) from exc
+
+
+def _check_payload_config(project: Project, config: str, raw: bytes, prefix: str) -> None:
+    """Every entry of a weights or constants config must be a plain tensor payload ``<prefix>N``."""
+    import json
+
+    try:
+        payloads = [(str(k), dict(v)) for k, v in json.loads(raw)["config"].items()]
+    except Exception as exc:  # JSONDecodeError, KeyError, TypeError on a malformed config
+        raise _fail(project, f"member {config!r} of the .pt2 archive is not a payload config: {_first_line(exc)}") from exc
+    for fqn, payload in payloads:
+        path_name = str(payload.get("path_name", ""))
+        if payload.get("use_pickle") or not re.fullmatch(prefix + "[0-9]+", path_name):
+            raise _fail(
+                project,
+                f"entry {fqn!r} of {config!r} is a pickled or custom object ({path_name!r}, use_pickle="
+                f"{bool(payload.get('use_pickle'))}), which torch.export.load would unpickle and run; "
+                "edgeops accepts only plain tensors",
+            )
 
 
 def _as_module(program: nn.Module) -> nn.Module:
@@ -218,6 +326,20 @@ def _check_logits(project: Project, result: TrainResult, x: np.ndarray, n_featur
             f"returns {list(out.shape)} for a [{x.shape[0]}, {n_features}] input, expected [{x.shape[0]}, {n_classes}] "
             f"(n_classes={n_classes}, one logit per label of the data)",
         )
+    _finite(project, out, f"a [{x.shape[0]}, {n_features}] input of validation rows")
+
+
+def _finite(project: Project, logits: np.ndarray, rows: str) -> np.ndarray:
+    """``logits``, or :class:`ProjectError` if any is NaN or infinite (the quantizer and argmax need numbers)."""
+    bad = ~np.isfinite(logits)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise _fail(
+            project,
+            f"returns {int(bad.sum())} NaN/inf logit(s) for {rows} (first at row {row}, class {col}: {logits[row, col]}); "
+            "edgeops needs finite logits",
+        )
+    return logits
 
 
 def normalize_onnx(project: Project, data: bytes, n_features: int, n_classes: int) -> bytes:
@@ -238,6 +360,7 @@ def normalize_onnx(project: Project, data: bytes, n_features: int, n_classes: in
     graph = proto.graph
     if not graph.node:
         raise _fail(project, "does not load as an ONNX model: the graph has no nodes")
+    _check_opsets(project, proto)
     initializers = {i.name for i in graph.initializer}
     inputs = [v for v in graph.input if v.name not in initializers]
     if len(inputs) != 1 or len(graph.output) != 1:
@@ -270,6 +393,41 @@ def normalize_onnx(project: Project, data: bytes, n_features: int, n_classes: in
     if out.shape != (1, n_classes):
         raise _fail(project, f"returns {list(out.shape)} for one row, expected [1, {n_classes}] (n_classes of the data)")
     return model
+
+
+#: The oldest default-domain opset edgeops takes: the int8 quantizer writes per-channel
+#: ``DequantizeLinear`` with an ``axis``, which opset 13 introduced.
+ONNX_MIN_OPSET = 13
+
+
+def _check_opsets(project: Project, proto: onnx.ModelProto) -> None:
+    """Refuse what the quantizer and the targets' onnxruntime cannot take: an opset before 13, or
+    any operator outside the default domain (``com.microsoft`` contrib ops, custom ops)."""
+    import onnx
+
+    default = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
+    version = max(default, default=0)
+    if version < ONNX_MIN_OPSET:
+        raise _fail(
+            project,
+            f"uses default-domain opset {version or 'none'}, edgeops needs opset {ONNX_MIN_OPSET} or later "
+            f"(convert it: onnx.version_converter.convert_version(model, {ONNX_MIN_OPSET}))",
+        )
+
+    def nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+        for node in graph.node:
+            yield node
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    yield from nodes(sub)
+
+    odd = next((n for n in nodes(proto.graph) if n.domain not in ("", "ai.onnx")), None)
+    if odd is not None:
+        raise _fail(
+            project,
+            f"uses operator {odd.op_type!r} of domain {odd.domain!r} (node {odd.name!r}); edgeops takes only "
+            "default-domain (ai.onnx) operators, which its int8 quantizer and every onnxruntime target support",
+        )
 
 
 def _elem(value: onnx.ValueInfoProto) -> str:
@@ -314,7 +472,14 @@ def _onnx_logits(model: bytes, x: np.ndarray, *, project: Project | None = None)
         if project is None:
             raise
         raise _fail(project, f"onnxruntime cannot run it: {_first_line(exc)}") from exc
-    return np.concatenate([np.asarray(r, dtype=np.float32).reshape(1, -1) for r in rows])
+    shapes = {np.shape(r) for r in rows}
+    if len(shapes) > 1 or any(len(shape) != 2 or shape[0] != 1 for shape in shapes):
+        got = list(next(iter(s for s in shapes if len(s) != 2 or s[0] != 1), next(iter(shapes))))
+        message = f"returns {got} for one row, whatever its graph declares; expected [1, n_classes]"
+        if project is None:
+            raise ValueError(message)
+        raise _fail(project, message)
+    return np.concatenate([np.asarray(r, dtype=np.float32) for r in rows])
 
 
 def _onnx_parameters(model: bytes) -> int:

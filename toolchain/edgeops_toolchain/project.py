@@ -33,6 +33,7 @@ from edgeops_toolchain.errors import ProjectError
 __all__ = [
     "FIELD_REFERENCES",
     "MODEL_FILE_KEYS",
+    "MODEL_FILE_MAX_BYTES",
     "PROJECT_FILE",
     "Checks",
     "Project",
@@ -49,6 +50,10 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?$")
 _ENTRY = re.compile(r"^[A-Za-z_]\w*:[A-Za-z_]\w*$")
 #: ``[model]`` keys that name a trained model file, and what each holds.
+#: The largest trained model file a project may name (512 MiB): far above any model an edge
+#: target runs, and a bound on what a build reads into memory and hashes.
+MODEL_FILE_MAX_BYTES = 512 * 1024**2
+
 MODEL_FILE_KEYS = MappingProxyType(
     {
         "weights": "a PyTorch state_dict (torch.save) for the model entry point's module",
@@ -160,7 +165,13 @@ class Project:
             raise ProjectError(f"{self.root / PROJECT_FILE}: data.npz: cannot read {self.data_npz}: {exc}") from exc
 
     def with_field_data(self, paths: Sequence[Path]) -> Project:
-        """This project with ``paths`` (relative to the working directory) added to :attr:`field_data`."""
+        """This project with ``paths`` (relative to the working directory) added to :attr:`field_data`.
+
+        Raises:
+            ProjectError: the project brings its own trained model, which edgeops does not retrain.
+        """
+        if paths and self.model_kind is not None:
+            raise ProjectError(_no_field_data(self.root / PROJECT_FILE, self.model_kind, "--field-data"))
         return dataclasses.replace(self, field_data=(*self.field_data, *(Path(p).absolute() for p in paths)))
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -249,6 +260,8 @@ def load_project(root: Path) -> Project:
     model_kind, model_file = _model_file(r, root, t["model"])
     if model_kind is not None and "train" in data:
         raise ProjectError(f"{path}: [train] is not used when model.{model_kind} gives a trained model; remove the [train] table")
+    if model_kind is not None and "field" in t["data"]:
+        raise ProjectError(_no_field_data(path, model_kind, "field 'data.field'"))
     data_npz = _data_npz(r, root, t["data"])
 
     def entry(table: str) -> str:
@@ -307,6 +320,15 @@ def load_project(root: Path) -> Project:
     )
 
 
+def _no_field_data(path: Path, model_kind: str, what: str) -> str:
+    # Why: field rows only reach a model through training; with a brought model they would
+    # re-fit the preprocessing statistics under unchanged weights and pass for a retrain.
+    return (
+        f"{path}: {what} is not accepted when model.{model_kind} gives a trained model: a brought model is not "
+        "retrained by edgeops (retrain it yourself on the field data and bring the new file)"
+    )
+
+
 def _project_file(r: FieldReader, root: Path, table: Mapping[str, Any], field: str) -> Path:
     """The file ``table[key]`` names: a relative path inside the project folder that exists."""
     key = field.split(".")[1]
@@ -317,6 +339,18 @@ def _project_file(r: FieldReader, root: Path, table: Mapping[str, Any], field: s
     if not found.is_file():
         what = MODEL_FILE_KEYS.get(key, "the dataset as arrays")
         raise ProjectError(f"{r.source}: field '{field}': file {value!r} does not exist in {root.resolve()} (expected {what})")
+    # Why: a symbolic link would let the project read (and digest into its lineage) a file
+    # from anywhere on the build host, though the file must be inside the project folder.
+    if not found.resolve().is_relative_to(root.resolve()):
+        raise ProjectError(
+            f"{r.source}: field '{field}': file {value!r} is a symbolic link to {found.resolve()}, outside the project "
+            f"folder {root.resolve()}; copy the file into the project"
+        )
+    if key in MODEL_FILE_KEYS and found.stat().st_size > MODEL_FILE_MAX_BYTES:
+        raise ProjectError(
+            f"{r.source}: field '{field}': file {value!r} is {found.stat().st_size} bytes, more than the "
+            f"{MODEL_FILE_MAX_BYTES} bytes ({MODEL_FILE_MAX_BYTES / 1024**2:g} MiB) edgeops reads as a trained model"
+        )
     return found
 
 
