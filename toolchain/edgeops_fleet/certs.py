@@ -29,9 +29,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from edgeops_core import DEFAULT_PREFIX, InputError, check_device_id, device_topic, parse_command, parse_topic
+from edgeops_core import DEFAULT_PREFIX, Event, InputError, check_device_id, parse_command, parse_topic
 from edgeops_core.messages import CertificateRequest, MessageError, install_cert_command
 
 if TYPE_CHECKING:
@@ -190,9 +190,8 @@ def request_renewals(
         InputError: no device or an invalid device id.
         BrokerError: the broker does not accept the connection in time.
     """
-    from edgeops_core import Event
     from edgeops_core.messages import renew_cert_command
-    from edgeops_fleet.link import connect, new_client
+    from edgeops_fleet.link import command_and_follow
 
     ids = list(dict.fromkeys(check_device_id(d) for d in devices))
     if not ids:
@@ -200,32 +199,12 @@ def request_renewals(
     payload = renew_cert_command()
     command_id = parse_command(payload).id
     answers: dict[str, tuple[str, str]] = {}
-    lock = threading.Lock()
-    connected, subscribed, done = threading.Event(), threading.Event(), threading.Event()
+    final = ("renewed", "failed", "rejected")
 
-    def on_connect(client: Any, userdata: object, flags: object, reason: Any, props: object) -> None:
-        if not getattr(reason, "is_failure", False):
-            client.subscribe([(device_topic(prefix, d, "events"), 1) for d in ids])
-            connected.set()
-
-    def on_subscribe(client: Any, userdata: object, mid: int, reasons: object, props: object) -> None:
-        if not subscribed.is_set():
-            subscribed.set()
-            for d in ids:
-                client.publish(device_topic(prefix, d, "cmd"), payload, qos=1)
-
-    def on_message(client: Any, userdata: object, message: Any) -> None:
-        try:
-            device_id, _ = parse_topic(prefix, message.topic)
-            event = Event.from_json(bytes(message.payload))
-        except InputError:
-            return
+    def on_event(device_id: str, event: Event) -> bool:
         detail, kind = event.detail, event.type
         mine = detail.get("id") == command_id
-        with lock:
-            final = answers.get(device_id, ("", ""))[0] in ("renewed", "failed", "rejected")
-            if device_id not in ids or final:
-                return
+        if answers.get(device_id, ("", ""))[0] not in final:
             if kind == "cert_renewed":
                 answers[device_id] = ("renewed", f"serial {detail.get('serial')}, valid until {detail.get('not_after')}")
             elif kind == "cert_renewal_failed" or (kind == "command_failed" and mine):
@@ -237,19 +216,7 @@ def request_renewals(
                     "requested",
                     "the device sent its CSR; no certificate came back yet (is a console running with --ca?)",
                 )
-            if all(answers.get(d, ("", ""))[0] in ("renewed", "failed", "rejected") for d in ids):
-                done.set()
+        return all(answers.get(d, ("", ""))[0] in final for d in ids)
 
-    client = new_client(broker)
-    client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
-    client.on_message = on_message
-    started = time.monotonic()
-    connect(client, broker, clean_start=True, session_expiry_s=0, timeout_s=connect_timeout_s, connected=connected)
-    try:
-        done.wait(max(0.0, started + timeout_s - time.monotonic()))
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    with lock:
-        return {d: answers.get(d, ("timed_out", f"no answer within {timeout_s:g} s")) for d in ids}
+    command_and_follow(broker, ids, payload, on_event, prefix=prefix, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+    return {d: answers.get(d, ("timed_out", f"no answer within {timeout_s:g} s")) for d in ids}

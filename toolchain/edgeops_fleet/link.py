@@ -16,18 +16,20 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
-from edgeops_core import InputError
+from edgeops_core import Event, InputError, device_topic, parse_topic
 from edgeops_fleet.errors import BrokerError
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
 
-__all__ = ["BrokerUrl", "TlsFiles", "connect", "new_client", "parse_broker_url"]
+__all__ = ["BrokerUrl", "TlsFiles", "command_and_follow", "connect", "new_client", "parse_broker_url"]
 
 DEFAULT_MQTT_PORT = 1883
 DEFAULT_MQTTS_PORT = 8883
@@ -165,3 +167,62 @@ def connect(
     if not connected.wait(timeout_s):
         client.loop_stop()
         raise BrokerError(f"the broker at {broker} did not accept a connection within {timeout_s:g} s")
+
+
+def command_and_follow(
+    broker: BrokerUrl,
+    device_ids: Sequence[str],
+    payload: bytes,
+    on_event: Callable[[str, Event], bool],
+    *,
+    prefix: str,
+    timeout_s: float,
+    connect_timeout_s: float = 10.0,
+) -> None:
+    """Publish the command ``payload`` (QoS 1) on each device's ``cmd`` and follow their ``events``.
+
+    The events are subscribed first and the command published only once the subscription is
+    acknowledged, so no answer can come before it. Each parsed event of a listed device goes
+    to ``on_event(device_id, event)`` (one call at a time); it returns ``True`` when every
+    device has answered, which ends the wait early. Unparsable events are skipped.
+
+    Raises:
+        BrokerError: the broker does not accept the connection in time.
+    """
+    ids = set(device_ids)
+    lock = threading.Lock()
+    connected, subscribed, done = threading.Event(), threading.Event(), threading.Event()
+
+    def on_connect(client: Any, userdata: object, flags: object, reason: Any, props: object) -> None:
+        if not getattr(reason, "is_failure", False):
+            client.subscribe([(device_topic(prefix, d, "events"), 1) for d in device_ids])
+            connected.set()
+
+    def on_subscribe(client: Any, userdata: object, mid: int, reasons: object, props: object) -> None:
+        if not subscribed.is_set():
+            subscribed.set()
+            for d in device_ids:
+                client.publish(device_topic(prefix, d, "cmd"), payload, qos=1)
+
+    def on_message(client: Any, userdata: object, message: Any) -> None:
+        try:
+            device_id, _ = parse_topic(prefix, message.topic)
+            event = Event.from_json(bytes(message.payload))
+        except InputError:
+            return
+        if device_id in ids:
+            with lock:
+                if on_event(device_id, event):
+                    done.set()
+
+    client = new_client(broker)
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    started = time.monotonic()
+    connect(client, broker, clean_start=True, session_expiry_s=0, timeout_s=connect_timeout_s, connected=connected)
+    try:
+        done.wait(max(0.0, started + timeout_s - time.monotonic()))
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -1,7 +1,8 @@
 """Sending a ``trust_update`` to devices and following each to its answer (``edgeops fleet trust-push``).
 
-One paho client subscribes to every device's ``events`` first, then publishes the one command
-(QoS 1) on each device's ``cmd``, so no answer can come before the subscription. A device's
+One client (:func:`edgeops_fleet.link.command_and_follow`) subscribes to every device's
+``events`` first, then publishes the one command (QoS 1) on each device's ``cmd``, so no
+answer can come before the subscription. A device's
 outcome is its first answer to that command id:
 
 * ``trust_updated``: applied, or already trusted (a repeat changes nothing);
@@ -16,26 +17,18 @@ The pusher never decides anything: each device verifies the documents with its o
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgeops_core import (
     DEFAULT_PREFIX,
     Event,
     InputError,
-    MessageError,
     check_device_id,
-    device_topic,
     parse_command,
-    parse_topic,
 )
-from edgeops_fleet.link import BrokerUrl, connect, new_client
-
-if TYPE_CHECKING:
-    import paho.mqtt.client as mqtt
+from edgeops_fleet.link import BrokerUrl, command_and_follow
 
 __all__ = ["TRUST_OUTCOMES", "TrustPushReport", "push_trust_update"]
 
@@ -98,49 +91,15 @@ def push_trust_update(
     if command.type != "trust_update":
         raise InputError(f"not a trust_update command: {command.type}")
     reports = {d: TrustPushReport(d) for d in ids}
-    lock = threading.Lock()
-    connected, subscribed, done = threading.Event(), threading.Event(), threading.Event()
 
-    def on_connect(client: mqtt.Client, userdata: object, flags: object, reason: Any, props: object) -> None:
-        if getattr(reason, "is_failure", False):
-            return
-        client.subscribe([(device_topic(prefix, d, "events"), 1) for d in ids])
-        connected.set()
-
-    def on_subscribe(client: mqtt.Client, userdata: object, mid: int, reasons: object, props: object) -> None:
-        if not subscribed.is_set():
-            subscribed.set()
-            for d in ids:
-                client.publish(device_topic(prefix, d, "cmd"), payload, qos=1)
-
-    def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        try:
-            device_id, _ = parse_topic(prefix, message.topic)
-            event = Event.from_json(bytes(message.payload))
-        except (InputError, MessageError):
-            return
+    def on_event(device_id: str, event: Event) -> bool:
         outcome = _ANSWERS.get(event.type)
-        detail = event.detail
-        if outcome is None or detail.get("id") != command.id or device_id not in reports:
-            return
-        with lock:
-            _take(reports[device_id], outcome, detail)
-            if all(r.outcome is not None for r in reports.values()):
-                done.set()
+        if outcome is not None and event.detail.get("id") == command.id:
+            _take(reports[device_id], outcome, event.detail)
+        return all(r.outcome is not None for r in reports.values())
 
-    client = new_client(broker, client_id="")
-    client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
-    client.on_message = on_message
-    started = time.monotonic()
-    connect(client, broker, clean_start=True, session_expiry_s=0, timeout_s=connect_timeout_s, connected=connected)
-    try:
-        done.wait(max(0.0, started + timeout_s - time.monotonic()))
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    with lock:
-        for report in reports.values():
-            if report.outcome is None:
-                report.outcome, report.message = "timed_out", f"no answer within {timeout_s:g} s"
-        return [reports[d] for d in ids]
+    command_and_follow(broker, ids, payload, on_event, prefix=prefix, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+    for report in reports.values():
+        if report.outcome is None:
+            report.outcome, report.message = "timed_out", f"no answer within {timeout_s:g} s"
+    return [reports[d] for d in ids]
