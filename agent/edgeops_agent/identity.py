@@ -20,9 +20,10 @@ Renewal (the console signs, the device keeps its key)::
 The old credentials stay until a connection with the new ones has succeeded, and the swap
 is one ``rename`` of one file that holds both the key and the certificate, so a crash at any
 point leaves a key and a certificate that belong together. At start the agent uses, of the
-configured files and ``identity.pem``, the pair whose certificate expires last (a device
-re-provisioned with new files uses them; a renewed one uses its renewal); a ``next.pem``
-left by a crash is an unproven swap and is deleted.
+configured files and ``identity.pem``, the usable pair issued last (this device, this CA,
+valid from now: a device re-provisioned with new files uses them, a renewed one its
+renewal); a ``next.pem`` left by a crash is an unproven swap and is deleted. Each pair gets
+its own :class:`ssl.SSLContext`, handed to the link by reference.
 
 ``cryptography`` is imported only here, and only when TLS is configured.
 """
