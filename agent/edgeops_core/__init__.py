@@ -47,6 +47,7 @@ from edgeops_core.fielddata import (
 from edgeops_core.fields import FieldReader, load_toml
 from edgeops_core.manifest import (
     SCHEMA_VERSION,
+    TASKS,
     DriftReference,
     FeatureReference,
     Lineage,
@@ -55,6 +56,7 @@ from edgeops_core.manifest import (
     QuantParams,
     SelfTest,
     SelfTestVector,
+    Task,
     TensorSpec,
     format_time,
     parse_time,
@@ -144,6 +146,7 @@ __all__ = [
     "OTA_REASONS",
     "SCHEMA_VERSION",
     "SIGNATURE_MEMBER",
+    "TASKS",
     "UNLABELLED",
     "BlockError",
     "BlockFrame",
@@ -183,6 +186,7 @@ __all__ = [
     "SignatureError",
     "State",
     "TargetProfile",
+    "Task",
     "Telemetry",
     "TensorSpec",
     "TrustError",

@@ -2,10 +2,21 @@
 
 Invariants, checked by :meth:`Manifest.from_json` and by the constructor alike:
 
-* there is exactly one input tensor of shape ``[1, n_features]`` and one output tensor of
-  shape ``[1, n_labels]``; ``feature_names``, the preprocessing statistics, the drift
-  reference and every self-test input have ``n_features`` entries; ``labels``, the
-  prediction reference and every self-test expectation have ``n_labels`` entries;
+* there is exactly one input tensor of shape ``[1, *sample_shape]`` (``sample_shape`` of
+  rank 1 to 4; its first axis is the channel axis: a flat vector's features are its
+  channels, an image ``[1, 28, 28]`` has one channel, a spectrogram ``[40, 49]`` forty) and
+  one output tensor of shape ``[1, n_labels]``; ``feature_names`` (one name per channel),
+  the preprocessing statistics and the drift reference's ``features`` have
+  ``sample_shape[0]`` entries; every self-test input holds ``prod(sample_shape)`` numbers
+  (the sample flattened in row-major order); ``labels`` (class names, regression output
+  names, or the one anomaly score's name) and every self-test expectation have ``n_labels``
+  entries;
+* ``task`` is ``classification`` (the default, not written), ``regression`` or ``anomaly``.
+  A classifier's drift reference has ``prediction_fractions`` (one per label) and no
+  ``outputs``; a regression's and an anomaly model's have ``outputs`` (statistics of each
+  output value, the anomaly score included) and no ``prediction_fractions``. An anomaly
+  model has one output, the score (higher is more anomalous), and ``task.threshold``: a
+  score above it is an anomaly;
 * ``release`` is a positive integer and ``expires`` is later than ``created``;
 * ``runtime`` is ``onnxruntime``, ``litert`` or ``tflite-micro`` and ``model_file`` is the
   format that runtime executes; ``precision`` is ``int8``, ``fp16`` or ``fp32``;
@@ -34,7 +45,9 @@ from edgeops_core.profile import FORMATS_BY_RUNTIME
 from edgeops_core.trust import parse_release_keys
 
 __all__ = [
+    "MAX_SAMPLE_RANK",
     "SCHEMA_VERSION",
+    "TASKS",
     "DriftReference",
     "FeatureReference",
     "Lineage",
@@ -43,6 +56,7 @@ __all__ = [
     "QuantParams",
     "SelfTest",
     "SelfTestVector",
+    "Task",
     "TensorSpec",
     "format_time",
     "parse_time",
@@ -54,6 +68,10 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _DTYPES = ("float32", "int8", "uint8", "int32")
 _PREPROCESSING = ("standardize", "none")
 _PRECISIONS = ("int8", "fp16", "fp32")
+#: What a model does: pick a class, estimate numbers, or score how unusual an input is.
+TASKS = ("classification", "regression", "anomaly")
+#: The most axes a sample (the input without its batch axis) may have: ``[C, H, W, D]``.
+MAX_SAMPLE_RANK = 4
 _FIELD_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # Fractions are stored rounded to 6 decimals, so their sum may be off by a few 1e-6.
 _SUM_TOL = 1e-4
@@ -93,9 +111,10 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """What the device applies to a raw feature vector before the model.
+    """What the device applies to a raw sample before the model.
 
-    ``standardize``: ``x' = (x - mean) / std`` per feature; ``none``: the raw vector.
+    ``standardize``: ``x' = (x - mean[c]) / std[c]`` per channel ``c`` (the first axis of the
+    sample; for a flat feature vector, per feature); ``none``: the raw sample.
     """
 
     kind: str
@@ -105,7 +124,9 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class FeatureReference:
-    """Training-data statistics of one input feature, the baseline for drift detection.
+    """Training-data statistics of one input channel (a flat vector's feature) or one model
+    output, the baseline for drift detection. A channel's statistics pool every value of the
+    channel over all positions of the sample (ADR 0021).
 
     ``bin_edges`` are the interior quantile edges (deciles by default) and
     ``bin_fractions`` the share of reference samples in each of the ``len(bin_edges) + 1``
@@ -123,16 +144,45 @@ class FeatureReference:
 
 @dataclass(frozen=True)
 class DriftReference:
-    """Reference statistics for every input feature and for the predicted classes."""
+    """Reference statistics for every input channel and for the model's answers.
+
+    A classifier's answers are described by ``prediction_fractions`` (the share of each
+    predicted class); a regression's outputs and an anomaly score by ``outputs`` (one
+    :class:`FeatureReference` per output, named after its label).
+    """
 
     sample_count: int
     features: tuple[FeatureReference, ...]
     prediction_fractions: tuple[float, ...]
+    outputs: tuple[FeatureReference, ...] = ()
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the model's output means.
+
+    Attributes:
+        kind: ``classification`` (one logit per label, the answer is the top one),
+            ``regression`` (one number per label, the answer is the numbers) or ``anomaly``
+            (one score; the answer is whether it is above ``threshold``).
+        threshold: anomaly only: the score above which an input is an anomaly, fitted on
+            held-out normal data to ``target_fpr``.
+        target_fpr: anomaly only: the false-positive rate on normal data ``threshold`` was
+            fitted to, in (0, 0.5).
+    """
+
+    kind: str = "classification"
+    threshold: float | None = None
+    target_fpr: float | None = None
 
 
 @dataclass(frozen=True)
 class SelfTestVector:
-    """One raw input (before preprocessing) and the model output expected for it."""
+    """One raw input (before preprocessing, flattened row-major) and the model output expected for it.
+
+    ``label`` is the expected top class of a classifier, ``1`` (anomaly) or ``0`` (normal)
+    for an anomaly model, and ``0`` for a regression.
+    """
 
     input: tuple[float, ...]
     expected: tuple[float, ...]
@@ -141,7 +191,11 @@ class SelfTestVector:
 
 @dataclass(frozen=True)
 class SelfTest:
-    """Vectors the device must reproduce within ``atol`` (and the same top-1) to go live."""
+    """Vectors the device must reproduce within ``atol`` to go live.
+
+    A classifier must also give the same top-1 class; an anomaly model the same verdict
+    whenever the expected score is more than ``atol`` away from the threshold.
+    """
 
     atol: float
     vectors: tuple[SelfTestVector, ...]
@@ -203,9 +257,16 @@ class Manifest:
     #: ``None``. A device applies it before checking the signature if it is newer and its root
     #: signed it (docs/security.md); it changes nothing else.
     release_keys: Mapping[str, Any] | None = None
+    #: What the output means; a classifier unless said otherwise.
+    task: Task = field(default_factory=Task)
 
     def __post_init__(self) -> None:
         _check_invariants(self)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The input's shape without its batch axis: ``(n_features,)`` for a flat vector."""
+        return self.inputs[0].shape[1:]
 
     @property
     def expires_at(self) -> datetime:
@@ -248,6 +309,8 @@ class Manifest:
             "runtime": self.runtime,
             "model_file": self.model_file,
             "precision": self.precision,
+            # Written only for other tasks, so a classifier's manifest is unchanged.
+            **({"task": _task_dict(self.task)} if self.task.kind != "classification" else {}),
             "inputs": [tensor(t) for t in self.inputs],
             "outputs": [tensor(t) for t in self.outputs],
             "feature_names": list(self.feature_names),
@@ -259,19 +322,9 @@ class Manifest:
             },
             "drift_reference": {
                 "sample_count": d.sample_count,
-                "features": [
-                    {
-                        "name": f.name,
-                        "mean": f.mean,
-                        "std": f.std,
-                        "min": f.min,
-                        "max": f.max,
-                        "bin_edges": list(f.bin_edges),
-                        "bin_fractions": list(f.bin_fractions),
-                    }
-                    for f in d.features
-                ],
+                "features": [_reference_dict(f) for f in d.features],
                 "prediction_fractions": list(d.prediction_fractions),
+                **({"outputs": [_reference_dict(f) for f in d.outputs]} if d.outputs else {}),
             },
             "self_test": {
                 "atol": self.self_test.atol,
@@ -316,6 +369,52 @@ class Manifest:
 _R = FieldReader(ManifestError, "manifest.json")
 
 
+def _task_dict(task: Task) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": task.kind}
+    if task.threshold is not None:
+        out["threshold"] = task.threshold
+    if task.target_fpr is not None:
+        out["target_fpr"] = task.target_fpr
+    return out
+
+
+def _reference_dict(f: FeatureReference) -> dict[str, Any]:
+    return {
+        "name": f.name,
+        "mean": f.mean,
+        "std": f.std,
+        "min": f.min,
+        "max": f.max,
+        "bin_edges": list(f.bin_edges),
+        "bin_fractions": list(f.bin_fractions),
+    }
+
+
+def _reference(raw: object, p: str) -> FeatureReference:
+    f = _R.mapping(raw, p)
+    return FeatureReference(
+        name=_R.string(f, "name", p),
+        mean=_R.number(f, "mean", p),
+        std=_R.number(f, "std", p, minimum=0),
+        min=_R.number(f, "min", p),
+        max=_R.number(f, "max", p),
+        bin_edges=_R.numbers(f, "bin_edges", p),
+        bin_fractions=_R.numbers(f, "bin_fractions", p),
+    )
+
+
+def _task(raw: object) -> Task:
+    if raw is None:
+        return Task()
+    t = _R.mapping(raw, "task")
+    kind = _R.string(t, "kind", "task")
+    if kind not in TASKS:
+        raise _R.fail("task.kind", f"one of {', '.join(TASKS)}", kind)
+    threshold = None if t.get("threshold") is None else _R.number(t, "threshold", "task")
+    fpr = None if t.get("target_fpr") is None else _R.number(t, "target_fpr", "task")
+    return Task(kind=kind, threshold=threshold, target_fpr=fpr)
+
+
 def _tensor(raw: object, path: str) -> TensorSpec:
     t = _R.mapping(raw, path)
     dtype = _R.string(t, "dtype", path)
@@ -340,21 +439,14 @@ def _from_dict(raw: object) -> Manifest:
         raise ManifestError(f"manifest.json: schema_version {schema} is not supported (this edgeops reads {SCHEMA_VERSION})")
     pre = _R.mapping(_R.get(m, "preprocessing", ""), "preprocessing")
     drift = _R.mapping(_R.get(m, "drift_reference", ""), "drift_reference")
-    feats = []
-    for i, f_raw in enumerate(_R.sequence(drift, "features", "drift_reference")):
-        p = f"drift_reference.features[{i}]"
-        f = _R.mapping(f_raw, p)
-        feats.append(
-            FeatureReference(
-                name=_R.string(f, "name", p),
-                mean=_R.number(f, "mean", p),
-                std=_R.number(f, "std", p, minimum=0),
-                min=_R.number(f, "min", p),
-                max=_R.number(f, "max", p),
-                bin_edges=_R.numbers(f, "bin_edges", p),
-                bin_fractions=_R.numbers(f, "bin_fractions", p),
-            )
-        )
+    feats = [
+        _reference(f, f"drift_reference.features[{i}]") for i, f in enumerate(_R.sequence(drift, "features", "drift_reference"))
+    ]
+    outs = (
+        [_reference(f, f"drift_reference.outputs[{i}]") for i, f in enumerate(_R.sequence(drift, "outputs", "drift_reference"))]
+        if "outputs" in drift
+        else []
+    )
     st = _R.mapping(_R.get(m, "self_test", ""), "self_test")
     vectors = []
     for i, v_raw in enumerate(_R.sequence(st, "vectors", "self_test")):
@@ -393,6 +485,7 @@ def _from_dict(raw: object) -> Manifest:
             sample_count=_R.integer(drift, "sample_count", "drift_reference", minimum=1),
             features=tuple(feats),
             prediction_fractions=_R.numbers(drift, "prediction_fractions", "drift_reference"),
+            outputs=tuple(outs),
         ),
         self_test=SelfTest(atol=_R.number(st, "atol", "self_test", minimum=0, exclusive_minimum=True), vectors=tuple(vectors)),
         metrics=metrics,
@@ -410,6 +503,7 @@ def _from_dict(raw: object) -> Manifest:
         created=_R.string(m, "created"),
         expires=_R.string(m, "expires"),
         release_keys=None if m.get("release_keys") is None else dict(_R.mapping(m["release_keys"], "release_keys")),
+        task=_task(m.get("task")),
     )
 
 
@@ -458,10 +552,16 @@ def _check_invariants(m: Manifest) -> None:  # noqa: C901 - one flat list of sch
     if len(m.inputs) != 1 or len(m.outputs) != 1:
         raise _fail(f"expected exactly 1 input and 1 output tensor, got {len(m.inputs)} and {len(m.outputs)}")
     n_features, n_labels = len(m.feature_names), len(m.labels)
-    if m.inputs[0].shape != (1, n_features):
-        raise _fail(f"inputs[0].shape must be [1, {n_features}] (one per feature name), got {list(m.inputs[0].shape)}")
+    shape = m.inputs[0].shape
+    if not 2 <= len(shape) <= MAX_SAMPLE_RANK + 1 or shape[0] != 1 or shape[1] != n_features:
+        raise _fail(
+            f"inputs[0].shape must be [1, {n_features}, ...] (batch 1, then one channel per feature name, "
+            f"at most {MAX_SAMPLE_RANK} sample axes), got {list(shape)}"
+        )
+    n_values = math.prod(shape[1:])
     if m.outputs[0].shape != (1, n_labels):
         raise _fail(f"outputs[0].shape must be [1, {n_labels}] (one per label), got {list(m.outputs[0].shape)}")
+    _check_task(m)
     pre = m.preprocessing
     if pre.kind not in _PREPROCESSING:
         raise _fail(f"preprocessing.kind must be one of {', '.join(_PREPROCESSING)}, got {pre.kind!r}")
@@ -482,14 +582,31 @@ def _check_invariants(m: Manifest) -> None:  # noqa: C901 - one flat list of sch
             raise _fail(f"drift_reference.features[{i}].bin_edges must be ascending")
         if not math.isclose(sum(f.bin_fractions), 1.0, abs_tol=_SUM_TOL):
             raise _fail(f"drift_reference.features[{i}].bin_fractions must sum to 1")
-    if len(d.prediction_fractions) != n_labels or not math.isclose(sum(d.prediction_fractions), 1.0, abs_tol=_SUM_TOL):
-        raise _fail(f"drift_reference.prediction_fractions needs {n_labels} entries summing to 1")
+    for i, f in enumerate(d.outputs):
+        if f.name != m.labels[i]:
+            raise _fail(f"drift_reference.outputs[{i}].name is {f.name!r}, expected {m.labels[i]!r}")
+        if len(f.bin_fractions) != len(f.bin_edges) + 1 or list(f.bin_edges) != sorted(f.bin_edges):
+            raise _fail(f"drift_reference.outputs[{i}] needs ascending bin_edges and len(bin_edges) + 1 bin_fractions")
+        if not math.isclose(sum(f.bin_fractions), 1.0, abs_tol=_SUM_TOL):
+            raise _fail(f"drift_reference.outputs[{i}].bin_fractions must sum to 1")
+    if m.task.kind == "classification":
+        if len(d.prediction_fractions) != n_labels or not math.isclose(sum(d.prediction_fractions), 1.0, abs_tol=_SUM_TOL):
+            raise _fail(f"drift_reference.prediction_fractions needs {n_labels} entries summing to 1")
+        if d.outputs:
+            raise _fail("drift_reference.outputs is for regression and anomaly models; a classifier has prediction_fractions")
+    else:
+        if d.prediction_fractions:
+            raise _fail(f"drift_reference.prediction_fractions must be empty for a {m.task.kind} model (it has outputs)")
+        if len(d.outputs) != n_labels:
+            raise _fail(f"drift_reference.outputs needs {n_labels} entries (one per output), got {len(d.outputs)}")
     if not m.self_test.vectors:
         raise _fail("self_test.vectors must hold at least one vector")
+    max_label = {"classification": n_labels, "anomaly": 2, "regression": 1}[m.task.kind]
     for i, v in enumerate(m.self_test.vectors):
-        if len(v.input) != n_features or len(v.expected) != n_labels or v.label >= n_labels:
+        if len(v.input) != n_values or len(v.expected) != n_labels or v.label >= max_label:
             raise _fail(
-                f"self_test.vectors[{i}] must have {n_features} inputs, {n_labels} expected outputs and a label < {n_labels}"
+                f"self_test.vectors[{i}] must have {n_values} inputs (the sample {list(shape[1:])} flattened), "
+                f"{n_labels} expected outputs and a label < {max_label}"
             )
     try:
         created, expires = parse_time(m.created), parse_time(m.expires)
@@ -506,3 +623,18 @@ def _check_invariants(m: Manifest) -> None:  # noqa: C901 - one flat list of sch
         raise _fail("lineage.field_datasets must be sorted and without repeats")
     if m.lineage.model_digest is not None and not _FIELD_DIGEST.fullmatch(m.lineage.model_digest):
         raise _fail("lineage.model_digest must be 'sha256:' + 64 hex digits")
+
+
+def _check_task(m: Manifest) -> None:
+    t = m.task
+    if t.kind not in TASKS:
+        raise _fail(f"task.kind must be one of {', '.join(TASKS)}, got {t.kind!r}")
+    if t.kind == "anomaly":
+        if len(m.labels) != 1:
+            raise _fail(f"an anomaly model has exactly one output, its score (one label), got {len(m.labels)} labels")
+        if t.threshold is None:
+            raise _fail("task.threshold is required for an anomaly model")
+        if t.target_fpr is None or not 0 < t.target_fpr < 0.5:
+            raise _fail(f"task.target_fpr must be in (0, 0.5) for an anomaly model, got {t.target_fpr}")
+    elif t.threshold is not None or t.target_fpr is not None:
+        raise _fail(f"task.threshold and task.target_fpr are for anomaly models, not {t.kind}")

@@ -16,14 +16,17 @@ from edgeops_core.manifest import Preprocessing
 __all__ = ["apply_preprocessing"]
 
 
-def apply_preprocessing(pre: Preprocessing, x: np.ndarray) -> np.ndarray:
-    """Turn raw feature rows ``[..., n_features]`` into model input (float32).
+def apply_preprocessing(pre: Preprocessing, x: np.ndarray, sample_ndim: int = 1) -> np.ndarray:
+    """Turn raw samples ``[..., *sample_shape]`` into model input (float32).
 
-    ``standardize`` computes ``(x - mean) / std`` in float32; ``none`` only casts.
+    ``standardize`` computes ``(x - mean[c]) / std[c]`` in float32 per channel ``c``, the
+    first of the sample's ``sample_ndim`` axes (for a flat vector, ``sample_ndim = 1``, per
+    feature: the last axis); ``none`` only casts.
     """
     raw = np.asarray(x, dtype=np.float32)
     if pre.kind == "none":
         return raw
-    mean = np.asarray(pre.mean, dtype=np.float32)
-    std = np.asarray(pre.std, dtype=np.float32)
+    broadcast = (len(pre.mean),) + (1,) * (sample_ndim - 1)
+    mean = np.asarray(pre.mean, dtype=np.float32).reshape(broadcast)
+    std = np.asarray(pre.std, dtype=np.float32).reshape(broadcast)
     return ((raw - mean) / std).astype(np.float32)
