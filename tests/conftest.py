@@ -19,6 +19,14 @@ from pathlib import Path
 
 import pytest
 
+# One OpenMP thread for torch here and in every build the tests start (subprocesses inherit it).
+# The tests train a ~110 k-parameter MLP on 1 500 windows: each step's kernels take microseconds,
+# so a second thread adds hand-offs, and on a busy 2-core machine (CI; a suite run beside other
+# work) the two spinning threads starve each other: one such training took 10-19 s on two
+# threads and 3 s on one. A build stays bit-reproducible (the thread count is fixed), and no
+# test is about the thread count; a count set by whoever runs the suite wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import edgeops_toolchain  # noqa: F401  (sets MKL's reproducibility mode before any test imports torch)
 from broker import Broker
 
