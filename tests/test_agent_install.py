@@ -130,6 +130,7 @@ def test_predict_rejects_bad_tensors_and_counts_them(built: Built, device: DataD
     predicted = [0] * len(agent.model.manifest.labels)  # type: ignore[union-attr]
     predicted[agent.model.manifest.self_test.vectors[0].label] = 1  # type: ignore[union-attr]
     assert t["inference"] == {
+        "task": "classification",
         "count": 1,
         "window_count": 1,
         "errors": {"TensorInputError": 5},

@@ -170,6 +170,9 @@ class GatedModel:
             name="m", version="1.0.0", release=1, runtime="fake", self_test=SimpleNamespace(vectors=vectors)
         )
 
+    def sample(self, values: Any) -> Any:
+        return list(values)
+
     def prepare(self, x: Any) -> tuple[Any, Any]:
         return x, x
 

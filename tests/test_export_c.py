@@ -6,6 +6,9 @@ constant and vector; the test compares them with the signed bundle. Files that i
 TensorFlow Lite Micro's headers are syntax-checked without them: they must fail, and only
 on a missing TFLite Micro header. The quantized self-test vectors are then run through the
 real TFLite Micro interpreter in the exported arena size, as ``self_test.cc`` does on the device.
+``self_test.cc`` itself is compiled and run too (classifiers, and small regression and anomaly
+bundles), against test-only stand-ins for TFLite Micro's headers whose ``Invoke()`` replays the
+real interpreter's outputs: no TFLite Micro source tree is installed, only its Python runtime.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 import pytest
 
 from conftest import EDGEOPS, REPO, Built, make_small_project, run_edgeops
-from edgeops_core import Manifest, load_public_key, pack_bundle, read_members, verify_bundle_file
+from edgeops_core import Manifest, SelfTestVector, load_public_key, pack_bundle, read_members, verify_bundle_file
 from edgeops_toolchain import export_c as export_module
 from edgeops_toolchain.errors import BuildError, FirmwareExportError
 from edgeops_toolchain.export_c import (
@@ -199,8 +202,11 @@ int main(int argc, char **argv) {
 
   printf("arena %u\n", (unsigned)EDGEOPS_ARENA_BYTES);
   const int in_dims[] = EDGEOPS_INPUT_DIMS, out_dims[] = EDGEOPS_OUTPUT_DIMS;
-  printf("in_dims %d %d %d\n", EDGEOPS_INPUT_RANK, in_dims[0], in_dims[1]);
-  printf("out_dims %d %d %d\n", EDGEOPS_OUTPUT_RANK, out_dims[0], out_dims[1]);
+  printf("in_dims %d", EDGEOPS_INPUT_RANK);
+  for (int i = 0; i < EDGEOPS_INPUT_RANK; ++i) printf(" %d", in_dims[i]);
+  printf("\nout_dims %d", EDGEOPS_OUTPUT_RANK);
+  for (int i = 0; i < EDGEOPS_OUTPUT_RANK; ++i) printf(" %d", out_dims[i]);
+  printf("\n");
   printf("in_q %.9g %d\n", (double)EDGEOPS_INPUT_SCALE, EDGEOPS_INPUT_ZERO_POINT);
   printf("out_q %.9g %d\n", (double)EDGEOPS_OUTPUT_SCALE, EDGEOPS_OUTPUT_ZERO_POINT);
   printf("elements %d %d\n", EDGEOPS_INPUT_ELEMENTS, EDGEOPS_OUTPUT_ELEMENTS);
@@ -327,8 +333,9 @@ def test_wearable_bundle_exports_and_compiles(wearable: Wearable, tmp_path: Path
     assert h["sha256"] == h["const_hex"] == h["const_bytes"] == [[digest]]
     assert h["len"] == [[str(len(model))] * 2] and h["aligned16"] == [["1"]] and h["file_equal"] == [["1"]]
     assert h["arena"] == [[str(int(m.metrics["arena_bytes"]))]] and result["arena_bytes"] == m.metrics["arena_bytes"]
-    n_in, n_out = len(m.feature_names), len(m.labels)
-    assert h["in_dims"] == [["2", "1", str(n_in)]] and h["out_dims"] == [["2", "1", str(n_out)]]
+    in_shape, n_out = m.inputs[0].shape, len(m.labels)  # digits: an N-d input [1, 1, 8, 8]
+    n_in = int(np.prod(in_shape))
+    assert h["in_dims"] == [[str(len(in_shape)), *(str(d) for d in in_shape)]] and h["out_dims"] == [["2", "1", str(n_out)]]
     assert h["elements"] == [[str(n_in), str(n_out)]] and h["input_is_int8"] == [["1"]]
     q_in, q_out = m.inputs[0].quantization, m.outputs[0].quantization
     assert q_in is not None and q_out is not None
@@ -366,7 +373,7 @@ def test_wearable_bundle_exports_and_compiles(wearable: Wearable, tmp_path: Path
     it = runtime.Interpreter.from_bytes(model, arena_size=int(m.metrics["arena_bytes"]))
     failed = 0
     for row, v in zip(fed, vectors, strict=True):
-        it.set_input(row.astype(np.int8).reshape(1, n_in), 0)
+        it.set_input(row.astype(np.int8).reshape(in_shape), 0)
         it.invoke()
         y = (it.get_output(0).reshape(-1).astype(np.float32) - np.float32(q_out.zero_point)) * np.float32(q_out.scale)
         failed += not (float(np.abs(y - np.float32(v.expected)).max()) <= m.self_test.atol and int(y.argmax()) == v.label)
@@ -645,3 +652,393 @@ def test_lineage_runtime_version_is_optional_and_typed(wearable: Wearable) -> No
     raw["lineage"]["runtime_version"] = 3
     with pytest.raises(ManifestError, match=r"lineage\.runtime_version"):
         Manifest.from_json(json.dumps(raw).encode())
+
+
+# -- tasks: the generated self_test.cc, run, on regression and anomaly bundles (issue 12, review H2) --
+
+# The tiny regression and anomaly projects of tests/test_tasks.py (copied: its generators and
+# models), built for wearable with fewer epochs.
+_TASK_DATA = """
+import numpy as np
+
+LABELS = ("normal", "spike", "noise")
+
+
+def regression(n_train=200, n_val=100, n_test=100, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        x = rng.normal(size=(n, 4)).astype(np.float32)
+        y = np.stack([x[:, 0] + 2 * x[:, 1], np.tanh(x[:, 2] * x[:, 3])], axis=1).astype(np.float32)
+        return x, y
+
+    (a, b), (c, d), (e, f) = split(n_train), split(n_val), split(n_test)
+    return {"x_train": a, "y_train": b, "x_val": c, "y_val": d, "x_test": e, "y_test": f,
+            "feature_names": ["a", "b", "c", "d"], "label_names": ["sum", "product"]}
+
+
+def anomaly(n_train=400, n_val=200, n_test=200, faults=100, seed=0):
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(2, 8))
+
+    def normal(n):  # 8 features on a 2-d plane, plus a little noise
+        return (rng.normal(size=(n, 2)) @ mix + 0.05 * rng.normal(size=(n, 8))).astype(np.float32)
+
+    spike = normal(faults)
+    spike[:, 0] += 4.0
+    noise = (normal(faults) + 1.5 * rng.normal(size=(faults, 8))).astype(np.float32)
+    x_test = np.concatenate([normal(n_test), spike, noise])
+    y_test = np.repeat([0, 1, 2], [n_test, faults, faults])
+    return {"x_train": normal(n_train), "y_train": np.zeros(n_train, dtype=np.int64),
+            "x_val": normal(n_val), "y_val": np.zeros(n_val, dtype=np.int64), "x_test": x_test, "y_test": y_test,
+            "feature_names": [f"f{i}" for i in range(8)], "label_names": list(LABELS)}
+"""
+
+_TASK_MODEL = """
+from torch import nn
+
+
+def mlp(n_features, n_outputs, hidden=32):
+    return nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, n_outputs))
+
+
+def autoencoder(n_features, n_outputs, bottleneck=2):
+    return nn.Sequential(nn.Linear(n_features, 16), nn.ReLU(), nn.Linear(16, bottleneck), nn.Linear(bottleneck, 16),
+                         nn.ReLU(), nn.Linear(16, n_features))
+"""
+
+_TASK_TOMLS = {
+    "regression": """
+[project]
+name = "tiny-regression"
+version = "1.0.0"
+
+[task]
+kind = "regression"
+
+[model]
+entry = "task_model:mlp"
+
+[data]
+entry = "task_data:regression"
+
+[train]
+epochs = 10
+batch_size = 32
+learning_rate = 0.01
+
+[quantization]
+calibration_samples = 100
+""",
+    "anomaly": """
+[project]
+name = "tiny-anomaly"
+version = "1.0.0"
+
+[task]
+kind = "anomaly"
+normal_label = "normal"
+target_fpr = 0.02
+
+[model]
+entry = "task_model:autoencoder"
+
+[data]
+entry = "task_data:anomaly"
+
+[train]
+epochs = 10
+batch_size = 32
+learning_rate = 0.01
+
+[quantization]
+calibration_samples = 100
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def task_bundles(tmp_path_factory: pytest.TempPathFactory) -> Wearable:
+    """A wearable regression bundle and a wearable anomaly bundle, built at the same time."""
+    home = tmp_path_factory.mktemp("task-home")
+    dist = tmp_path_factory.mktemp("task-dist")
+    env = {**os.environ, "EDGEOPS_HOME": str(home)}
+    procs = {}
+    for kind, toml in _TASK_TOMLS.items():
+        project = tmp_path_factory.mktemp(kind)
+        (project / "task_data.py").write_text(_TASK_DATA)
+        (project / "task_model.py").write_text(_TASK_MODEL)
+        (project / "edgeops.toml").write_text(toml)
+        cmd = [*EDGEOPS, "build", "-t", "wearable", "-p", str(project), "-o", str(dist / kind), "--no-cache", "--json"]
+        procs[kind] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    bundles = {}
+    for kind, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stdout + stderr
+        bundles[kind] = Path(json.loads(stdout)["bundle"])
+    return Wearable(home=home, bundles=bundles)
+
+
+def _stand_in_tflm(folder: Path) -> Path:
+    """Test-only stand-ins for the TFLite Micro headers ``self_test.cc`` and ``model_ops.cc`` include.
+
+    No TFLite Micro source tree is installed, only its Python runtime: these declare just what
+    the generated files use, and ``MicroInterpreter::Invoke`` replays the outputs the real
+    interpreter gave for each input (``replay.cc``, written per export by :func:`_run_self_test`).
+    An input it was not given fails the invocation. The export itself never ships these.
+    """
+    micro = folder / "tensorflow" / "lite" / "micro"
+    schema = folder / "tensorflow" / "lite" / "schema"
+    micro.mkdir(parents=True, exist_ok=True)
+    schema.mkdir(parents=True, exist_ok=True)
+    (micro / "micro_interpreter.h").write_text(
+        """#ifndef STAND_IN_MICRO_INTERPRETER_H_
+#define STAND_IN_MICRO_INTERPRETER_H_
+#include <stddef.h>
+#include <stdint.h>
+typedef enum { kTfLiteOk = 0, kTfLiteError = 1 } TfLiteStatus;
+typedef enum { kTfLiteNoType = 0, kTfLiteFloat32 = 1, kTfLiteUInt8 = 3, kTfLiteInt8 = 9 } TfLiteType;
+typedef union { float* f; uint8_t* uint8; int8_t* int8; } TfLitePtrUnion;
+typedef struct { TfLiteType type; TfLitePtrUnion data; size_t bytes; } TfLiteTensor;
+#define TFLITE_SCHEMA_VERSION 3
+namespace tflite {
+struct Model {
+  uint32_t version() const { return TFLITE_SCHEMA_VERSION; }
+};
+inline const Model* GetModel(const void* data) { return static_cast<const Model*>(data); }
+class MicroInterpreter {
+ public:
+  template <typename Resolver>
+  MicroInterpreter(const Model*, const Resolver&, uint8_t*, size_t) : in_(), out_() {}
+  TfLiteStatus AllocateTensors();
+  TfLiteTensor* input(size_t i) { return i == 0 ? &in_ : nullptr; }
+  TfLiteTensor* output(size_t i) { return i == 0 ? &out_ : nullptr; }
+  TfLiteStatus Invoke();
+ private:
+  TfLiteTensor in_, out_;
+};
+}  // namespace tflite
+#endif
+"""
+    )
+    methods = "\n".join(f"  TfLiteStatus {m}() {{ return kTfLiteOk; }}" for m in sorted(set(OPERATOR_METHODS.values())))
+    (micro / "micro_mutable_op_resolver.h").write_text(
+        f"""#ifndef STAND_IN_MICRO_MUTABLE_OP_RESOLVER_H_
+#define STAND_IN_MICRO_MUTABLE_OP_RESOLVER_H_
+#include "tensorflow/lite/micro/micro_interpreter.h"
+namespace tflite {{
+template <unsigned int N>
+class MicroMutableOpResolver {{
+ public:
+{methods}
+}};
+}}  // namespace tflite
+#endif
+"""
+    )
+    (schema / "schema_generated.h").write_text('#include "tensorflow/lite/micro/micro_interpreter.h"\n')
+    return folder
+
+
+_REPLAY = r"""
+#include <stdio.h>
+#include <string.h>
+
+#include "model_config.h"
+#include "self_test.h"
+
+static const int8_t kInputs[REPLAY_COUNT][EDGEOPS_INPUT_ELEMENTS] = {REPLAY_INPUTS};
+static const int8_t kOutputs[REPLAY_COUNT][EDGEOPS_OUTPUT_ELEMENTS] = {REPLAY_OUTPUTS};
+static int8_t input_buffer[EDGEOPS_INPUT_ELEMENTS];
+static int8_t output_buffer[EDGEOPS_OUTPUT_ELEMENTS];
+static int invocations = 0;
+
+TfLiteStatus tflite::MicroInterpreter::AllocateTensors() {
+  in_.type = kTfLiteInt8;
+  in_.data.int8 = input_buffer;
+  in_.bytes = sizeof input_buffer;
+  out_.type = kTfLiteInt8;
+  out_.data.int8 = output_buffer;
+  out_.bytes = sizeof output_buffer;
+  return kTfLiteOk;
+}
+
+TfLiteStatus tflite::MicroInterpreter::Invoke() {
+  ++invocations;
+  for (int r = 0; r < REPLAY_COUNT; ++r) {
+    if (memcmp(kInputs[r], input_buffer, sizeof input_buffer) == 0) {
+      memcpy(output_buffer, kOutputs[r], sizeof output_buffer);
+      return kTfLiteOk;
+    }
+  }
+  return kTfLiteError;
+}
+
+alignas(16) static uint8_t arena[EDGEOPS_ARENA_BYTES];
+
+int main() {
+  const int failed = edgeops_self_test_run(arena, sizeof arena);
+  printf("failed %d invocations %d\n", failed, invocations);
+#ifdef EDGEOPS_ANOMALY_THRESHOLD
+  printf("threshold %.17g\n", static_cast<double>(EDGEOPS_ANOMALY_THRESHOLD));
+#endif
+  return 0;
+}
+"""
+
+
+def _c_rows(rows: np.ndarray) -> str:
+    return ", ".join("{" + ", ".join(str(int(v)) for v in row) + "}" for row in rows)
+
+
+def _tflm_outputs(m: Manifest, model: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The self-test inputs as the device feeds them, and the real TFLite Micro's int8 outputs for them."""
+    from tflite_micro.python.tflite_micro import runtime
+
+    fed = export_module.self_test_tensors(m)
+    it = runtime.Interpreter.from_bytes(model, arena_size=int(m.metrics["arena_bytes"]))
+    outputs = []
+    for row in fed:
+        it.set_input(np.asarray(row, dtype=np.int8).reshape(m.inputs[0].shape), 0)
+        it.invoke()
+        outputs.append(it.get_output(0).reshape(-1))
+    return np.asarray(fed, dtype=np.int8), np.asarray(outputs, dtype=np.int8)
+
+
+def _run_self_test(files: dict[str, bytes], replay: tuple[np.ndarray, np.ndarray], work: Path) -> dict[str, str]:
+    """Compile the exported ``self_test.cc`` (and the rest) against the stand-in headers and run
+    ``edgeops_self_test_run`` over the replayed TFLite Micro outputs.
+
+    Returns:
+        Each output line's first word → the rest of the line.
+    """
+    out = work / "export"
+    out.mkdir(parents=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    inputs, outputs = replay
+    main = work / "replay.cc"
+    main.write_text(
+        _REPLAY.replace("REPLAY_COUNT", str(len(inputs)))
+        .replace("REPLAY_INPUTS", _c_rows(inputs))
+        .replace("REPLAY_OUTPUTS", _c_rows(outputs))
+    )
+    stand_in = _stand_in_tflm(work / "stand-in")
+    sources = [str(main), *(str(out / n) for n in ("self_test.cc", "model_ops.cc", "model_data.cc", "self_test_data.cc"))]
+    exe = work / "self_test"
+    cmd = [_compiler("g++"), *CXX_FLAGS, "-O1", "-I", str(out), "-I", str(stand_in), *sources, "-o", str(exe)]
+    subprocess.run(cmd, check=True)
+    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
+    return dict(line.split(" ", 1) for line in lines)
+
+
+def _bundle_parts(wearable: Wearable, kind: str) -> tuple[Manifest, bytes]:
+    verified = verify_bundle_file(wearable.bundles[kind], [load_public_key(wearable.home / "keys" / "dev-signing.pub.pem")])
+    return verified.manifest, verified.read_model()
+
+
+def _rendered(m: Manifest, model: bytes) -> dict[str, bytes]:
+    return {f.name: f.data for f in render_c_sources(m, model, source="tampered.edgeops")}
+
+
+def _with_vectors(m: Manifest, vectors: list[SelfTestVector], threshold: float | None = None) -> Manifest:
+    task = m.task if threshold is None else dataclasses.replace(m.task, threshold=threshold)
+    return dataclasses.replace(m, task=task, self_test=dataclasses.replace(m.self_test, vectors=tuple(vectors)))
+
+
+@pytest.mark.parametrize("kind", ["vibration", "digits"])
+def test_the_generated_self_test_runs_a_classifier(wearable: Wearable, tmp_path: Path, kind: str) -> None:
+    """``self_test.cc`` itself, compiled and run: a classifier's vectors pass; a wrong top-1 label fails."""
+    m, model = _bundle_parts(wearable, kind)
+    out = tmp_path / "fw"
+    assert _export(wearable, wearable.bundles[kind], out).returncode == 0
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert b"EDGEOPS_TASK_" not in files["model_config.h"]  # a classifier's files are as before tasks
+    replay = _tflm_outputs(m, model)
+    ran = _run_self_test(files, replay, tmp_path / "ok")
+    assert ran["failed"] == f"0 invocations {len(m.self_test.vectors)}"
+    vectors = list(m.self_test.vectors)
+    vectors[0] = dataclasses.replace(vectors[0], label=(vectors[0].label + 1) % len(m.labels))
+    assert _run_self_test(_rendered(_with_vectors(m, vectors), model), replay, tmp_path / "bad")["failed"].startswith("1 ")
+
+
+def test_the_generated_self_test_passes_a_regression(task_bundles: Wearable, tmp_path: Path) -> None:
+    m, model = _bundle_parts(task_bundles, "regression")
+    assert m.task.kind == "regression" and len(m.labels) == 2
+    out = tmp_path / "fw"
+    proc = _export(task_bundles, task_bundles.bundles["regression"], out)
+    assert proc.returncode == 0, proc.stderr
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    config, check = files["model_config.h"].decode(), files["self_test.cc"].decode()
+    assert "#define EDGEOPS_TASK_REGRESSION 1\n" in config and "EDGEOPS_TASK_ANOMALY" not in config
+    assert "top != edgeops_self_test_label" not in check and "best" not in check  # no argmax: a regression has no class
+    assert "one logit per label" not in files["README.md"].decode()
+    h = _run_harness(out, model, tmp_path / "harness")  # the C-compatible files still compile as C11 and C++11
+    assert [int(row[1]) for row in h["label"]] == [v.label for v in m.self_test.vectors] == [0] * len(m.self_test.vectors)
+    replay = _tflm_outputs(m, model)
+    # The regression's "top-1" is not always output 0 (label 0): the old argmax check failed here.
+    assert any(int(np.argmax(row)) != 0 for row in np.float32([v.expected for v in m.self_test.vectors]))
+    assert _run_self_test(files, replay, tmp_path / "ok")["failed"] == f"0 invocations {len(m.self_test.vectors)}"
+    # Outputs are still checked within atol.
+    vectors = list(m.self_test.vectors)
+    v = vectors[1]
+    vectors[1] = dataclasses.replace(v, expected=(v.expected[0] + 3 * m.self_test.atol, *v.expected[1:]))
+    assert _run_self_test(_rendered(_with_vectors(m, vectors), model), replay, tmp_path / "bad")["failed"].startswith("1 ")
+
+
+def test_the_generated_self_test_checks_an_anomaly_verdict_as_the_agent_does(task_bundles: Wearable, tmp_path: Path) -> None:
+    m, model = _bundle_parts(task_bundles, "anomaly")
+    t, atol = m.task.threshold, m.self_test.atol
+    assert m.task.kind == "anomaly" and t is not None and m.labels == ("anomaly_score",)
+    out = tmp_path / "fw"
+    proc = _export(task_bundles, task_bundles.bundles["anomaly"], out)
+    assert proc.returncode == 0, proc.stderr
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    config = files["model_config.h"].decode()
+    assert "#define EDGEOPS_TASK_ANOMALY 1\n" in config and "EDGEOPS_TASK_REGRESSION" not in config
+    assert f"#define EDGEOPS_ANOMALY_TARGET_FPR {m.task.target_fpr!r}\n" in config
+    readme = files["README.md"].decode()
+    assert "one logit per label" not in readme and "score > `EDGEOPS_ANOMALY_THRESHOLD`" in readme
+    vectors = list(m.self_test.vectors)
+    assert {v.label for v in vectors} == {0, 1}  # both verdicts are exercised
+    h = _run_harness(out, model, tmp_path / "harness")  # the C-compatible files still compile as C11 and C++11
+    assert [int(row[1]) for row in h["label"]] == [v.label for v in vectors]
+    replay = _tflm_outputs(m, model)
+    ran = _run_self_test(files, replay, tmp_path / "ok")
+    assert ran["failed"] == f"0 invocations {len(vectors)}"
+    # The C float threshold is the manifest's threshold as float32 (a float32 score, kept exact).
+    assert float(ran["threshold"]) == float(np.float32(t)) == t
+
+    # An anomalous vector far from the threshold, its expected verdict flipped: the self-test fails.
+    far = next(i for i, v in enumerate(vectors) if v.label == 1 and v.expected[0] - t > atol)
+    flipped = list(vectors)
+    flipped[far] = dataclasses.replace(vectors[far], label=0)
+    assert _run_self_test(_rendered(_with_vectors(m, flipped), model), replay, tmp_path / "flipped")["failed"].startswith("1 ")
+
+    # Within atol of the threshold either verdict passes, as on the agent: move the threshold to
+    # just above one vector's expected score, relabel every vector by it, then flip that vector.
+    near = far
+    t_near = float(np.float32(vectors[near].expected[0] + atol / 2))
+    relabelled = [dataclasses.replace(v, label=int(v.expected[0] > t_near)) for v in vectors]
+    assert relabelled[near].label == 0
+    relabelled[near] = dataclasses.replace(relabelled[near], label=1)
+    near_m = _with_vectors(m, relabelled, t_near)
+    assert _run_self_test(_rendered(near_m, model), replay, tmp_path / "near")["failed"] == f"0 invocations {len(vectors)}"
+
+
+def test_an_anomaly_threshold_that_is_not_a_float32_is_rounded_to_the_agents_verdict(task_bundles: Wearable) -> None:
+    """The agent compares its float32 score with task.threshold as a double; the firmware compares
+    floats. The float written is the largest not above the threshold, so both agree on every score."""
+    m, model = _bundle_parts(task_bundles, "anomaly")
+    t = 0.1  # float32(0.1) is above 0.1: rounding to nearest would call a score of exactly float32(0.1) normal
+    config = _rendered(dataclasses.replace(m, task=dataclasses.replace(m.task, threshold=t)), model)["model_config.h"].decode()
+    (written,) = re.findall(r"#define EDGEOPS_ANOMALY_THRESHOLD \((\S+)f\)\n", config)
+    c_threshold = np.float32(written)
+    assert float(c_threshold) < t < float(np.nextafter(c_threshold, np.float32(1), dtype=np.float32))
+    up = np.float32(1)
+    scores = [np.nextafter(c_threshold, -up, dtype=np.float32), c_threshold, np.float32(t)]
+    scores.append(np.nextafter(np.float32(t), up, dtype=np.float32))  # the float32s around the threshold
+    assert [bool(s > c_threshold) for s in scores] == [float(s) > t for s in scores] == [False, False, True, True]
+    # A threshold no float32 can hold is refused, naming it.
+    with pytest.raises(FirmwareExportError, match=r"task\.threshold 1e\+39 is not a finite float32"):
+        render_c_sources(dataclasses.replace(m, task=dataclasses.replace(m.task, threshold=1e39)), model, source="x")

@@ -7,7 +7,7 @@ The public API is what docs/agent.md tells users to call::
 
     from edgeops_agent import Agent, DataDir, install_bundle
     agent = Agent(DataDir(Path("/var/lib/edgeops")))
-    agent.predict([0.1, 0.2, ...])          # -> Prediction(label, class_index, logits, latency_ms)
+    agent.predict([0.1, 0.2, ...])          # -> Prediction(label, class_index, logits, latency_ms, id, task, ...)
 
 ``edgeops-agent`` (:mod:`edgeops_agent.cli`) wraps the same API: ``verify``, ``trust add``,
 ``install``, ``status``, ``predict`` and ``run`` (the daemon: MQTT, the local socket,

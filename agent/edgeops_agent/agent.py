@@ -41,6 +41,19 @@ rows the model is unsure of are favoured, but no row weighs more than a bounded 
 another. Scoring runs the model on the candidate rows directly, outside :meth:`Agent.predict`:
 an upload counts no inference, feeds no drift statistic and times nothing.
 
+Tasks and inputs (issue 12): a sample may be N-d (``[1, *sample_shape]``), and a model may be a
+regression or an anomaly scorer. Drift needs only each channel's histogram over its reference
+bins of an N-d sample (:meth:`DriftDetector.channel_counts`, ``channels x bins`` small counts),
+so the prediction reduces the sample to that, after it is timed and outside the lock, and the
+buffer holds those counts instead of raw samples: a [3, 96, 96] image costs about 0.1 ms and
+60 bytes of buffer instead of 108 KiB (docs/adr/0021). A
+classifier's path is the one above, with one more branch on the task; a regression's or
+anomaly model's outputs are kept beside its inputs for output drift, and an anomaly model's
+predictions whose score is above ``task.threshold`` count toward an ``anomaly`` event, at most
+one per ``anomaly_event_s`` (the later one carries the count since the earlier; anomalies held
+back go out with the next telemetry record or when the model is replaced). Its verdicts are
+counted like a classifier's classes, ``[normal, anomaly]``, which gives telemetry's anomaly rate.
+
 The per-label prediction counts of telemetry (``inference.predicted``) cost nothing per
 prediction either: the predicted indexes are in the drift buffer already, and they are
 counted with one ``np.bincount`` when the buffer is handed over or a telemetry record is
@@ -57,14 +70,14 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from edgeops_agent import __version__
 from edgeops_agent.drift import DriftConfig, DriftDetector
-from edgeops_agent.errors import ActiveSlotDamagedError, AgentError, DataDirLockedError, FeedbackError
+from edgeops_agent.errors import ActiveSlotDamagedError, AgentError, ConfigError, DataDirLockedError, FeedbackError
 from edgeops_agent.fault import FaultInjection
 from edgeops_agent.install import recover
 from edgeops_agent.model import LoadedModel, Prediction
@@ -73,7 +86,16 @@ from edgeops_agent.trust import TrustStore
 from edgeops_core import MESSAGE_SCHEMA, EdgeopsError, utc_now_text
 from edgeops_core.messages import DEFAULT_SAMPLE_ROWS, MAX_PREDICTED_LABELS, MAX_SAMPLE_ROWS
 
-__all__ = ["FEEDBACK_RING", "LATENCY_BUCKETS_S", "Agent", "Counters", "SampleSelection", "process_resources"]
+__all__ = [
+    "ANOMALY_EVENT_S",
+    "FEEDBACK_RING",
+    "LATENCY_BUCKETS_S",
+    "MAX_INTERVAL_S",
+    "Agent",
+    "Counters",
+    "SampleSelection",
+    "process_resources",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +113,11 @@ _RING_MASK = FEEDBACK_RING - 1
 _ID_SHIFT = 40
 #: In the feedback ring: the prediction was made by a model replaced while it ran (refused).
 _REPLACED = np.iinfo(np.int64).min
+
+#: Seconds between two ``anomaly`` events at most (the later one carries the count since the earlier).
+ANOMALY_EVENT_S = 10.0
+#: The longest ``anomaly_event_s`` (and telemetry interval) the agent takes: a day.
+MAX_INTERVAL_S = 86_400.0
 
 #: Upper bounds (seconds, inclusive) of the cumulative latency histogram (:meth:`Agent.counters`).
 LATENCY_BUCKETS_S = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0)
@@ -233,6 +260,7 @@ class Agent:
         drift: DriftConfig | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         threads: int | None = None,
+        anomaly_event_s: float = ANOMALY_EVENT_S,
     ) -> None:
         """Load the active bundle (if any) from ``data_dir``, checked against its install-time digest.
 
@@ -242,10 +270,16 @@ class Agent:
         When the data directory's lock is free, start-up also rolls back a trial left
         unconfirmed by a process that is gone, and removes stale temporary files.
 
+        ``anomaly_event_s``: an anomaly model's ``anomaly`` events come at most this often; the
+        anomalies in between are counted into the next one (0..:data:`MAX_INTERVAL_S` seconds).
+
         Raises:
+            ConfigError: ``anomaly_event_s`` is out of range.
             StateCorruptedError: the state file is damaged, or missing while slots exist
                 (:class:`StateMissingError`).
         """
+        if not 0 <= anomaly_event_s <= MAX_INTERVAL_S:  # also NaN; int(1e300 * 1e9) would raise OverflowError
+            raise ConfigError(f"anomaly_event_s must be 0..{MAX_INTERVAL_S:g} seconds, got {anomaly_event_s!r}")
         self.data_dir = data_dir
         self.device_id = device_id
         self.drift_config = drift or DriftConfig()
@@ -271,7 +305,14 @@ class Agent:
         self.detector: DriftDetector | None = None
         self._buf = np.zeros((0, 0), dtype=np.float32)
         self._pred = np.zeros(0, dtype=np.int64)
+        # A regression's or anomaly model's outputs beside their inputs (None for a classifier).
+        self._outs: np.ndarray | None = None
         self._fill = 0
+        # Anomaly events: anomalies not yet reported, and when the last event went (perf_counter ns).
+        self._anomaly_gap_ns = int(anomaly_event_s * 1e9)
+        self._anomaly_pending = 0
+        self._anomaly_last_ns: int | None = None
+        self._anomaly_score = 0.0
         # Per-label counts of the active model's predictions this interval: buffer entries
         # [0, _counted) are in _pred_counts already (see _tally).
         self._pred_counts = np.zeros(0, dtype=np.int64)
@@ -298,7 +339,7 @@ class Agent:
         self._rng = random.Random()  # noqa: S311  sampling, not security
         #: Test-only (:mod:`edgeops_agent.fault`): slow or failing predictions of one release.
         self.injected_fault: FaultInjection | None = None
-        self._drift_jobs: queue.SimpleQueue[tuple[DriftDetector, np.ndarray, np.ndarray]] = queue.SimpleQueue()
+        self._drift_jobs: queue.SimpleQueue[tuple[DriftDetector, np.ndarray, np.ndarray, np.ndarray | None]] = queue.SimpleQueue()
         self._drift_lock = threading.Lock()
         #: Why the active slot cannot be served (missing, changed, unloadable); ``None`` if it can.
         self.fault: str | None = None
@@ -345,15 +386,37 @@ class Agent:
 
     def _activate(self, model: LoadedModel) -> None:
         cfg = self.drift_config
-        detector = DriftDetector(model.manifest.drift_reference, len(model.labels), cfg)
-        rows = np.zeros((max(cfg.input_ring, 1), model.n_features), dtype=np.float32)
-        labelled = np.zeros((cfg.labelled_rows, model.n_features), dtype=np.float32)
+        flat = model.positions == 1
+        if not flat:
+            # Field samples are flat feature rows (edgeops_core.messages.Samples, the field
+            # datasets): an N-d model keeps no rows for them (no input ring, labelled FIFO or
+            # reservoir), and sample_upload is refused (Agent.samples).
+            cfg = replace(cfg, reservoir=0, input_ring=0, labelled_rows=0)
+            log.warning(
+                "field-sample upload is off for %s release %d: its input is N-d %s and samples carry flat feature rows",
+                model.manifest.name,
+                model.manifest.release,
+                [1, *model.sample_shape],
+            )
+        detector = DriftDetector(model.manifest.drift_reference, len(model.labels), cfg, positions=model.positions)
+        # What a prediction keeps for drift: a flat model's raw row, an N-d one's channel
+        # histograms (channel_counts). For an N-d model the input ring is a one-row dummy.
+        width = model.n_values if flat else detector.count_width
+        kind = np.float32 if flat else detector.count_dtype
+        rows = np.zeros((max(cfg.input_ring, 1), width), dtype=kind)
+        labelled = np.zeros((cfg.labelled_rows, width), dtype=np.float32)
         with self._lock:
-            self.model, self.detector = model, detector
-            self._buf = np.zeros((DRIFT_BATCH, model.n_features), dtype=np.float32)
+            old, owed = self.model, self._anomaly_pending
+            # The detector first: predict() reads the model, then (N-d) the detector, without the
+            # lock; whoever sees this model sees its detector.
+            self.detector = detector
+            self.model = model
+            self._buf = np.zeros((DRIFT_BATCH, width), dtype=kind)
             self._pred = np.zeros(DRIFT_BATCH, dtype=np.int64)
+            self._outs = None if model.classifier else np.zeros((DRIFT_BATCH, len(model.labels)), dtype=np.float32)
             self._fill = 0
-            self._pred_counts = np.zeros(len(model.labels), dtype=np.int64)
+            # An anomaly model's "classes" are its verdicts: [normal, anomaly].
+            self._pred_counts = np.zeros(2 if model.anomaly else len(model.labels), dtype=np.int64)
             self._counted = 0
             self._ring_from = self._count
             # Rows belong to the model that served them: a new model starts with none.
@@ -364,6 +427,9 @@ class Agent:
             self._lab_id = np.zeros(cfg.labelled_rows, dtype=np.int64)
             self._lab_n = 0
             self._lab_from = self._count
+            self._anomaly_pending = 0
+        if owed and old is not None:  # the replaced model's anomalies held back by the rate limit
+            self._anomaly_event(old, owed, self._anomaly_score, None)
 
     def install(self, source: Any, *, target: str | None = None, switch_model: str | None = None) -> Any:
         """Install a bundle (see :func:`edgeops_agent.install.install_bundle`) and serve it.
@@ -461,7 +527,12 @@ class Agent:
         return True
 
     def predict(self, features: Any) -> Prediction:
-        """Run the active model on one raw feature vector.
+        """Run the active model on one raw sample.
+
+        ``features`` is a numpy array or nested lists of shape ``sample_shape`` or
+        ``[1, *sample_shape]`` (a flat model: ``[features]`` or ``[1, features]``). The result
+        says the model's task: the top class, the regression outputs, or the anomaly score
+        and verdict (:class:`Prediction`).
 
         Safe to call from any number of threads: each caller gets the answer a sequential
         call would (see :mod:`edgeops_agent.runtime`).
@@ -489,8 +560,12 @@ class Agent:
         except Exception as exc:  # the runtime's own exception (e.g. onnxruntime's Fail): counted, then raised
             self.count_error(type(exc).__name__)
             raise
-        index = int(logits.argmax())
+        classifier = model.classifier
+        # A regression's "index" is 0; an anomaly model's is its verdict (1: anomaly).
+        index = int(logits.argmax()) if classifier else model.verdict(float(logits[0]))
         elapsed = time.perf_counter_ns() - start
+        if model.positions != 1:  # N-d: drift keeps the channels' histograms, not the sample
+            row = self._channel_counts(row)
         with self._lock:
             self._count += 1
             n = self._count
@@ -506,17 +581,65 @@ class Agent:
                 self._rows[n % self._ring_rows] = row
                 self._buf[self._fill] = row
                 self._pred[self._fill] = index
+                if not classifier:
+                    self._outs[self._fill] = logits  # type: ignore[index]
                 self._fill += 1
                 full = self._fill == DRIFT_BATCH
                 if full:
                     self._hand_over()
         if full:
             self._drain()
-        # tuple.__new__ skips NamedTuple's Python-level __new__ (0.35 us of a ~15 us call).
-        return _new_tuple(Prediction, (model.labels[index], index, logits.tolist(), elapsed / 1e6, self._id_base + n))
+        if classifier:
+            # tuple.__new__ skips NamedTuple's Python-level __new__ (0.35 us of a ~15 us call).
+            return _new_tuple(
+                Prediction,
+                (model.labels[index], index, logits.tolist(), elapsed / 1e6, self._id_base + n, "classification", None, ()),
+            )
+        values = logits.tolist()
+        if index:
+            self._anomalies(model, 1, values[0], self._id_base + n, start)
+        return _answer(model, index, values, elapsed / 1e6, self._id_base + n)
+
+    def _channel_counts(self, rows: np.ndarray) -> np.ndarray:
+        """An N-d model's raw rows reduced to what drift keeps of them (:meth:`DriftDetector.channel_counts`).
+
+        Called after ``self.model`` was read: ``_activate`` stores the detector before the model,
+        so this is the detector of that model or of a later one (whose rows are then discarded).
+        """
+        detector = self.detector
+        if detector is None or detector.positions == 1:  # a flat model meanwhile: its rows are discarded
+            return rows
+        counts: np.ndarray = detector.channel_counts(rows).reshape(*rows.shape[:-1], -1)  # a row, or [n, counts]
+        return counts
+
+    def _anomalies(self, model: LoadedModel, k: int, score: float, prediction_id: int, now_ns: int) -> None:
+        """Count ``k`` anomalies; report them with an ``anomaly`` event unless one went less than ``anomaly_event_s`` ago."""
+        with self._lock:
+            self._anomaly_pending += k
+            self._anomaly_score = score
+            last = self._anomaly_last_ns
+            if last is not None and now_ns - last < self._anomaly_gap_ns:
+                return
+            count, self._anomaly_pending = self._anomaly_pending, 0
+            self._anomaly_last_ns = now_ns
+        self._anomaly_event(model, count, score, prediction_id)
+
+    def _anomaly_event(self, model: LoadedModel, count: int, score: float, prediction_id: int | None) -> None:
+        m = model.manifest
+        self.event(
+            "anomaly",
+            {
+                "count": count,
+                "score": score,
+                "threshold": model.threshold,
+                "prediction_id": prediction_id,
+                "model": m.name,
+                "release": m.release,
+            },
+        )
 
     def predict_batch(self, rows: Any) -> list[Prediction]:
-        """Run the active model on ``rows`` (``[n, features]``), one :class:`Prediction` per row.
+        """Run the active model on ``rows`` (``[n, *sample_shape]``), one :class:`Prediction` per row.
 
         The conversions, the output checks and the bookkeeping are done once for the whole
         batch; the runtime is called once per row, because every model this toolchain
@@ -524,7 +647,7 @@ class Agent:
         batch's time divided by ``n``. All rows are answered, or none (an error names the row).
 
         Raises:
-            TensorInputError: not ``[n, features]``, non-numeric, NaN or inf (counted once).
+            TensorInputError: not ``[n, *sample_shape]``, non-numeric, NaN or inf (counted once).
             ModelOutputError: a row's output is NaN or inf (counted once; no label is given).
             AgentError: no model is installed, or the runtime failed (counted once).
             Exception: whatever the runtime itself raised (counted once, by its type name).
@@ -548,9 +671,12 @@ class Agent:
         except Exception as exc:  # the runtime's own exception: counted once, then raised
             self.count_error(type(exc).__name__)
             raise
-        index = logits.argmax(axis=1)
+        classifier = model.classifier
+        index = logits.argmax(axis=1) if classifier else _verdicts(model, logits)
         n = len(x)
         per_row = (time.perf_counter_ns() - start) / n
+        if model.positions != 1:
+            x = self._channel_counts(x)
         with self._lock:
             first = self._count + 1
             self._count += n
@@ -576,6 +702,8 @@ class Agent:
                 take = min(n - done, DRIFT_BATCH - self._fill)
                 self._buf[self._fill : self._fill + take] = x[done : done + take]
                 self._pred[self._fill : self._fill + take] = index[done : done + take]
+                if not classifier:
+                    self._outs[self._fill : self._fill + take] = logits[done : done + take]  # type: ignore[index]
                 self._fill += take
                 done += take
                 if self._fill == DRIFT_BATCH:
@@ -584,10 +712,25 @@ class Agent:
         if drain:
             self._drain()
         labels, ms, base = model.labels, per_row / 1e6, self._id_base + first
-        return [
-            _new_tuple(Prediction, (labels[k], k, row, ms, base + i))
-            for i, (k, row) in enumerate(zip(index.tolist(), logits.tolist(), strict=True))
+        if classifier:
+            return [
+                _new_tuple(Prediction, (labels[k], k, row, ms, base + i, "classification", None, ()))
+                for i, (k, row) in enumerate(zip(index.tolist(), logits.tolist(), strict=True))
+            ]
+        return self._answers(model, index, logits, ms, base, start)
+
+    def _answers(
+        self, model: LoadedModel, index: np.ndarray, logits: np.ndarray, ms: float, base: int, start: int
+    ) -> list[Prediction]:
+        """A batch's predictions of a regression or anomaly model; its anomalies counted (and reported)."""
+        out = [
+            _answer(model, k, row, ms, base + i) for i, (k, row) in enumerate(zip(index.tolist(), logits.tolist(), strict=True))
         ]
+        flagged = [p for p in out if p.class_index]
+        if flagged:
+            last = flagged[-1]
+            self._anomalies(model, len(flagged), last.logits[0], last.id, start)
+        return out
 
     def feedback(self, prediction_id: int, label: str | int) -> bool:
         """Attach the ground-truth ``label`` (a name or an index) to a recent prediction; ``True`` if it was right.
@@ -598,8 +741,8 @@ class Agent:
 
         Raises:
             FeedbackError: the id is not one of the last :data:`FEEDBACK_RING` predictions of
-                the active model (or of this run), it has its label already, or the label is
-                not one of the model's.
+                the active model (or of this run), it has its label already, the label is
+                not one of the model's, or the model is not a classifier.
             AgentError: no model is installed.
         """
         if isinstance(prediction_id, bool) or not isinstance(prediction_id, int):
@@ -609,6 +752,10 @@ class Agent:
         model = self.model
         if model is None:
             raise self._no_model()
+        if not model.classifier:
+            with self._lock:
+                self._fb_rejected += 1
+            raise FeedbackError(f"labels are attached to a classifier's predictions; the active model is a {model.task} model")
         labels = model.labels
         if isinstance(label, str) and label in labels:
             truth = labels.index(label)
@@ -687,7 +834,8 @@ class Agent:
         """Queue the buffered inputs for the detector (caller holds ``self._lock``)."""
         self._tally()
         if self._fill and self.detector is not None:
-            self._drift_jobs.put((self.detector, self._buf[: self._fill].copy(), self._pred[: self._fill].copy()))
+            outs = self._outs[: self._fill].copy() if self._outs is not None else None
+            self._drift_jobs.put((self.detector, self._buf[: self._fill].copy(), self._pred[: self._fill].copy(), outs))
         self._fill = 0
         self._counted = 0
 
@@ -696,11 +844,14 @@ class Agent:
         with self._drift_lock:
             while True:
                 try:
-                    detector, rows, preds = self._drift_jobs.get_nowait()
+                    detector, rows, preds, outs = self._drift_jobs.get_nowait()
                 except queue.Empty:
                     return
                 try:
-                    changes = detector.update_batch(rows, preds)
+                    if detector.positions == 1:
+                        changes = detector.update_batch(rows, preds, outs)
+                    else:  # N-d: the rows are the samples' channel histograms
+                        changes = detector.update_counts(rows, preds, outs)
                 except Exception:  # a detector bug must not stop serving
                     log.exception("drift detector failed")
                     continue
@@ -710,12 +861,15 @@ class Agent:
                             if detector is self.detector:  # sample k of this model is prediction _ring_from + k
                                 self._lab_from = max(self._lab_from, self._ring_from + sample)
                     status = detector.status()
-                    detail = {
+                    detail: dict[str, Any] = {
                         "sample": sample,
                         "features": status.features_over,
                         "max_cusum": status.max_cusum,
                         "max_psi": status.max_psi,
                     }
+                    if status.output_psi:  # a regression's or anomaly model's answers
+                        detail["prediction_psi"] = status.prediction_psi
+                        detail["output_psi"] = status.output_psi
                     self.event("drift_alarm" if raised else "drift_cleared", detail)
 
     def flush_drift(self) -> None:
@@ -743,33 +897,39 @@ class Agent:
             self._tally()
             predicted = self._pred_counts.tolist() if self.model is not None else None
             self._pred_counts[:] = 0
+            owed = self._anomaly_pending
+            due = owed > 0 and (
+                self._anomaly_last_ns is None or time.perf_counter_ns() - self._anomaly_last_ns >= self._anomaly_gap_ns
+            )
+            if due:
+                self._anomaly_pending, self._anomaly_last_ns = 0, time.perf_counter_ns()
             feedback = {"labelled": self._fb_labelled, "correct": self._fb_correct, "rejected": self._fb_rejected}
             self._fb_labelled = self._fb_correct = self._fb_rejected = 0
         resources, self._resources = process_resources(self._resources)
         p50, p95, p99 = (round(v, 4) for v in percentiles(lat, (50, 95, 99))) if lat.size else (None, None, None)
         status = self.detector.status() if self.detector else None
         model = self.model
-        return {
-            "schema": MESSAGE_SCHEMA,
-            "device_id": self.device_id,
-            "ts": utc_now_text(),
-            "interval_s": interval_s,
-            "model": {"name": model.manifest.name, "release": model.manifest.release} if model else None,
-            "inference": {
-                "count": count,
-                "window_count": count - prev_count,
-                "errors": errors,
-                "error_count": sum(errors.values()),
-                "predicted": predicted if predicted is None or len(predicted) <= MAX_PREDICTED_LABELS else None,
-                "feedback": feedback,
-            },
-            "latency_ms": {
-                "p50": p50,
-                "p95": p95,
-                "p99": p99,
-                "max": round(float(lat.max()), 4) if lat.size else None,
-            },
-            "drift": {
+        if due and model is not None:  # anomalies held back by the rate limit, and none since
+            self._anomaly_event(model, owed, self._anomaly_score, None)
+        inference: dict[str, Any] = {
+            "count": count,
+            "window_count": count - prev_count,
+            "errors": errors,
+            "error_count": sum(errors.values()),
+            "predicted": predicted if predicted is None or len(predicted) <= MAX_PREDICTED_LABELS else None,
+            "feedback": feedback,
+            "task": model.task if model is not None else None,
+        }
+        if model is not None and not model.classifier:
+            # The answers are not classes: no per-label counts. An anomaly model's verdicts are
+            # counted instead: [normal, anomaly] over this interval's predictions.
+            inference["predicted"] = None
+            if model.anomaly and predicted is not None and len(predicted) == 2:
+                scored = predicted[0] + predicted[1]
+                inference["anomaly"] = {"count": predicted[1], "rate": round(predicted[1] / scored, 6) if scored else None}
+        drift: dict[str, Any] | None = None
+        if status is not None:
+            drift = {
                 "alarm": status.alarm,
                 "samples": status.samples,
                 "max_psi": status.max_psi,
@@ -777,8 +937,22 @@ class Agent:
                 "max_cusum": status.max_cusum,
                 "prediction_psi": status.prediction_psi,
             }
-            if status
-            else None,
+            if status.output_psi:
+                drift["output_psi"] = status.output_psi
+        return {
+            "schema": MESSAGE_SCHEMA,
+            "device_id": self.device_id,
+            "ts": utc_now_text(),
+            "interval_s": interval_s,
+            "model": {"name": model.manifest.name, "release": model.manifest.release} if model else None,
+            "inference": inference,
+            "latency_ms": {
+                "p50": p50,
+                "p95": p95,
+                "p99": p99,
+                "max": round(float(lat.max()), 4) if lat.size else None,
+            },
+            "drift": drift,
             "resources": resources,
         }
 
@@ -831,11 +1005,22 @@ class Agent:
             max_rows: 1..:data:`~edgeops_core.messages.MAX_SAMPLE_ROWS`.
             seed: makes the draw repeatable (tests); by default the agent's own generator.
 
+        A regression's or anomaly model's rows carry no labels (feedback is for classifiers)
+        and no uncertainty (their outputs are not probabilities): they are weighted by rarity.
+        An N-d input model keeps no rows for uploads (samples are flat feature rows).
+
         Raises:
             ValueError: ``max_rows`` is out of range.
+            AgentError: the active model's input is N-d.
         """
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or not 1 <= max_rows <= MAX_SAMPLE_ROWS:
             raise ValueError(f"max_rows must be an integer 1..{MAX_SAMPLE_ROWS}, got {max_rows!r}")
+        active = self.model
+        if active is not None and active.positions != 1:
+            raise AgentError(
+                f"field samples are flat feature rows; {active.manifest.name} release {active.manifest.release} takes "
+                f"N-d input {[1, *active.sample_shape]}, so its inputs are not uploaded"
+            )
         self.flush_drift()
         with self._lock:
             model, detector = self.model, self.detector
@@ -848,7 +1033,7 @@ class Agent:
             return SampleSelection(None, np.zeros((0, 0), dtype=np.float32), (), empty.astype(np.int64), empty)
         slots = max_rows - len(lab_rows)
         with self._drift_lock:  # the drain thread writes the reservoir
-            pool = detector.reservoir() if slots else np.zeros((0, model.n_features), dtype=np.float32)
+            pool = detector.reservoir() if slots else np.zeros((0, model.n_values), dtype=np.float32)
         if len(pool) and len(lab_rows):  # a labelled row is often in the reservoir too: send it once
             sent = {row.tobytes() for row in lab_rows}
             pool = pool[[row.tobytes() not in sent for row in pool]]
@@ -887,16 +1072,34 @@ def _uncertainty(model: LoadedModel, rows: np.ndarray) -> tuple[np.ndarray, np.n
     n = len(rows)
     if n == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
-    _, tensors = model.prepare_batch(rows)
+    _, tensors = model.prepare_batch(rows.reshape(n, *model.sample_shape))
     invoke = model.invoke
     try:
         logits = np.stack([model.logits(invoke(t)) for t in tensors]).astype(np.float64)
     except Exception as exc:  # the runtime's own exception type: a typed error for the command's report
         raise AgentError(f"scoring {n} field samples failed: the runtime raised {type(exc).__name__}: {exc}") from exc
     finite = np.asarray(np.isfinite(logits).all(axis=1))
+    if not model.classifier:  # outputs, not probabilities: no uncertainty; the "class" is the verdict (anomaly) or 0
+        verdicts = [model.verdict(float(v)) if model.anomaly else 0 for v in logits[:, 0]]
+        return np.where(finite, np.asarray(verdicts, dtype=np.int64), -1), np.zeros(n)
     safe = np.where(finite[:, None], logits, 0.0)
     z = safe - safe.max(axis=1, keepdims=True)
     p = np.exp(z)
     top = p.max(axis=1) / p.sum(axis=1)
     predicted = np.where(finite, safe.argmax(axis=1), -1)
     return predicted, np.where(finite, 1.0 - top, 1.0)
+
+
+def _answer(model: LoadedModel, index: int, values: list[float], ms: float, prediction_id: int) -> Prediction:
+    """A regression's or an anomaly model's :class:`Prediction` (``index``: the anomaly verdict, else 0)."""
+    if model.anomaly:
+        label = "anomaly" if index else "normal"
+        return _new_tuple(Prediction, (label, index, values, ms, prediction_id, model.task, model.threshold, model.output_names))
+    return _new_tuple(Prediction, ("", 0, values, ms, prediction_id, model.task, None, model.output_names))
+
+
+def _verdicts(model: LoadedModel, logits: np.ndarray) -> np.ndarray:
+    """An anomaly model's verdicts on ``[n, 1]`` scores (1: above the threshold, as doubles); zeros for a regression."""
+    if model.anomaly and model.threshold is not None:
+        return (logits[:, 0].astype(np.float64) > model.threshold).astype(np.int64)
+    return np.zeros(len(logits), dtype=np.int64)

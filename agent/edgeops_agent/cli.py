@@ -312,12 +312,13 @@ def status(data_dir: Path, as_json: bool) -> None:
 def predict(data_dir: Path, features: str | None) -> None:
     """Predict with the active model: FEATURES is one JSON array; without it, JSON arrays are read from stdin, one per line.
 
+    An N-d input is a nested array of the model's sample shape (or with a leading 1).
+
     Prints one JSON object per input; a bad line prints {"ok": false, "error": ...} and the
     rest go on (the exit code is then 2).
     """
-    import numpy as np
-
     from edgeops_agent.agent import Agent
+    from edgeops_agent.server import json_tensor
     from edgeops_agent.store import DataDir
 
     def body() -> None:
@@ -333,13 +334,11 @@ def predict(data_dir: Path, features: str | None) -> None:
                     raise InputError("the JSON is nested too deeply") from None
                 except ValueError as exc:  # includes UnicodeDecodeError and JSONDecodeError
                     raise InputError(f"not UTF-8 JSON: {str(exc)[:200]}") from None
-                if not isinstance(values, list) or not set(map(type, values)) <= {int, float}:
-                    raise InputError(f"expected a flat JSON array of numbers, got {type(values).__name__}")
-                try:
-                    with np.errstate(over="raise"):
-                        row = np.asarray(values, dtype=np.float32)
-                except (OverflowError, FloatingPointError) as exc:
-                    raise InputError(f"a number does not fit a float32: {str(exc)[:200]}") from None
+                if not isinstance(values, list):
+                    raise InputError(f"expected a JSON array of numbers, got {type(values).__name__}")
+                row = json_tensor(values)
+                if row is None:
+                    raise InputError("expected a JSON array (nested for an N-d input) of numbers that fit a float32")
                 out = {"ok": True, **agent.predict(row).to_dict()}
             except EdgeopsError as exc:
                 if not isinstance(exc, InputError):

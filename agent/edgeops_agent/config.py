@@ -23,7 +23,9 @@
                                       # (7 days; below the 30-day window of command ids)
 
     [telemetry]
-    interval_s = 10.0
+    interval_s = 10.0                 # 0.5 .. 86400 (a day)
+    anomaly_event_s = 10.0            # anomaly models: at most one `anomaly` event this often
+                                      # (it carries the count since the previous one; 0.5 .. 86400)
 
     [outbox]
     max_messages = 10000              # the cap; past it the oldest are dropped and counted
@@ -73,6 +75,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from edgeops_agent.agent import ANOMALY_EVENT_S, MAX_INTERVAL_S
 from edgeops_agent.drift import MAX_INPUT_RING, DriftConfig
 from edgeops_agent.errors import ConfigError
 from edgeops_agent.identity import TlsSettings
@@ -177,6 +180,8 @@ class AgentConfig:
     data_dir: Path
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     telemetry_interval_s: float = 10.0
+    #: Seconds between two ``anomaly`` events at most (an anomaly model's).
+    anomaly_event_s: float = ANOMALY_EVENT_S
     outbox_max_messages: int = 10_000
     drift: DriftConfig = field(default_factory=DriftConfig)
     socket: Path | None = None
@@ -230,7 +235,7 @@ def load_config(path: Path) -> AgentConfig:
         tls=_tls(r, m, base),
     )
     t = r.mapping(data.get("telemetry", {}), "telemetry")
-    r.only(t, {"interval_s"}, "telemetry")
+    r.only(t, {"interval_s", "anomaly_event_s"}, "telemetry")
     o = r.mapping(data.get("outbox", {}), "outbox")
     r.only(o, {"max_messages"}, "outbox")
     d = r.mapping(data.get("drift", {}), "drift")
@@ -259,9 +264,12 @@ def load_config(path: Path) -> AgentConfig:
         target=target,
         data_dir=data_dir,
         mqtt=mqtt,
-        telemetry_interval_s=r.number(t, "interval_s", "telemetry", minimum=MIN_TELEMETRY_INTERVAL_S)
+        telemetry_interval_s=r.number(t, "interval_s", "telemetry", minimum=MIN_TELEMETRY_INTERVAL_S, maximum=MAX_INTERVAL_S)
         if "interval_s" in t
         else 10.0,
+        anomaly_event_s=r.number(t, "anomaly_event_s", "telemetry", minimum=MIN_TELEMETRY_INTERVAL_S, maximum=MAX_INTERVAL_S)
+        if "anomaly_event_s" in t
+        else ANOMALY_EVENT_S,
         outbox_max_messages=r.integer(o, "max_messages", "outbox", minimum=1) if "max_messages" in o else 10_000,
         drift=drift,
         socket=socket,

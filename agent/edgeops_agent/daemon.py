@@ -257,7 +257,13 @@ class Daemon:
             state_changed=self.publish_state,
         )
         self.updater.before_agent()  # a crash-looping trial is rolled back before its model loads
-        self.agent = Agent(self.data, device_id=config.device_id, drift=config.drift, on_event=self._event)
+        self.agent = Agent(
+            self.data,
+            device_id=config.device_id,
+            drift=config.drift,
+            on_event=self._event,
+            anomaly_event_s=config.anomaly_event_s,
+        )
         self.updater.agent = self.agent
         # The Last Will is composed now and published by the broker later: no time, no seq.
         offline = {**self._state(online=False), "ts": None, "seq": None}

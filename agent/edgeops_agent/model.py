@@ -16,8 +16,30 @@ ulps on the ECU's float input, and by one input step on rounding ties of int8 in
 dequantized through a 256-entry table, which is what keeps the exact path as fast as a
 caller's own code.
 
+Inputs beyond a flat vector: a sample of shape ``sample_shape`` (the manifest's input without
+its batch axis, the first axis the channel axis) is taken as that shape or ``[1, *sample_shape]``
+and standardized per channel (mean and std broadcast as ``[1, C, 1, ...]``, as
+:func:`edgeops_core.apply_preprocessing` does with ``sample_ndim``); any other shape is a
+:class:`TensorInputError` naming the shapes expected. A flat model keeps its forms exactly
+(``[features]`` and ``[1, features]``), and its hot path is the same code.
+
+Tasks (``manifest.task``): a classifier's answer is the top class; a regression's the output
+values; an anomaly model's the score, compared with ``task.threshold``. :class:`Prediction`
+says which; the self-test checks what the contract asks of each task.
+
 A model whose output is not finite (NaN or inf) for a valid input raises
-:class:`ModelOutputError` rather than letting ``argmax`` pick a label from NaN.
+:class:`ModelOutputError` rather than letting ``argmax`` pick a label from NaN. An input is
+valid when it is finite *and* standardizes to finite float32 values: 3e38 is finite, but
+``(3e38 - mean) / 0.5`` is not, and that is the input's fault (:class:`TensorInputError`). The
+hot path pays nothing more for it: its finiteness check was already one dot product, now of
+the row with itself (``np.vdot``, silent on overflow), which also bounds every value (load
+precomputes the largest magnitude that standardizes without overflow); only a row past that
+bound takes the checked path, computing the same float32 operations with numpy's overflow
+warnings off and checking the result.
+
+At load, the runtime's input tensor shape must be the manifest's ``inputs[0].shape`` wherever
+the model fixes a size (an ONNX model's symbolic axes are not compared): :meth:`prepare`
+reshapes by size, so an NHWC model under an NCHW manifest would get scrambled channels.
 """
 
 from __future__ import annotations
@@ -28,8 +50,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from edgeops_agent.errors import ModelOutputError, SelfTestError, TensorInputError
-from edgeops_agent.runtime import ModelRunner, Runtime, open_runtime
+from edgeops_agent.errors import ModelLoadError, ModelOutputError, SelfTestError, TensorInputError
+from edgeops_agent.runtime import ModelRunner, Runtime, open_runtime, refused_value, to_float32
 from edgeops_core import (
     SIGNATURE_MEMBER,
     BundleError,
@@ -46,12 +68,27 @@ from edgeops_core.signature import key_hint
 __all__ = ["LoadedModel", "Prediction"]
 
 _F32 = np.dtype(np.float32)
+_F32_MAX = float(np.finfo(np.float32).max)
+#: ``np.vdot`` without its ``__array_function__`` dispatch (0.15 us a call; the public function is the
+#: fallback). vdot, unlike ``dot``, does not report a float overflow as a RuntimeWarning: the
+#: check below must stay silent on the inputs it is there to refuse.
+_vdot = getattr(np.vdot, "_implementation", np.vdot)
 #: TFLite Micro arena headroom over the build's measured minimum (bytes).
 ARENA_HEADROOM = 256
 
 
 class Prediction(NamedTuple):
-    """One inference result (a tuple: cheap to make on the serving path)."""
+    """One inference result (a tuple: cheap to make on the serving path).
+
+    What the answer is depends on the model's task (:attr:`task`):
+
+    * ``classification``: :attr:`label` and :attr:`class_index` are the top class, :attr:`logits`
+      one number per label;
+    * ``regression``: :attr:`logits` are the output values, one per output name
+      (:attr:`output_names`, also :attr:`values`); :attr:`label` is ``""`` and :attr:`class_index` 0;
+    * ``anomaly``: :attr:`logits` is ``[score]``; :attr:`class_index` is 1 (:attr:`label`
+      ``"anomaly"``) when the score is above :attr:`threshold`, else 0 (``"normal"``).
+    """
 
     label: str
     class_index: int
@@ -59,10 +96,43 @@ class Prediction(NamedTuple):
     latency_ms: float
     #: The prediction's id: a label that arrives later is attached to it (:meth:`Agent.feedback`).
     id: int = 0
+    #: ``classification``, ``regression`` or ``anomaly`` (the manifest's ``task.kind``).
+    task: str = "classification"
+    #: Anomaly models: the score threshold (``task.threshold``); else ``None``.
+    threshold: float | None = None
+    #: Regression and anomaly models: the name of each output (the manifest's labels).
+    output_names: tuple[str, ...] = ()
+
+    @property
+    def values(self) -> dict[str, float]:
+        """Each output's value by its name (regression; an anomaly model's one score)."""
+        return dict(zip(self.output_names, self.logits, strict=False))
+
+    @property
+    def score(self) -> float | None:
+        """An anomaly model's score (``None`` for other tasks)."""
+        return self.logits[0] if self.task == "anomaly" else None
+
+    @property
+    def anomaly(self) -> bool | None:
+        """Whether an anomaly model's score is above its threshold (``None`` for other tasks)."""
+        return self.class_index == 1 if self.task == "anomaly" else None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the local endpoint's reply; its ``id`` is the request's, so this is ``prediction_id``)."""
+        if self.task == "regression":
+            return {"task": self.task, "values": self.values, "latency_ms": self.latency_ms, "prediction_id": self.id}
+        if self.task == "anomaly":
+            return {
+                "task": self.task,
+                "score": self.logits[0],
+                "threshold": self.threshold,
+                "anomaly": self.class_index == 1,
+                "latency_ms": self.latency_ms,
+                "prediction_id": self.id,
+            }
         return {
+            "task": self.task,
             "label": self.label,
             "index": self.class_index,
             "logits": self.logits,
@@ -93,14 +163,43 @@ class LoadedModel:
         self.runtime: Runtime = open_runtime(manifest.runtime, model, n_threads, arena_size=arena)
         self.runner = ModelRunner(self.runtime, manifest.inputs[0], manifest.outputs[0], manifest)
         self.labels = list(manifest.labels)
+        #: Output names (regression outputs, the anomaly score), as a tuple.
+        self.output_names = tuple(manifest.labels)
+        #: Input channels: a flat vector's features, an image's channels.
         self.n_features = len(manifest.feature_names)
+        #: The input without its batch axis, and the number of values in it (one raw row).
+        self.sample_shape: tuple[int, ...] = manifest.sample_shape
+        self.n_values = math.prod(self.sample_shape)
+        #: Values of each channel in one sample (1 for a flat vector).
+        self.positions = self.n_values // self.n_features
+        task = manifest.task
+        #: ``classification``, ``regression`` or ``anomaly``.
+        self.task = task.kind
+        self.classifier = task.kind == "classification"
+        self.anomaly = task.kind == "anomaly"
+        #: An anomaly model's threshold: a score above it is an anomaly (compared as doubles).
+        self.threshold: float | None = float(task.threshold) if task.threshold is not None else None
         spec_in, spec_out = manifest.inputs[0], manifest.outputs[0]
         pre = manifest.preprocessing
-        shape = self.runtime.input.shape
-        # The same float32 arrays apply_preprocessing builds per call, built once.
+        model_shape = tuple(self.runtime.input.shape)
+        if len(model_shape) != len(spec_in.shape) or any(
+            isinstance(d, int) and d != e for d, e in zip(model_shape, spec_in.shape, strict=False)
+        ):
+            shown = [d if isinstance(d, int) else str(d) for d in model_shape]
+            raise ModelLoadError(
+                f"the model's input tensor has shape {shown}, but the manifest's inputs[0].shape is {list(spec_in.shape)}; "
+                "the agent would reshape each sample by size (a channels-last model under a channels-first manifest "
+                "gets scrambled channels): export the model with the manifest's input shape"
+            )
+        # The manifest's shape: the runtime's wherever it fixes a size (checked above), and a
+        # size where an ONNX model names a symbolic axis.
+        shape = tuple(spec_in.shape)
+        # The same float32 arrays apply_preprocessing builds per call, built once: mean and std
+        # per channel, broadcast over the sample's other axes ([1, C, 1, ...]).
         standardize = pre.kind == "standardize"
-        self._mean = np.asarray(pre.mean, dtype=np.float32).reshape(shape) if standardize else None
-        self._std = np.asarray(pre.std, dtype=np.float32).reshape(shape) if standardize else None
+        per_channel = (1, self.n_features) + (1,) * (len(self.sample_shape) - 1)
+        self._mean = np.asarray(pre.mean, dtype=np.float32).reshape(per_channel) if standardize else None
+        self._std = np.asarray(pre.std, dtype=np.float32).reshape(per_channel) if standardize else None
         self._int_in = spec_in.dtype in ("int8", "uint8") and spec_in.quantization is not None
         q_in = spec_in.quantization if self._int_in else None
         # quantize() divides a float32 array by the Python float scale: numpy computes that in
@@ -120,10 +219,18 @@ class LoadedModel:
             # identical to computing it per call, in one numpy call instead of three.
             codes = np.arange(256, dtype=np.uint8).view(np.dtype(spec_out.dtype)).astype(np.float32)
             self._lut = (codes - self._out_zero) * self._out_scale
-        self._ones = np.ones(self.n_features, dtype=np.float32)
         self._ones_out = np.ones(len(self.labels), dtype=np.float32)
+        # The largest |value| every float32 step of prepare() takes without overflow (mean and std
+        # of the worst channel, the input scale; half of float32's range as the margin), squared:
+        # a row with dot(row, row) <= this is finite and standardizes to finite values.
+        limit = 0.5 * _F32_MAX * min(1.0, float(self._scale) if self._int_in else 1.0)
+        if standardize:
+            limit = limit * min(1.0, min(pre.std, default=1.0)) - max((abs(v) for v in pre.mean), default=0.0)
+        self._safe_sq = (0.5 * limit) ** 2 if limit > 0 else -1.0
         self._shape = shape
-        self._flat, self._row = (self.n_features,), (1, self.n_features)
+        # The shapes prepare() takes without a conversion: the sample and [1, *sample]; a raw
+        # row is the sample flattened (for a flat vector, the sample itself).
+        self._sample, self._row, self._flat = self.sample_shape, (1, *self.sample_shape), (self.n_values,)
         #: The runtime's call, bound once (thread-safe on every runtime: see runtime.py).
         self.invoke = self.runtime.invoke
 
@@ -198,16 +305,21 @@ class LoadedModel:
         return cls(manifest, members[manifest.model_file], digest=digest, signer=signer, expired=expired, threads=threads)
 
     def prepare(self, features: Any) -> tuple[np.ndarray, np.ndarray]:
-        """``(raw row as float32 [features], runtime input tensor)``.
+        """``(raw row as float32 [values], runtime input tensor)`` for one sample.
+
+        ``features`` is a numpy array or nested lists of shape ``sample_shape`` or
+        ``[1, *sample_shape]`` (a flat model: ``[features]`` or ``[1, features]``); the raw
+        row is the sample flattened row-major.
 
         Raises:
-            TensorInputError: wrong size or shape, not numeric, NaN or inf.
+            TensorInputError: wrong size or shape (the message names the shapes expected),
+                not numeric, NaN or inf.
         """
         x = features
-        if x.__class__ is not np.ndarray or x.dtype != _F32 or (x.shape != self._flat and x.shape != self._row):
+        if x.__class__ is not np.ndarray or x.dtype != _F32 or (x.shape != self._sample and x.shape != self._row):
             x = self.runner.check(x)
-        if not math.isfinite(float(x.reshape(-1).dot(self._ones))):
-            self.runner.check(x)  # names the bad feature; a finite input only overflowed the sum
+        if not float(_vdot(x, x)) <= self._safe_sq:  # NaN, inf, or a value large enough to overflow below
+            return self._prepare_large(x)
         t = x.reshape(self._shape)
         if self._mean is not None:
             t = t - self._mean  # a new array: the in-place steps below never touch the caller's
@@ -225,35 +337,77 @@ class LoadedModel:
             return x if x.shape == self._flat else x.reshape(-1), t.astype(self._in_dtype)
         return x if x.shape == self._flat else x.reshape(-1), t
 
-    def prepare_batch(self, rows: Any) -> tuple[np.ndarray, np.ndarray]:
-        """``(raw rows as float32 [n, features], runtime input tensors [n, *input shape])``.
+    def _prepare_large(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`prepare` of a row the fast path's bound does not clear: the same operations, checked.
 
         Raises:
-            TensorInputError: not a non-empty ``[n, features]`` numeric array, or a NaN/inf
-                (the message names the row and the feature).
+            TensorInputError: a value is NaN or inf, or standardizes to one (the message names it).
         """
-        x = np.asarray(rows)
+        self.runner.check(x)  # NaN or inf: named
+        with np.errstate(over="ignore", invalid="ignore"):
+            row, t = self._standardize(x.reshape(1, -1), "input")
+            t = self._quantize(t)
+        return (row[0], t)
+
+    def _standardize(self, x: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(x, standardized float32 [n, *input shape[1:]])`` of finite rows ``[n, values]``,
+        the operations of :meth:`prepare` (caller: numpy's errstate), checked finite.
+
+        Raises:
+            TensorInputError: a value standardizes to a non-finite float32 (``what``: how to name its row).
+        """
+        t = x.reshape((x.shape[0], *self._shape[1:]))
+        if self._mean is not None and self._std is not None:
+            t = t - self._mean
+            t /= self._std
+            finite = np.isfinite(t.reshape(x.shape[0], -1))
+            if not finite.all():
+                r, f = (int(i) for i in np.argwhere(~finite)[0])
+                c = int(np.unravel_index(f, self.sample_shape)[0])
+                raise TensorInputError(
+                    f"{what.format(r)} {self.runner.where(f)} is {x[r, f]!s}: standardized ((x - mean) / std of its channel, "
+                    f"mean {float(self._mean.reshape(-1)[c]):g}, std {float(self._std.reshape(-1)[c]):g}) it overflows "
+                    "float32; not accepted"
+                )
+        return x, t
+
+    def _quantize(self, t: np.ndarray) -> np.ndarray:
+        """The runtime's input from standardized ``t``: :meth:`prepare`'s int8 steps (saturating), or ``t``."""
+        if not self._int_in:
+            return t
+        t = t / self._scale
+        np.rint(t, out=t)
+        t += self._zero
+        np.maximum(t, self._lo, out=t)
+        np.minimum(t, self._hi, out=t)
+        return t.astype(self._in_dtype)
+
+    def prepare_batch(self, rows: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(raw rows as float32 [n, values], runtime input tensors [n, *input shape])``.
+
+        ``rows`` is ``[n, *sample_shape]`` (a flat model: ``[n, features]``).
+
+        Raises:
+            TensorInputError: not a non-empty ``[n, *sample_shape]`` numeric array, or a NaN/inf
+                (the message names the row and the value).
+        """
+        try:
+            x = np.asarray(rows)
+        except (ValueError, TypeError) as exc:  # ragged nested lists
+            expected = f"[n, {_dims(self._sample)}]"
+            raise TensorInputError(f"rows must be a numeric array of shape {expected}: {str(exc)[:200]}") from None
         if x.dtype.kind not in "fiu":
             raise TensorInputError(f"rows must be numeric, got dtype {x.dtype}")
-        if x.ndim != 2 or x.shape[1] != self.n_features or x.shape[0] == 0:
-            raise TensorInputError(f"rows must have shape [n, {self.n_features}] with n >= 1, got shape {list(x.shape)}")
-        x = x.astype(np.float32, copy=False)
+        if x.ndim != 1 + len(self._sample) or x.shape[1:] != self._sample or x.shape[0] == 0:
+            raise TensorInputError(f"rows must have shape [n, {_dims(self._sample)}] with n >= 1, got shape {list(x.shape)}")
+        x, orig = to_float32(x, copy=False).reshape(x.shape[0], self.n_values), x
         finite = np.isfinite(x)
         if not finite.all():
             r, f = (int(i) for i in np.argwhere(~finite)[0])
-            raise TensorInputError(f"row {r}: input feature {f} is {x[r, f]}; NaN and inf are not accepted")
-        t = x.reshape((x.shape[0], *self._shape))
-        if self._mean is not None:
-            t = t - self._mean
-            t /= self._std
-        if self._int_in:
-            t = t / self._scale
-            np.rint(t, out=t)
-            t += self._zero
-            np.maximum(t, self._lo, out=t)
-            np.minimum(t, self._hi, out=t)
-            return x, t.astype(self._in_dtype)
-        return x, t
+            raise TensorInputError(f"row {r}: input {self.runner.where(f)} is {refused_value(orig.reshape(x.shape)[r, f])}")
+        with np.errstate(over="ignore", invalid="ignore"):  # a finite value that overflows is named instead
+            x, t = self._standardize(x, "row {}: input")
+            return x, self._quantize(t).reshape((x.shape[0], *self._shape))
 
     def output_batch(self, raw: np.ndarray) -> np.ndarray:
         """Float logits ``[n, labels]`` from ``n`` stacked raw outputs, checked finite.
@@ -306,27 +460,56 @@ class LoadedModel:
             )
         return out
 
+    def sample(self, values: Any) -> np.ndarray:
+        """A flattened sample (a self-test vector's ``input``) as a float32 array of ``sample_shape``."""
+        return np.asarray(values, dtype=np.float32).reshape(self.sample_shape)
+
+    def verdict(self, score: float) -> int:
+        """An anomaly model's verdict on a score: 1 (anomaly) if it is above the threshold, else 0."""
+        return 1 if self.threshold is not None and score > self.threshold else 0
+
     def self_test(self) -> int:
         """Run the manifest's self-test vectors through the serving path; the number passed.
 
+        Every output must be within ``atol`` of the expected one; a classifier must also give
+        the expected top-1 class, and an anomaly model the expected verdict whenever the
+        expected score is more than ``atol`` away from the threshold (closer, either verdict
+        is within the tolerance).
+
         Raises:
-            SelfTestError: a vector's output is off by more than ``atol`` or its top-1 differs.
+            SelfTestError: a vector's output is off by more than ``atol``, or its top-1 or verdict differs.
         """
         st = self.manifest.self_test
         for i, v in enumerate(st.vectors):
             try:
-                _, tensor = self.prepare(np.asarray(v.input, dtype=np.float32))
-            except TensorInputError as exc:
+                _, tensor = self.prepare(self.sample(v.input))
+            except (TensorInputError, ValueError) as exc:
                 raise SelfTestError(f"self-test vector {i} is not a valid input: {exc}") from exc
             out = self.logits(self.runtime.invoke(tensor))
             if not np.isfinite(out).all():
                 # NaN compares false with everything (diff > atol would pass) and argmax of
                 # all-NaN is 0: a non-finite output is a failure, whatever was expected.
                 raise SelfTestError(f"self-test vector {i} fails on this device: the model output is non-finite ({out.tolist()})")
-            diff = float(np.abs(out - np.asarray(v.expected, dtype=np.float32)).max())
-            if not diff <= st.atol or int(out.argmax()) != v.label:
+            expected = np.asarray(v.expected, dtype=np.float32)
+            diff = float(np.abs(out - expected).max())
+            if not diff <= st.atol:
+                raise SelfTestError(
+                    f"self-test vector {i} fails on this device: max |output - expected| {diff:.4g} (tolerance {st.atol:.4g})"
+                )
+            if self.classifier and int(out.argmax()) != v.label:
                 raise SelfTestError(
                     f"self-test vector {i} fails on this device: max |output - expected| {diff:.4g} "
                     f"(tolerance {st.atol:.4g}), top-1 {int(out.argmax())} vs expected {v.label}"
                 )
+            if self.anomaly and self.threshold is not None:
+                score = float(out[0])
+                if abs(float(expected[0]) - self.threshold) > st.atol and self.verdict(score) != v.label:
+                    raise SelfTestError(
+                        f"self-test vector {i} fails on this device: score {score:.6g} gives verdict {self.verdict(score)} "
+                        f"(threshold {self.threshold:.6g}), expected {v.label}"
+                    )
         return len(st.vectors)
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return ", ".join(str(d) for d in shape)

@@ -170,6 +170,30 @@ class OnnxRuntime:
         return out
 
 
+#: The square of float32's largest value: a float64 row whose dot product with itself is at most
+#: this has no value beyond float32 (numpy's ``vdot``, unlike ``dot``, warns of no overflow).
+_F32_MAX_SQ = float(np.finfo(np.float32).max) ** 2
+_vdot = getattr(np.vdot, "_implementation", np.vdot)
+
+
+def to_float32(x: np.ndarray, *, copy: bool = True) -> np.ndarray:
+    """``x`` as float32 (``copy=False``: not copied if it is), without numpy's overflow warning for
+    a value beyond float32's range: that becomes inf, which the caller refuses naming the value
+    (:func:`refused_value`)."""
+    if x.dtype.kind == "f" and x.dtype.itemsize > 4 and not float(_vdot(x, x)) <= _F32_MAX_SQ:
+        with np.errstate(over="ignore"):
+            return x.astype(np.float32)
+    return x.astype(np.float32, copy=copy)
+
+
+def refused_value(value: Any) -> str:
+    """Why an input value is refused, from the value the caller sent."""
+    v = float(value)
+    if np.isfinite(v):
+        return f"{v:g}, beyond float32's range (about 3.4e38); not accepted"
+    return f"{v}; NaN and inf are not accepted"
+
+
 def _ort_dtype(type_name: str) -> str:
     return {"tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8"}.get(type_name, type_name)
 
@@ -365,7 +389,8 @@ class ModelRunner:
 
     The manifest's tensor specs decide the conversions: a spec of dtype ``int8``/``uint8``
     with quantization parameters is quantized on the way in and dequantized on the way out;
-    a ``float32`` spec is passed through.
+    a ``float32`` spec is passed through. The input is one sample: ``sample_shape`` or
+    ``[1, *sample_shape]`` (a flat vector: ``[features]`` or ``[1, features]``).
     """
 
     def __init__(self, runtime: Runtime, inputs: TensorSpec, outputs: TensorSpec, manifest: Manifest | None = None) -> None:
@@ -377,7 +402,11 @@ class ModelRunner:
         self.runtime = runtime
         self._in, self._out = inputs, outputs
         self._manifest = manifest
+        #: Values in one sample (``prod(sample_shape)``).
         self.n_features = int(np.prod(inputs.shape))
+        #: The input's shape without its batch axis.
+        self.sample_shape: tuple[int, ...] = tuple(inputs.shape[1:]) if len(inputs.shape) > 1 else (self.n_features,)
+        self._flat = len(self.sample_shape) == 1
 
     @classmethod
     def from_manifest(
@@ -387,38 +416,58 @@ class ModelRunner:
         runtime = open_runtime(manifest.runtime, model, threads or 1, arena_size=arena_size)
         return cls(runtime, manifest.inputs[0], manifest.outputs[0], manifest)
 
-    def check(self, x: np.ndarray) -> np.ndarray:
-        """``x`` as a float32 ``[1, features]`` row, or :class:`TensorInputError`."""
-        arr = np.asarray(x)
+    def expected_shapes(self) -> str:
+        """The shapes an input may have, for error messages (``[1, 8, 8] or [1, 1, 8, 8]``)."""
+        return f"{list(self.sample_shape)} or {[1, *self.sample_shape]}"
+
+    def check(self, x: Any) -> np.ndarray:
+        """``x`` as a float32 ``[1, values]`` row (the sample flattened row-major), or :class:`TensorInputError`.
+
+        A flat model takes ``[features]`` or ``[1, features]``; an N-d one ``sample_shape`` or
+        ``[1, *sample_shape]``. Nested lists are read like numpy reads them.
+        """
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as exc:  # ragged nested lists, objects numpy cannot read
+            raise TensorInputError(f"input must be a numeric array of shape {self.expected_shapes()}: {str(exc)[:200]}") from None
         if arr.dtype.kind not in "fiu":
             raise TensorInputError(f"input must be numeric, got dtype {arr.dtype}")
-        if arr.size != self.n_features or arr.ndim > 2 or (arr.ndim == 2 and arr.shape[0] != 1):
-            raise TensorInputError(
-                f"input must have {self.n_features} features ([1, {self.n_features}]), got shape {list(arr.shape)}"
-            )
-        arr = arr.astype(np.float32).reshape(1, self.n_features)
+        if self._flat:
+            if arr.size != self.n_features or arr.ndim > 2 or (arr.ndim == 2 and arr.shape[0] != 1):
+                raise TensorInputError(
+                    f"input must have {self.n_features} features ([1, {self.n_features}]), got shape {list(arr.shape)}"
+                )
+        elif arr.shape != self.sample_shape and arr.shape != (1, *self.sample_shape):
+            raise TensorInputError(f"input must have shape {self.expected_shapes()}, got {list(arr.shape)}")
+        arr, orig = to_float32(arr).reshape(1, self.n_features), arr
         if not np.isfinite(arr).all():
             bad = int(np.flatnonzero(~np.isfinite(arr[0]))[0])
-            raise TensorInputError(f"input feature {bad} is {arr[0, bad]}; NaN and inf are not accepted")
+            raise TensorInputError(f"input {self.where(bad)} is {refused_value(orig.reshape(-1)[bad])}")
         return arr
 
+    def where(self, flat_index: int) -> str:
+        """Name one value of a sample by its row-major index: ``feature 3`` (flat) or ``value at [0, 2, 5]``."""
+        if self._flat:
+            return f"feature {flat_index}"
+        return f"value at {[int(i) for i in np.unravel_index(flat_index, self.sample_shape)]}"
+
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """Logits ``[outputs]`` for one raw feature vector (preprocessing applied).
+        """Logits ``[outputs]`` for one raw sample (preprocessing applied).
 
         Raises:
-            TensorInputError: wrong size, non-numeric, NaN or inf.
+            TensorInputError: wrong shape, non-numeric, NaN or inf.
         """
         if self._manifest is None:
             raise TensorInputError("this runner has no manifest, so no preprocessing; use predict_preprocessed")
-        x = self.check(features)
-        return self.predict_preprocessed(apply_preprocessing(self._manifest.preprocessing, x))
+        x = self.check(features).reshape(1, *self.sample_shape)
+        return self.predict_preprocessed(apply_preprocessing(self._manifest.preprocessing, x, len(self.sample_shape)))
 
     def predict_preprocessed(self, x: np.ndarray) -> np.ndarray:
-        """Logits ``[outputs]`` for one already preprocessed ``[1, features]`` row."""
+        """Logits ``[outputs]`` for one already preprocessed sample (any shape of the input's size)."""
         return self.dequantize_output(self.invoke_raw(self.quantize_input(x)))
 
     def quantize_input(self, x: np.ndarray) -> np.ndarray:
-        """The preprocessed row as the runtime's input tensor."""
+        """The preprocessed sample as the runtime's input tensor."""
         x = np.asarray(x, dtype=np.float32).reshape(self.runtime.input.shape)
         if self._in.dtype != "float32" and self._in.quantization is not None:
             return quantize(x, self._in.quantization, self._in.dtype)

@@ -1,22 +1,42 @@
-"""The local inference endpoint: a Unix socket speaking length-prefixed JSON.
+"""The local inference endpoint: a Unix socket speaking length-prefixed frames.
 
 For applications on the device that are not Python. Each frame is a 4-byte big-endian
-unsigned length followed by that many bytes of UTF-8 JSON; the connection stays open for
-any number of request/reply pairs.
+unsigned length followed by that many bytes of payload; the connection stays open for
+any number of request/reply pairs. A request payload is UTF-8 JSON (it starts with ``{``)
+or, for large inputs, binary (it starts with the byte ``0x00``); every reply is JSON.
 
-Requests::
+JSON requests::
 
     {"op": "predict", "features": [0.1, 2.3, ...], "id": <anything, echoed>}
+    {"op": "predict", "features": [[[0.0, 0.5, ...], ...]], "id": ...}       (an N-d input: nested arrays)
     {"op": "predict_batch", "rows": [[0.1, ...], [...], ...], "id": ...}   (at most 1 024 rows)
     {"op": "feedback", "prediction_id": 1099511627777, "label": "normal"}   (or the label's index)
     {"op": "status"}
 
+``features`` has the model's ``sample_shape`` or ``[1, *sample_shape]`` (a flat model:
+``[features]``), ``rows`` is ``[n, *sample_shape]``.
+
+Binary requests (``predict`` and ``predict_batch`` only)::
+
+    0x00 | header length H (4 bytes, big-endian) | H bytes of UTF-8 JSON header | raw tensor bytes
+    header: {"op": "predict", "id": 7, "dtype": "<f4", "shape": [1, 8, 8]}
+
+The tensor is float32 little-endian (``dtype`` must be ``"<f4"``), C order, exactly
+``prod(shape) * 4`` bytes. :func:`tensor_payload` builds one. A wrong dtype, a shape that is
+not a list of 1 to 5 positive integers, or a byte count that is not the shape's gets a
+``TensorInputError`` reply; a header that cannot be read (too short, longer than the
+payload or :data:`MAX_BINARY_HEADER`, not a JSON object, unknown fields) a ``RequestError``.
+Nothing is allocated from the header before the byte count is checked against it.
+
 Replies::
 
-    {"ok": true, "id": ..., "label": "normal", "index": 0, "logits": [...], "latency_ms": 0.05,
-     "prediction_id": 1099511627777}
+    {"ok": true, "id": ..., "task": "classification", "label": "normal", "index": 0, "logits": [...],
+     "latency_ms": 0.05, "prediction_id": 1099511627777}
+    {"ok": true, "id": ..., "task": "regression", "values": {"rul_h": 41.5}, "latency_ms": ..., "prediction_id": ...}
+    {"ok": true, "id": ..., "task": "anomaly", "score": 0.41, "threshold": 0.32, "anomaly": true, "latency_ms": ...,
+     "prediction_id": ...}
     {"ok": true, "id": ..., "correct": true}
-    {"ok": true, "id": ..., "predictions": [{"label": ..., "index": ..., "logits": [...], "latency_ms": ...}, ...]}
+    {"ok": true, "id": ..., "predictions": [{"task": ..., "label": ..., "index": ..., "logits": [...], ...}, ...]}
     {"ok": true, "status": {...the retained state message...}}
     {"ok": false, "id": ..., "error": {"type": "TensorInputError", "message": "input feature 3 is nan; ..."}}
 
@@ -38,6 +58,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socketserver
 import stat
@@ -51,7 +72,19 @@ from edgeops_agent.agent import Agent
 from edgeops_agent.errors import ConfigError
 from edgeops_core import EdgeopsError
 
-__all__ = ["MAX_BATCH", "MAX_FRAME", "BoundedThreadingMixIn", "EndpointServer", "recv_frame", "send_frame"]
+__all__ = [
+    "BINARY_DTYPE",
+    "MAX_BATCH",
+    "MAX_BINARY_HEADER",
+    "MAX_FRAME",
+    "BoundedThreadingMixIn",
+    "EndpointServer",
+    "json_tensor",
+    "recv_frame",
+    "send_frame",
+    "send_tensor_frame",
+    "tensor_payload",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +100,34 @@ IDLE_TIMEOUT_S = 60.0
 BACKLOG = 128
 _HEADER = struct.Struct(">I")
 _NUMBER = (int, float)
+#: The first byte of a binary request payload (a JSON request starts with "{" or white space).
+_BINARY = b"\x00"
+#: The one tensor dtype a binary request may carry: float32, little-endian (numpy's notation).
+BINARY_DTYPE = "<f4"
+#: Largest JSON header of a binary request (bytes).
+MAX_BINARY_HEADER = 4096
+#: Most axes of a tensor in a request: the batch axis and a sample of at most 4.
+_MAX_NDIM = 5
+_BINARY_KEYS = ("op", "id", "dtype", "shape")
+
+
+def tensor_payload(header: dict[str, Any], tensor: Any) -> bytes:
+    """A binary request payload: ``0x00``, the header's length, the header with ``dtype`` and
+    ``shape`` filled in from ``tensor``, then the tensor as float32 little-endian bytes.
+
+    ``header`` holds ``op`` (``predict`` or ``predict_batch``) and optionally ``id``.
+    """
+    import numpy as np
+
+    x = np.ascontiguousarray(tensor, dtype=BINARY_DTYPE)
+    head = json.dumps({**header, "dtype": BINARY_DTYPE, "shape": list(x.shape)}, separators=(",", ":")).encode()
+    return _BINARY + _HEADER.pack(len(head)) + head + x.tobytes()
+
+
+def send_tensor_frame(sock: Any, header: dict[str, Any], tensor: Any) -> None:
+    """Write one binary request frame (:func:`tensor_payload`)."""
+    payload = tensor_payload(header, tensor)
+    sock.sendall(_HEADER.pack(len(payload)) + payload)
 
 
 def send_frame(sock: Any, obj: Any) -> None:
@@ -252,8 +313,15 @@ class EndpointServer(BoundedThreadingMixIn, socketserver.UnixStreamServer):
         self.agent.count_error("RequestError")
         return _error(rid, "RequestError", message)
 
+    def _tensor_error(self, rid: Any, message: str) -> dict[str, Any]:
+        """A ``TensorInputError`` reply to an input the agent never saw, counted like the agent's own."""
+        self.agent.count_error("TensorInputError")
+        return _error(rid, "TensorInputError", message)
+
     def answer(self, payload: bytes) -> dict[str, Any]:
         """The reply to one request frame (raises only on an agent bug)."""
+        if payload[:1] == _BINARY:
+            return self._answer_binary(payload)
         try:
             request = json.loads(payload.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
@@ -267,16 +335,12 @@ class EndpointServer(BoundedThreadingMixIn, socketserver.UnixStreamServer):
         if op == "status":
             return {"ok": True, "id": rid, "status": self.agent.state_message(online=True)}
         if op == "predict":
-            features = request.get("features")
-            x = _numbers(features)
+            x = json_tensor(request.get("features"))
             if x is None:
-                self.agent.count_error("TensorInputError")
-                return _error(rid, "TensorInputError", "'features' must be a list of numbers that fit a float32")
-            try:
-                result = self.agent.predict(x)
-            except EdgeopsError as exc:
-                return _error(rid, type(exc).__name__, str(exc))
-            return {"ok": True, "id": rid, **result.to_dict()}
+                return self._tensor_error(
+                    rid, "'features' must be an array (nested for an N-d input) of numbers that fit a float32"
+                )
+            return self._predict(rid, x)
         if op == "feedback":
             try:
                 correct = self.agent.feedback(request.get("prediction_id"), request.get("label"))  # type: ignore[arg-type]
@@ -286,35 +350,106 @@ class EndpointServer(BoundedThreadingMixIn, socketserver.UnixStreamServer):
         if op == "predict_batch":
             rows = request.get("rows")
             if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_BATCH:
-                self.agent.count_error("TensorInputError")
-                return _error(rid, "TensorInputError", f"'rows' must be a list of 1 to {MAX_BATCH} lists of numbers")
-            parsed = [_numbers(r) for r in rows]
-            bad = next((i for i, r in enumerate(parsed) if r is None or len(r) != len(parsed[0])), None)
-            if bad is not None:
-                self.agent.count_error("TensorInputError")
-                return _error(
-                    rid, "TensorInputError", f"row {bad} must be a list of numbers that fit a float32, as long as row 0"
-                )
-            import numpy as np
-
-            try:
-                predictions = self.agent.predict_batch(np.stack(parsed))
-            except EdgeopsError as exc:
-                return _error(rid, type(exc).__name__, str(exc))
-            return {"ok": True, "id": rid, "predictions": [p.to_dict() for p in predictions]}
+                return self._tensor_error(rid, f"'rows' must be a list of 1 to {MAX_BATCH} inputs")
+            x = json_tensor(rows)
+            if x is None:
+                bad = next((i for i, r in enumerate(rows) if json_tensor(r) is None), None)
+                if bad is not None:
+                    return self._tensor_error(
+                        rid, f"row {bad} must be an array (nested for an N-d input) of numbers that fit a float32"
+                    )
+                return self._tensor_error(rid, "'rows' must all have the shape of row 0")
+            return self._predict_batch(rid, x)
         return self._request_error(rid, f"'op' must be 'predict', 'predict_batch', 'feedback' or 'status', got {str(op)[:80]!r}")
 
+    def _predict(self, rid: Any, x: Any) -> dict[str, Any]:
+        try:
+            result = self.agent.predict(x)
+        except EdgeopsError as exc:
+            return _error(rid, type(exc).__name__, str(exc))
+        return {"ok": True, "id": rid, **result.to_dict()}
 
-def _numbers(values: Any) -> Any:
-    """``values`` as a float32 array if it is a flat list of (non-bool) numbers that fit; else ``None``."""
+    def _predict_batch(self, rid: Any, x: Any) -> dict[str, Any]:
+        try:
+            predictions = self.agent.predict_batch(x)
+        except EdgeopsError as exc:
+            return _error(rid, type(exc).__name__, str(exc))
+        return {"ok": True, "id": rid, "predictions": [p.to_dict() for p in predictions]}
+
+    def _answer_binary(self, payload: bytes) -> dict[str, Any]:
+        """The reply to a binary request (module docstring): every check before the tensor is read."""
+        import numpy as np
+
+        start = 1 + _HEADER.size
+        if len(payload) < start:
+            return self._request_error(None, f"binary request of {len(payload)} bytes is shorter than its {start}-byte preamble")
+        (size,) = _HEADER.unpack_from(payload, 1)
+        if size > MAX_BINARY_HEADER or start + size > len(payload):
+            return self._request_error(
+                None,
+                f"binary request header of {size} bytes does not fit: {len(payload) - start} bytes follow the preamble, "
+                f"and a header has at most {MAX_BINARY_HEADER}",
+            )
+        try:
+            header = json.loads(payload[start : start + size].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            return self._request_error(None, f"binary request header is not UTF-8 JSON: {str(exc)[:200]}")
+        if not isinstance(header, dict):
+            return self._request_error(None, f"binary request header must be a JSON object, got {type(header).__name__}")
+        rid = header.get("id")
+        unknown = sorted(set(header) - set(_BINARY_KEYS))
+        if unknown:
+            return self._request_error(
+                rid, f"binary request header has unknown fields {unknown[:8]}; it takes {list(_BINARY_KEYS)}"
+            )
+        op = header.get("op")
+        if op not in ("predict", "predict_batch"):
+            return self._request_error(rid, f"a binary request's 'op' must be 'predict' or 'predict_batch', got {str(op)[:80]!r}")
+        dtype = header.get("dtype")
+        if dtype != BINARY_DTYPE:
+            return self._tensor_error(rid, f"'dtype' must be {BINARY_DTYPE!r} (float32, little-endian), got {str(dtype)[:40]!r}")
+        shape = header.get("shape")
+        if (
+            not isinstance(shape, list)
+            or not 1 <= len(shape) <= _MAX_NDIM
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+        ):
+            return self._tensor_error(rid, f"'shape' must be a list of 1 to {_MAX_NDIM} positive integers, got {str(shape)[:80]}")
+        data = memoryview(payload)[start + size :]
+        need = math.prod(shape) * 4  # Python integers: a huge shape cannot overflow
+        if need != len(data):
+            return self._tensor_error(
+                rid, f"shape {str(shape)[:80]} of {BINARY_DTYPE} needs {str(need)[:40]} bytes of tensor data, got {len(data)}"
+            )
+        x = np.frombuffer(data, dtype=BINARY_DTYPE).reshape(shape)
+        if op == "predict":
+            return self._predict(rid, x)
+        if shape[0] > MAX_BATCH:
+            return self._tensor_error(rid, f"a predict_batch takes at most {MAX_BATCH} rows, got {shape[0]}")
+        return self._predict_batch(rid, x)
+
+
+def json_tensor(values: Any) -> Any:
+    """``values`` (parsed JSON) as a float32 array if it is an array, nested at most 5 deep, of
+    non-bool numbers that fit a float32 and not ragged; else ``None``."""
     import numpy as np
 
-    if not isinstance(values, list) or not set(map(type, values)) <= {int, float}:
+    if not isinstance(values, list):
+        return None
+    frontier: list[Any] = values
+    for _ in range(_MAX_NDIM):
+        kinds = set(map(type, frontier))
+        if kinds <= {int, float}:  # the leaves (a flat vector's first level)
+            break
+        if kinds != {list}:
+            return None
+        frontier = [v for sub in frontier for v in sub]
+    else:
         return None
     try:
         with np.errstate(over="raise"):
             return np.asarray(values, dtype=np.float32)
-    except (OverflowError, FloatingPointError, ValueError):
+    except (OverflowError, FloatingPointError, ValueError):  # ValueError: ragged
         return None
 
 

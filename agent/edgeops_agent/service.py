@@ -287,7 +287,7 @@ class ServiceMonitor:
             return
         cached = self._vector
         if cached is None or cached[0] is not model:
-            cached = (model, np.asarray(model.manifest.self_test.vectors[0].input, dtype=np.float32))
+            cached = (model, model.sample(model.manifest.self_test.vectors[0].input))  # flattened: to sample_shape
             self._vector = cached
         _, tensor = model.prepare(cached[1])
         model.output(model.invoke(tensor))

@@ -407,6 +407,9 @@ def _task(raw: object) -> Task:
     if raw is None:
         return Task()
     t = _R.mapping(raw, "task")
+    unknown = sorted(set(t) - {"kind", "threshold", "target_fpr"})
+    if unknown:
+        raise ManifestError(f"manifest.json: field 'task.{unknown[0]}' is not a task setting (kind, threshold, target_fpr)")
     kind = _R.string(t, "kind", "task")
     if kind not in TASKS:
         raise _R.fail("task.kind", f"one of {', '.join(TASKS)}", kind)
@@ -552,6 +555,10 @@ def _check_invariants(m: Manifest) -> None:  # noqa: C901 - one flat list of sch
     if len(m.inputs) != 1 or len(m.outputs) != 1:
         raise _fail(f"expected exactly 1 input and 1 output tensor, got {len(m.inputs)} and {len(m.outputs)}")
     n_features, n_labels = len(m.feature_names), len(m.labels)
+    for what, names in (("feature_names", m.feature_names), ("labels", m.labels)):
+        if len(set(names)) != len(names):
+            # Answers and drift are reported by name: a repeated one would hide the other.
+            raise _fail(f"{what} must not repeat a name, got {list(names)}")
     shape = m.inputs[0].shape
     if not 2 <= len(shape) <= MAX_SAMPLE_RANK + 1 or shape[0] != 1 or shape[1] != n_features:
         raise _fail(

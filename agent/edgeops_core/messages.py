@@ -159,6 +159,7 @@ EVENT_TYPES = (
     "cert_renewal_requested",
     "cert_renewed",
     "cert_renewal_failed",
+    "anomaly",
 )
 #: The ``health`` values of the retained state (``degraded``: the outbox cannot write, e.g. a
 #: full disk; the model keeps serving).
@@ -523,7 +524,10 @@ _DRIFT = ("alarm", "samples", "max_psi", "max_feature", "max_cusum", "prediction
 _RESOURCES = ("rss_bytes", "cpu_percent")
 _OUTBOX = ("pending", "dropped", "quarantined", "superseded")
 _FEEDBACK = ("labelled", "correct", "rejected")
-_INFERENCE_OPTIONAL = ("predicted", "feedback")
+_INFERENCE_OPTIONAL = ("predicted", "feedback", "task", "anomaly")
+_DRIFT_OPTIONAL = ("output_psi",)
+#: What a model does (``edgeops_core.manifest.TASKS``); telemetry ``inference.task``.
+_TASKS = ("classification", "regression", "anomaly")
 
 
 def _predicted(value: object) -> tuple[int, ...] | None:
@@ -551,6 +555,15 @@ class Telemetry(_Header):
     predictions this interval (``labelled``), how many of them the prediction got right
     (``correct`` ≤ ``labelled``) and how many labels were refused (``rejected``: unknown or
     expired prediction ids, labels the model does not have).
+
+    ``inference.task`` (optional: agents before issue 12 leave it out): the model's task,
+    ``classification``, ``regression`` or ``anomaly`` (``null`` without a model). A regression's
+    or anomaly model's ``predicted`` is ``null`` (its answers are not classes).
+    ``inference.anomaly`` (anomaly models only): this interval's anomalies (``count``) and
+    their share of the interval's predictions (``rate``, ``null`` without a prediction).
+    ``drift.output_psi`` (regression and anomaly models only): the PSI of each output over the
+    drift window against ``drift_reference.outputs``, by output name; ``drift.prediction_psi``
+    is then the largest of them.
     """
 
     interval_s: float
@@ -576,6 +589,7 @@ class Telemetry(_Header):
         predicted = _predicted(inf.get("predicted"))
         if "feedback" in inf:
             _feedback(inf["feedback"])
+        _task_fields(inf)
         errors = inf["errors"]
         if not isinstance(errors, Mapping) or not all(isinstance(k, str) for k in errors):
             raise _fail(MessageError, "telemetry.inference.errors", "an object of counts", errors)
@@ -585,13 +599,7 @@ class Telemetry(_Header):
         for k in _LATENCY:
             _num(f"telemetry.latency_ms.{k}", lat[k], nullable=True)
         if self.drift is not None:
-            d = _obj("telemetry.drift", self.drift, _DRIFT)
-            if not isinstance(d["alarm"], bool):
-                raise _fail(MessageError, "telemetry.drift.alarm", "a boolean", d["alarm"])
-            _int("telemetry.drift.samples", d["samples"])
-            _str("telemetry.drift.max_feature", d["max_feature"])
-            for k in ("max_psi", "max_cusum", "prediction_psi"):
-                _num(f"telemetry.drift.{k}", d[k])
+            _drift(self.drift)
         res = _obj("telemetry.resources", self.resources, _RESOURCES)
         for k in _RESOURCES:
             _num(f"telemetry.resources.{k}", res[k])
@@ -606,7 +614,11 @@ class Telemetry(_Header):
         inference = {**self.inference, "errors": _frozen(errors)}
         if "predicted" in inference:
             inference["predicted"] = predicted
+        if "anomaly" in inference:
+            inference["anomaly"] = _frozen(inference["anomaly"])
         object.__setattr__(self, "inference", _frozen(inference))
+        if self.drift is not None and "output_psi" in self.drift:
+            object.__setattr__(self, "drift", _frozen({**self.drift, "output_psi": _frozen(self.drift["output_psi"])}))
 
     def _body(self) -> dict[str, Any]:
         return {**super()._body(), "model": _ref_dict(self.model)}
@@ -614,6 +626,43 @@ class Telemetry(_Header):
     @classmethod
     def _fields(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
         return {**super()._fields(raw), "model": ModelRef.parse(raw["model"])}
+
+
+def _drift(drift: Any) -> None:
+    """``telemetry.drift`` (not null)."""
+    given = drift if isinstance(drift, Mapping) else {}
+    d = _obj("telemetry.drift", drift, (*_DRIFT, *(k for k in _DRIFT_OPTIONAL if k in given)))
+    if "output_psi" in d:
+        _output_psi(d["output_psi"])
+    if not isinstance(d["alarm"], bool):
+        raise _fail(MessageError, "telemetry.drift.alarm", "a boolean", d["alarm"])
+    _int("telemetry.drift.samples", d["samples"])
+    _str("telemetry.drift.max_feature", d["max_feature"])
+    for k in ("max_psi", "max_cusum", "prediction_psi"):
+        _num(f"telemetry.drift.{k}", d[k])
+
+
+def _task_fields(inf: Mapping[str, Any]) -> None:
+    """``telemetry.inference.task`` and ``.anomaly``, when present."""
+    if "task" in inf and inf["task"] is not None and inf["task"] not in _TASKS:
+        raise _fail(MessageError, "telemetry.inference.task", f"one of {', '.join(_TASKS)} or null", inf["task"])
+    if "anomaly" in inf:
+        _anomaly(inf["anomaly"])
+
+
+def _output_psi(psi: Any) -> None:
+    if not isinstance(psi, Mapping) or len(psi) > MAX_PREDICTED_LABELS or not all(isinstance(k, str) for k in psi):
+        raise _fail(MessageError, "telemetry.drift.output_psi", "an object of PSI values by output name", psi)
+    for k, v in psi.items():
+        _num(f"telemetry.drift.output_psi.{k}", v)
+
+
+def _anomaly(raw: Any) -> None:
+    a = _obj("telemetry.inference.anomaly", raw, ("count", "rate"))
+    _int("telemetry.inference.anomaly.count", a["count"])
+    _num("telemetry.inference.anomaly.rate", a["rate"], nullable=True)
+    if a["rate"] is not None and not 0 <= a["rate"] <= 1:
+        raise _fail(MessageError, "telemetry.inference.anomaly.rate", "a share in [0, 1] or null", a["rate"])
 
 
 def _feedback(raw: Any) -> None:

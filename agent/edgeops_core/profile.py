@@ -36,7 +36,15 @@ _BUDGET_KEYS = {
     "macs_per_second",
     "min_accuracy",
     "max_accuracy_drop_points",
+    "max_mae_increase_percent",
+    "max_detection_drop_points",
 }
+#: Defaults of the budgets added with regression and anomaly tasks, so that profiles written
+#: before them still load: int8 may raise a regression's MAE by 10 % of the float MAE (an int8
+#: output alone moves in steps of 1/255 of its range), and
+#: lower an anomaly model's detection rate (at its own fitted threshold) by 2 points.
+DEFAULT_MAX_MAE_INCREASE_PERCENT = 10.0
+DEFAULT_MAX_DETECTION_DROP_POINTS = 2.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,14 @@ class Budgets:
         min_accuracy: smallest accepted accuracy of the deployed (quantized) model, 0..1.
         max_accuracy_drop_points: largest accepted accuracy loss from quantization, in
             percentage points.
+        max_mae_increase_percent: regression models: largest accepted increase of the mean
+            absolute error from quantization, in percent of the float model's MAE.
+        max_detection_drop_points: anomaly models: largest accepted loss of detection rate on
+            the fault rows from quantization (each model at its own threshold), in percentage
+            points.
+
+    ``min_accuracy`` and ``max_accuracy_drop_points`` apply to classifiers only, the last two
+    to their task only.
     """
 
     model_bytes: int
@@ -61,6 +77,8 @@ class Budgets:
     macs_per_second: float
     min_accuracy: float
     max_accuracy_drop_points: float
+    max_mae_increase_percent: float = DEFAULT_MAX_MAE_INCREASE_PERCENT
+    max_detection_drop_points: float = DEFAULT_MAX_DETECTION_DROP_POINTS
 
 
 @dataclass(frozen=True)
@@ -119,6 +137,12 @@ def _parse(data: Mapping[str, Any], path: Path) -> TargetProfile:
         macs_per_second=r.number(b, "macs_per_second", "budgets", minimum=0, exclusive_minimum=True),
         min_accuracy=r.number(b, "min_accuracy", "budgets", minimum=0, maximum=1),
         max_accuracy_drop_points=r.number(b, "max_accuracy_drop_points", "budgets", minimum=0, maximum=100),
+        max_mae_increase_percent=r.number(b, "max_mae_increase_percent", "budgets", minimum=0)
+        if "max_mae_increase_percent" in b
+        else DEFAULT_MAX_MAE_INCREASE_PERCENT,
+        max_detection_drop_points=r.number(b, "max_detection_drop_points", "budgets", minimum=0, maximum=100)
+        if "max_detection_drop_points" in b
+        else DEFAULT_MAX_DETECTION_DROP_POINTS,
     )
     ops = r.mapping(r.get(data, "operators", ""), "operators")
     r.only(ops, {"supported"}, "operators")

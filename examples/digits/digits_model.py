@@ -9,7 +9,7 @@ from torch import nn
 
 
 class DigitsCNN(nn.Module):
-    """[n, 64] pixel rows → [n, 1, 8, 8] image → 2 x (conv 3x3, ReLU, max-pool 2) → linear."""
+    """[n, 1, 8, 8] images → 2 x (conv 3x3, ReLU, max-pool 2) → linear."""
 
     def __init__(self, n_classes: int, channels: Sequence[int]) -> None:
         super().__init__()
@@ -25,12 +25,12 @@ class DigitsCNN(nn.Module):
         self.classifier = nn.Linear(c2 * 2 * 2, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[n, classes]`` for pixel rows ``[n, 64]``."""
-        return self.classifier(self.features(x.reshape(-1, 1, 8, 8)).flatten(1))
+        """Logits ``[n, classes]`` for images ``[n, 1, 8, 8]``."""
+        return self.classifier(self.features(x).flatten(1))
 
 
-def build_model(n_features: int, n_classes: int, channels: Sequence[int] = (8, 16)) -> nn.Module:
-    """The project's model entry point."""
-    if n_features != 64:
-        raise ValueError(f"the digits CNN takes 8x8 images (64 features), got {n_features}")
+def build_model(sample_shape: tuple[int, ...], n_classes: int, channels: Sequence[int] = (8, 16)) -> nn.Module:
+    """The project's model entry point: edgeops passes the sample shape (``(1, 8, 8)``) of N-d data."""
+    if tuple(sample_shape) != (1, 8, 8):
+        raise ValueError(f"the digits CNN takes one-channel 8x8 images [1, 8, 8], got samples of shape {list(sample_shape)}")
     return DigitsCNN(n_classes, channels)

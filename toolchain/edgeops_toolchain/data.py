@@ -1,13 +1,21 @@
 """The dataset and its checks: the first step of every build.
 
 :func:`load_dataset` calls the project's data entry point and checks the structure (splits
-present, 2-D float features of the declared width, 1-D integer labels in range), then adds
-the project's field datasets (:func:`with_field_data`): their labelled train-split rows join
-``x_train``, their held-out labelled rows are kept for metrics only. :func:`check_data` then
-checks the values (NaN/inf, magnitude, class balance, rows shared between train and test)
-and profiles every feature; that profile becomes the manifest's drift reference and the
-preprocessing statistics. A failed check raises :class:`DataError` naming the split (or the
-field dataset), the feature and the row.
+present, float samples ``[rows, *sample_shape]`` of one sample shape with one channel per
+feature name, 1-D integer labels in range), then adds the project's field datasets
+(:func:`with_field_data`): their labelled train-split rows join ``x_train``, their held-out
+labelled rows are kept for metrics only. :func:`check_data` then checks the values (NaN/inf,
+magnitude, class balance, rows shared between train and test) and profiles every channel;
+that profile becomes the manifest's drift reference and the preprocessing statistics. A
+failed check raises :class:`DataError` naming the split (or the field dataset), the feature
+(channel) and the row (and, for an N-d sample, the position in it).
+
+A sample is a flat feature vector ``[n_features]`` (each feature is a channel of one value)
+or an N-d tensor of rank 2 to :data:`~edgeops_core.manifest.MAX_SAMPLE_RANK` whose first axis is the
+channel axis (``[1, 8, 8]``: one channel of 8x8 values). A channel's statistics pool all its
+values over every position of the sample (ADR 0021), so the device can bin a live sample's
+values the same way. Field datasets hold flat feature vectors only: an N-d project refuses
+them.
 
 The drift reference describes the training split, except when the build has at least
 :data:`MIN_FIELD_REFERENCE_ROWS` labelled field rows and the project keeps the default
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeops_core import UNLABELLED, FeatureReference, FieldDataset, Preprocessing, load_field_dataset
+from edgeops_core.manifest import MAX_SAMPLE_RANK
 from edgeops_toolchain.errors import DataError
 from edgeops_toolchain.project import Checks, Project, load_entry
 
@@ -36,6 +46,7 @@ __all__ = [
     "DataReport",
     "Dataset",
     "FieldRows",
+    "channel_values",
     "check_data",
     "check_field_names",
     "compact_float",
@@ -94,6 +105,16 @@ class Dataset:
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(x, y)`` of split ``train``, ``val`` or ``test``."""
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One sample's shape: ``(n_features,)`` for a flat vector, ``(C, ...)`` for an N-d one."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+    @property
+    def sample_ndim(self) -> int:
+        """The rank of a sample (1 for a flat feature vector): ``apply_preprocessing``'s ``sample_ndim``."""
+        return self.x_train.ndim - 1
 
     def digest(self) -> str:
         """sha256 over names, shapes and bytes of every array: the dataset's identity.
@@ -208,29 +229,33 @@ def load_dataset(project: Project, *, field_data: Sequence[tuple[Path, FieldData
         where = "dataset"
     features, labels = _names(raw, "feature_names", where), _names(raw, "label_names", where)
     arrays: dict[str, np.ndarray] = {}
+    sample: tuple[int, ...] | None = None  # x_train's sample shape, which the other splits must share
     for split in SPLITS:
         x_raw, y_raw = raw.get(f"x_{split}"), raw.get(f"y_{split}")
         if x_raw is None or y_raw is None:
             raise DataError(f"{where}: split '{split}' is missing (need x_{split} and y_{split})")
         x, y = np.asarray(x_raw), np.asarray(y_raw)
-        if x.ndim != 2 or x.shape[1] != len(features):
-            raise DataError(
-                f"{where}: x_{split} must have shape [rows, {len(features)}] (one column per feature name), got {list(x.shape)}"
-            )
+        sample = _check_sample_shape(x, f"{where}: x_{split}", len(features), sample)
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise DataError(f"{where}: x_{split} must be numeric, got dtype {x.dtype}")
-        if y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise DataError(f"{where}: y_{split} must have shape [{x.shape[0]}] (one label per row), got {list(y.shape)}")
-        if not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"{where}: y_{split} must hold integer class indices, got dtype {y.dtype}")
+        if project.task.kind == "regression":  # task-aware targets: see _regression_targets
+            arrays[f"y_{split}"] = _regression_targets(y, f"{where}: y_{split}", x.shape[0], labels)
+        else:
+            if y.ndim != 1 or y.shape[0] != x.shape[0]:
+                raise DataError(f"{where}: y_{split} must have shape [{x.shape[0]}] (one label per row), got {list(y.shape)}")
+            if not np.issubdtype(y.dtype, np.integer):
+                raise DataError(f"{where}: y_{split} must hold integer class indices, got dtype {y.dtype}")
         if x.shape[0] == 0:
             raise DataError(f"{where}: split '{split}' is empty")
-        bad = (y < 0) | (y >= len(labels))
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise DataError(f"{where}: y_{split}[{row}] = {int(y[row])} is not a class index in 0..{len(labels) - 1}")
+        if project.task.kind != "regression":
+            bad = (y < 0) | (y >= len(labels))
+            if bad.any():
+                row = int(np.argmax(bad))
+                raise DataError(f"{where}: y_{split}[{row}] = {int(y[row])} is not a class index in 0..{len(labels) - 1}")
+            arrays[f"y_{split}"] = y.astype(np.int64)
         arrays[f"x_{split}"] = x.astype(np.float32)
-        arrays[f"y_{split}"] = y.astype(np.int64)
+    if project.task.kind == "anomaly":
+        _check_normal_rows(arrays, labels, project.task.normal_label, project.task.target_fpr, where)
     ds = Dataset(
         x_train=arrays["x_train"],
         y_train=arrays["y_train"],
@@ -242,7 +267,89 @@ def load_dataset(project: Project, *, field_data: Sequence[tuple[Path, FieldData
         label_names=labels,
     )
     fields = load_field_data(project.field_data) if field_data is None else field_data
+    if fields and ds.sample_ndim > 1:
+        raise DataError(
+            f"field data ({fields[0][0]}) holds flat feature vectors, but this project's samples have shape "
+            f"{list(ds.sample_shape)}: field data is supported for flat [rows, n_features] data only; "
+            "remove [data] field_data"
+        )
     return with_field_data(ds, fields, project.checks) if fields else ds
+
+
+def _check_sample_shape(x: np.ndarray, where: str, channels: int, expected: tuple[int, ...] | None) -> tuple[int, ...]:
+    """``x``'s sample shape, or :class:`DataError` naming ``where`` and the shape expected.
+
+    ``x`` must be ``[rows, *sample_shape]`` with ``sample_shape[0] == channels`` (one feature
+    name per channel), a sample rank of 1 to :data:`MAX_SAMPLE_RANK` and no empty axis, and,
+    when ``expected`` is given (x_train's), exactly that sample shape.
+    """
+    got = list(x.shape)
+    if expected is not None:
+        if tuple(x.shape[1:]) != expected or x.ndim < 2:
+            want = ", ".join(["rows", *(str(d) for d in expected)])
+            raise DataError(f"{where} must have shape [{want}] (x_train's sample shape), got {got}")
+        return expected
+    if not 2 <= x.ndim <= MAX_SAMPLE_RANK + 1 or x.shape[1] != channels or 0 in x.shape[1:]:
+        raise DataError(
+            f"{where} must have shape [rows, {channels}] (one column per feature name) or [rows, {channels}, ...] "
+            f"(an N-d sample of at most {MAX_SAMPLE_RANK} axes whose first axis holds one channel per feature name), "
+            f"got {got}"
+        )
+    return tuple(int(d) for d in x.shape[1:])
+
+
+# -- task-aware label checks (regression targets, anomaly normal rows) --------------------------
+
+
+def _regression_targets(y: np.ndarray, where: str, rows: int, names: tuple[str, ...]) -> np.ndarray:
+    """A regression split's targets as float32 ``[rows, n_outputs]`` (``label_names`` name the outputs).
+
+    Raises:
+        DataError: not numeric, not ``[rows]`` (one output) or ``[rows, n_outputs]``, or not finite.
+    """
+    k = len(names)
+    shapes = f"[{rows}, {k}] (one value per output name in label_names)" + (f" or [{rows}]" if k == 1 else "")
+    if not (y.ndim == 2 and y.shape == (rows, k)) and not (y.ndim == 1 and k == 1 and y.shape[0] == rows):
+        raise DataError(f"{where} must have shape {shapes} for task.kind = 'regression', got {list(y.shape)}")
+    if not (np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)):
+        raise DataError(f"{where} must hold numbers (regression targets), got dtype {y.dtype}")
+    out = y.astype(np.float32).reshape(rows, k)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        row, col = (int(v) for v in np.argwhere(bad)[0])
+        raise DataError(f"{where} has {int(bad.sum())} NaN/inf target(s); first at row {row}, output {names[col]!r}")
+    return out
+
+
+def _check_normal_rows(arrays: Mapping[str, np.ndarray], labels: tuple[str, ...], normal: str, fpr: float, where: str) -> None:
+    """An anomaly project trains on the normal rows of x_train and fits its threshold on those of x_val.
+
+    Raises:
+        DataError: ``normal`` is not a label, a split has no normal row (test: or no fault row
+            either, so neither rate could be measured), or x_val has too few normal rows to fit
+            the threshold at ``fpr`` (at least ``ceil(1 / fpr)``).
+    """
+    if normal not in labels:
+        raise DataError(
+            f"{where}: task.normal_label {normal!r} is not one of label_names ({', '.join(labels)}): an anomaly project "
+            "needs its normal rows labelled"
+        )
+    index = labels.index(normal)
+    for split, use in (("train", "train the model on"), ("val", "fit the threshold on"), ("test", "measure the FPR on")):
+        if not (arrays[f"y_{split}"] == index).any():
+            raise DataError(
+                f"{where}: y_{split} has no row labelled {normal!r} (task.normal_label): an anomaly project needs "
+                f"normal-only rows in x_{split} to {use}"
+            )
+    if (arrays["y_test"] == index).all():
+        raise DataError(f"{where}: y_test has only {normal!r} (task.normal_label) rows: no fault row to measure detection on")
+    need = math.ceil(1.0 / fpr - 1e-9)
+    have = int((arrays["y_val"] == index).sum())
+    if have < need:
+        raise DataError(
+            f"{where}: x_val has {have} rows labelled {normal!r} (task.normal_label), too few to fit the anomaly "
+            f"threshold at task.target_fpr = {fpr:g}: it needs at least ceil(1 / target_fpr) = {need}"
+        )
 
 
 def load_field_data(paths: Sequence[Path]) -> tuple[tuple[Path, FieldDataset], ...]:
@@ -361,9 +468,26 @@ def with_field_data(ds: Dataset, fields: Sequence[tuple[Path, FieldDataset]], ch
     )
 
 
+def channel_values(x: np.ndarray) -> np.ndarray:
+    """Samples ``[rows, C, ...]`` as one column per channel: ``[rows * positions, C]``.
+
+    Each column holds every value of its channel at every position of every row, ordered
+    by row, then position (row-major): ``x.reshape(rows, C, -1).transpose(0, 2, 1).reshape(-1, C)``.
+    Flat rows ``[rows, C]`` are returned as they are.
+    """
+    if x.ndim <= 2:
+        return x
+    return np.ascontiguousarray(x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1).reshape(-1, x.shape[1]))
+
+
 def feature_reference(x: np.ndarray, names: tuple[str, ...]) -> tuple[FeatureReference, ...]:
-    """Per-feature statistics and decile bins of ``x``, the drift baseline."""
-    x64 = x.astype(np.float64)
+    """Per-channel statistics and decile bins of ``x``, the drift baseline.
+
+    ``x`` is ``[rows, *sample_shape]``; a channel pools all of its values over every position
+    of the sample (:func:`channel_values`), so the device bins each live value of a channel
+    against the same edges.
+    """
+    x64 = channel_values(x).astype(np.float64)
     edges = np.quantile(x64, REFERENCE_QUANTILES, axis=0)  # (9, features)
     refs = []
     for j, name in enumerate(names):
@@ -395,7 +519,19 @@ def compact_float(value: float | np.floating) -> float:
 
 
 def _row_keys(x: np.ndarray) -> set[bytes]:
-    return {row.tobytes() for row in np.ascontiguousarray(x)}
+    return {row.tobytes() for row in np.ascontiguousarray(x).reshape(x.shape[0], -1)}
+
+
+def _row_keys_list(x: np.ndarray) -> list[bytes]:
+    return [row.tobytes() for row in np.ascontiguousarray(x).reshape(x.shape[0], -1)]
+
+
+def _where_in_sample(ds: Dataset, at: np.ndarray) -> str:
+    """``feature 'f'`` (flat rows) or ``channel 'c' at position [i, j]`` of the index ``at`` = (row, channel, ...)."""
+    name = ds.feature_names[int(at[1])]
+    if len(at) == 2:
+        return f"feature {name!r}"
+    return f"channel {name!r} at position [{', '.join(str(int(v)) for v in at[2:])}]"
 
 
 def reference_rows(ds: Dataset, source: str) -> np.ndarray:
@@ -405,7 +541,9 @@ def reference_rows(ds: Dataset, source: str) -> np.ndarray:
     return ds.x_train
 
 
-def check_data(ds: Dataset, checks: Checks, preprocessing: str, *, field_reference: str = "field") -> DataReport:
+def check_data(
+    ds: Dataset, checks: Checks, preprocessing: str, *, field_reference: str = "field", task: str = "classification"
+) -> DataReport:
     """Check the values of every split and profile the training features.
 
     Args:
@@ -415,37 +553,41 @@ def check_data(ds: Dataset, checks: Checks, preprocessing: str, *, field_referen
         field_reference: ``field``: profile the labelled field rows for the drift reference
             when there are at least :data:`MIN_FIELD_REFERENCE_ROWS`; ``training``: always
             profile the training split.
+        task: the project's ``task.kind``: the class balance is checked for classifiers only
+            (a regression has no classes; an anomaly model trains on the normal rows alone,
+            whose presence :func:`load_dataset` checks).
 
     Raises:
         DataError: NaN/inf, a value beyond ``checks.max_abs_value``, a class under
-            ``checks.min_class_fraction`` of train, or more than
+            ``checks.min_class_fraction`` of train (classifiers), or more than
             ``checks.max_duplicate_fraction`` of test rows also in train.
     """
     for split in SPLITS:
         x, _ = ds.split(split)
         bad = ~np.isfinite(x)
         if bad.any():
-            row, col = (int(v) for v in np.argwhere(bad)[0])
+            at = np.argwhere(bad)[0]
             raise DataError(
-                f"dataset: x_{split} has {int(bad.sum())} NaN/inf value(s); first at row {row}, feature {ds.feature_names[col]!r}"
+                f"dataset: x_{split} has {int(bad.sum())} NaN/inf value(s); first at row {int(at[0])}, {_where_in_sample(ds, at)}"
             )
         big = np.abs(x) > checks.max_abs_value
         if big.any():
-            row, col = (int(v) for v in np.argwhere(big)[0])
+            at = np.argwhere(big)[0]
             raise DataError(
-                f"dataset: x_{split}[{row}] feature {ds.feature_names[col]!r} = {float(x[row, col]):.6g} exceeds "
+                f"dataset: x_{split}[{int(at[0])}] {_where_in_sample(ds, at)} = {float(x[tuple(at)]):.6g} exceeds "
                 f"|value| <= {checks.max_abs_value:g} (checks.max_abs_value)"
             )
-    counts = np.bincount(ds.y_train, minlength=len(ds.label_names))
-    fractions = counts / counts.sum()
-    for name, frac in zip(ds.label_names, fractions, strict=True):
-        if frac < checks.min_class_fraction or frac == 0:
+    # Task-aware: a regression has no classes; an anomaly model needs normal rows only.
+    counts = np.bincount(ds.y_train, minlength=len(ds.label_names)) if task != "regression" else np.zeros(0)
+    fractions = counts / counts.sum() if task != "regression" else counts
+    for name, frac in zip(ds.label_names, fractions, strict=False):
+        if task == "classification" and (frac < checks.min_class_fraction or frac == 0):
             raise DataError(
                 f"dataset: class {name!r} is {frac:.1%} of x_train, below the {checks.min_class_fraction:.1%} "
                 "minimum (checks.min_class_fraction)"
             )
     train_rows = _row_keys(ds.x_train)
-    shared = sum(1 for row in np.ascontiguousarray(ds.x_test) if row.tobytes() in train_rows)
+    shared = sum(1 for row in _row_keys_list(ds.x_test) if row in train_rows)
     dup = shared / ds.x_test.shape[0]
     if dup > checks.max_duplicate_fraction:
         raise DataError(
@@ -455,8 +597,9 @@ def check_data(ds: Dataset, checks: Checks, preprocessing: str, *, field_referen
     source = "training"
     if field_reference == "field" and ds.field is not None and ds.field.labelled_x.shape[0] >= MIN_FIELD_REFERENCE_ROWS:
         source = "field"
-    mean = ds.x_train.astype(np.float64).mean(axis=0)
-    std = ds.x_train.astype(np.float64).std(axis=0)
+    # Per channel, pooled over the sample's positions (flat rows: per feature, as always).
+    train64 = channel_values(ds.x_train).astype(np.float64)
+    mean, std = train64.mean(axis=0), train64.std(axis=0)
     constant = tuple(n for n, s in zip(ds.feature_names, std, strict=True) if s < 1e-12)
     if preprocessing == "standardize":
         # A constant feature carries no information; dividing by 1 keeps it finite.

@@ -9,6 +9,9 @@ give the same number here and in the manifest.
 The rows are the labelled rows of the field datasets, merged and deduplicated as the build
 merges them (:func:`edgeops_toolchain.data.field_rows`): ``holdout`` (the default) takes
 the held-out split, which no build trained on, ``all`` every labelled row.
+
+Field datasets hold flat feature vectors: a bundle whose input is an N-d sample
+(``[1, 1, 8, 8]``) is refused with a :class:`DataError`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 
 from edgeops_core import InputError, Manifest, TrustedKey, apply_preprocessing, verify_bundle
 from edgeops_toolchain.data import check_field_names, field_rows, load_field_data
+from edgeops_toolchain.errors import DataError
 from edgeops_toolchain.validate import Evaluator
 
 __all__ = ["EVALUATE_SPLITS", "ClassAccuracy", "Evaluation", "evaluate_bundle"]
@@ -95,7 +99,9 @@ def evaluate_bundle(
     Raises:
         InputError: no such bundle file, no dataset, or an unknown split.
         FieldDataError: a dataset file cannot be read or is refused.
-        DataError: a dataset's feature or label names differ from the manifest's.
+        DataError: a dataset's feature or label names differ from the manifest's, or the
+            bundle's input is an N-d sample (field datasets hold flat feature vectors), or
+            its model is not a classifier (field datasets hold class labels).
         BundleError: the bundle fails verification (a subclass says how).
         BuildError: the bundle's runtime is not installed or refuses the model.
     """
@@ -107,6 +113,16 @@ def evaluate_bundle(
         raise InputError(f"{bundle}: no such bundle file")  # the caller's typo (2), not a rejected bundle (4)
     verified = verify_bundle(bundle, list(trusted))
     m = verified.manifest
+    if len(m.sample_shape) > 1:
+        raise DataError(
+            f"{bundle.name}: its model takes samples of shape {list(m.sample_shape)}, but field datasets hold flat "
+            "feature vectors: evaluate supports flat [1, n_features] models only"
+        )
+    if m.task.kind != "classification":
+        raise DataError(
+            f"{bundle.name}: its model is a {m.task.kind} model, but field datasets hold class labels: "
+            "evaluate measures classifiers only"
+        )
     datasets = load_field_data(field_data)
     for path, dataset in datasets:
         check_field_names(path, dataset, m.feature_names, m.labels, against=f"the manifest of {bundle.name}")

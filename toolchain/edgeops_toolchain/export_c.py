@@ -9,7 +9,9 @@ file                   TFLM headers  contents
 model_data.h / .cc     no            the flatbuffer as ``alignas(16) const unsigned char``,
                                      its length, its sha256 (hex string and 32 bytes)
 model_config.h         no            arena bytes, input/output shapes, types and int8
-                                     quantization, preprocessing, labels, operator list
+                                     quantization, preprocessing, labels, operator list;
+                                     the task of a regression or anomaly model (the
+                                     anomaly threshold as the float the device compares)
 self_test_data.h / .cc no            the manifest's self-test vectors: raw, as the device
                                      feeds them (preprocessed, quantized), expected outputs
 model_ops.h / .cc      yes           ``edgeops_register_ops``: fills a
@@ -32,6 +34,10 @@ Invariants:
   reading the build's operator-set budget uses), each through the method TFLite Micro's
   ``micro_mutable_op_resolver.h`` defines for it; an operator without one is an error that
   names it, never a guess.
+* ``edgeops_self_test`` judges a vector as the agent's ``Model.self_test`` does: every output
+  within ``atol``, then by task the top-1 class (classification), nothing more (regression),
+  or the verdict ``score > EDGEOPS_ANOMALY_THRESHOLD`` when the expected score is more than
+  ``atol`` from the threshold (anomaly). A classifier's files are what they were before tasks.
 * The self-test inputs are computed with the agent's own preprocessing and quantization
   (:func:`edgeops_core.apply_preprocessing`, :func:`edgeops_agent.runtime.quantize`), so the
   device feeds the exact tensors the build's self-test ran.
@@ -371,6 +377,7 @@ def render_c_sources(manifest: Manifest, model: bytes, *, source: str, signer: s
     arena = manifest.metrics.get("arena_bytes")
     if arena is None or arena <= 0 or arena != int(arena):
         raise FirmwareExportError(f"{source}: the manifest has no measured arena_bytes metric (got {arena!r})")
+    _check_task(manifest, source)
     ctx = _Context(manifest, model, source, signer, resolver_methods(ops), int(arena))
     texts = {
         "model_data.h": ctx.model_data_h(),
@@ -396,7 +403,9 @@ def self_test_tensors(manifest: Manifest) -> np.ndarray:
 
     spec = manifest.inputs[0]
     raw = np.asarray([v.input for v in manifest.self_test.vectors], dtype=np.float32)
-    x = apply_preprocessing(manifest.preprocessing, raw)
+    # Each vector is a sample flattened row-major: standardize it per channel in its own shape.
+    sample = manifest.sample_shape
+    x = apply_preprocessing(manifest.preprocessing, raw.reshape(-1, *sample), len(sample)).reshape(raw.shape)
     if spec.dtype in ("int8", "uint8") and spec.quantization is not None:
         return quantize(x, spec.quantization, spec.dtype)
     return x
@@ -414,6 +423,33 @@ def _c_double(value: float) -> str:
     """A double literal that reads back as exactly ``value`` (Python's shortest round-trip form)."""
     text = repr(float(value))
     return text if any(c in text for c in ".e") else text + ".0"
+
+
+def _float_at_most(value: float) -> float:
+    """The largest float32 not above ``value``: ``float32(value)`` itself when ``value`` is a float32.
+
+    For every float32 ``s``, ``s > _float_at_most(t)`` (compared in float) is ``s > t``
+    (compared in double, as the agent compares an anomaly score with ``task.threshold``).
+    """
+    f = np.float32(value)
+    if float(f) > value:
+        f = np.nextafter(f, np.float32(-np.inf), dtype=np.float32)
+    return float(f)
+
+
+def _check_task(manifest: Manifest, source: str) -> None:
+    """Refuse a task the generated self-test could not check as the agent does."""
+    task = manifest.task
+    if task.kind not in ("classification", "regression", "anomaly"):
+        raise FirmwareExportError(f"{source}: task.kind {task.kind!r} is not one the export knows")
+    if task.kind != "anomaly":
+        return
+    n_out = int(np.prod(manifest.outputs[0].shape))
+    if len(manifest.labels) != 1 or n_out != 1:
+        raise FirmwareExportError(f"{source}: an anomaly model has exactly one output, its score (got {n_out} outputs)")
+    t = task.threshold
+    if t is None or not math.isfinite(t) or abs(t) > float(np.finfo(np.float32).max):
+        raise FirmwareExportError(f"{source}: the anomaly model's task.threshold {t!r} is not a finite float32 value")
 
 
 def _c_string(text: str) -> str:
@@ -476,6 +512,11 @@ class _Context:
         self.fed = self_test_tensors(manifest)
         self.expected = np.asarray([v.expected for v in st.vectors], dtype=np.float32)
         self.labels = [v.label for v in st.vectors]
+        self.task = manifest.task.kind
+        #: An anomaly model's threshold as the manifest states it (a double) and as the C float
+        #: that decides as the agent does (see :func:`_float_at_most`).
+        self.threshold = float(manifest.task.threshold) if manifest.task.threshold is not None else None
+        self.threshold_f = _float_at_most(self.threshold) if self.threshold is not None else None
 
     def banner(self, name: str, what: str, *, c_comment: bool) -> str:
         m = self.m
@@ -580,7 +621,18 @@ const unsigned char edgeops_model_sha256_bytes[32] = {{
     def model_config_h(self) -> str:
         m = self.m
         pre = m.preprocessing
-        if pre.kind == "standardize":
+        sample = m.sample_shape
+        if pre.kind == "standardize" and len(sample) > 1:
+            per = int(np.prod(sample[1:]))
+            preprocessing = f"""/* Preprocessing before quantization, per channel (the first of the sample's axes {list(sample)}):
+ * the input's element i (row-major) belongs to channel c = i / EDGEOPS_PREPROCESSING_CHANNEL_STRIDE, and
+ * x'[i] = (x[i] - MEAN[c]) / STD[c] (float32). */
+#define EDGEOPS_PREPROCESSING_STANDARDIZE 1
+#define EDGEOPS_PREPROCESSING_CHANNELS {sample[0]}
+#define EDGEOPS_PREPROCESSING_CHANNEL_STRIDE {per}
+#define EDGEOPS_PREPROCESSING_MEAN {_brace([_c_float(v) for v in pre.mean])}
+#define EDGEOPS_PREPROCESSING_STD {_brace([_c_float(v) for v in pre.std])}"""
+        elif pre.kind == "standardize":
             preprocessing = f"""/* Preprocessing before quantization, per feature: x' = (x - MEAN[i]) / STD[i] (float32). */
 #define EDGEOPS_PREPROCESSING_STANDARDIZE 1
 #define EDGEOPS_PREPROCESSING_MEAN {_brace([_c_float(v) for v in pre.mean])}
@@ -623,7 +675,7 @@ const unsigned char edgeops_model_sha256_bytes[32] = {{
 
 #define EDGEOPS_LABEL_COUNT {len(m.labels)}
 #define EDGEOPS_LABELS {_brace([_c_string(label) for label in m.labels])}
-
+{self._task_macros()}
 /* The model's operators ({ops}): what edgeops_register_ops (model_ops.cc) registers. */
 #define EDGEOPS_OP_COUNT {len(self.methods)}
 #define EDGEOPS_OPS {_brace([_c_string(op) for op, _ in self.methods])}
@@ -632,8 +684,55 @@ const unsigned char edgeops_model_sha256_bytes[32] = {{
 """
         )
 
+    def _task_macros(self) -> str:
+        """model_config.h's task defines; none for a classifier (its files are as before tasks existed)."""
+        out = self.m.outputs[0]
+        quantized = out.quantization is not None and out.dtype != "float32"
+        if self.task == "regression":
+            value = "EDGEOPS_OUTPUT_SCALE * (q[k] - EDGEOPS_OUTPUT_ZERO_POINT)" if quantized else "the float output k"
+            return f"""
+/* Task: regression. The outputs are EDGEOPS_LABEL_COUNT numbers, named by EDGEOPS_LABELS (output k is
+ * {value}); the answer is the numbers, not a top class.
+ * A classifier's export defines no EDGEOPS_TASK_* macro. */
+#define EDGEOPS_TASK_REGRESSION 1
+"""
+        if self.task == "anomaly" and self.threshold is not None and self.threshold_f is not None:  # _check_task
+            value = "score = EDGEOPS_OUTPUT_SCALE * (q - EDGEOPS_OUTPUT_ZERO_POINT), a float" if quantized else "a float"
+            exact = (
+                "is the manifest's task.threshold"
+                if self.threshold_f == self.threshold
+                else f"is the largest float not above the manifest's\n * task.threshold {_c_double(self.threshold)}"
+            )
+            fpr = self.m.task.target_fpr
+            fitted, fpr_line = "", ""
+            if fpr is not None:
+                fitted = "\n * The build fitted it on normal data to the false-positive rate EDGEOPS_ANOMALY_TARGET_FPR."
+                fpr_line = f"\n#define EDGEOPS_ANOMALY_TARGET_FPR {_c_double(fpr)}"
+            return f"""
+/* Task: anomaly detection. The one output is the anomaly score, higher is more anomalous
+ * ({value}). The input is an anomaly when
+ *     score > EDGEOPS_ANOMALY_THRESHOLD    (compared as float: the agent's verdict)
+ * EDGEOPS_ANOMALY_THRESHOLD {exact}.{fitted}
+ * A classifier's export defines no EDGEOPS_TASK_* macro. */
+#define EDGEOPS_TASK_ANOMALY 1
+#define EDGEOPS_ANOMALY_THRESHOLD ({_c_float(self.threshold_f)}){fpr_line}
+"""
+        return ""
+
     def self_test_data_h(self) -> str:
         st = self.m.self_test
+        sample = self.m.sample_shape
+        flattened = f" (samples {list(sample)} flattened row-major)" if len(sample) > 1 else ""
+        passes, label = {
+            "classification": (" and the top-1 output is the expected label.", "the top-1 label index"),
+            "regression": (".\n * A regression has no top class to check (its labels are all 0).", "0 (no class)"),
+            "anomaly": (
+                " and, when the expected score\n * is more than EDGEOPS_SELF_TEST_ATOL from the threshold, "
+                "the verdict (score > EDGEOPS_ANOMALY_THRESHOLD)\n * is the expected label (closer, either "
+                "verdict is within the tolerance).",
+                "the expected verdict (1 anomaly, 0 normal)",
+            ),
+        }[self.task]
         return (
             self.banner("self_test_data.h", "the manifest's self-test vectors", c_comment=True)
             + f"""#ifndef EDGEOPS_SELF_TEST_DATA_H_
@@ -647,14 +746,14 @@ extern "C" {{
 
 #define EDGEOPS_SELF_TEST_COUNT {len(st.vectors)}
 /* A vector passes when every |output - expected| <= EDGEOPS_SELF_TEST_ATOL (compared in
- * double, as the agent does) and the top-1 output is the expected label. */
+ * double, as the agent does){passes} */
 #define EDGEOPS_SELF_TEST_ATOL {_c_double(st.atol)}
 
-/* Raw feature vectors, before preprocessing, as the manifest lists them (float32). */
+/* Raw feature vectors{flattened}, before preprocessing, as the manifest lists them (float32). */
 extern const float edgeops_self_test_raw[EDGEOPS_SELF_TEST_COUNT][EDGEOPS_INPUT_ELEMENTS];
 /* The same vectors as the device feeds them: the input tensor's exact contents. */
 extern const edgeops_input_t edgeops_self_test_input[EDGEOPS_SELF_TEST_COUNT][EDGEOPS_INPUT_ELEMENTS];
-/* The outputs the build measured (dequantized), and the top-1 label index. */
+/* The outputs the build measured (dequantized), and {label}. */
 extern const float edgeops_self_test_expected[EDGEOPS_SELF_TEST_COUNT][EDGEOPS_OUTPUT_ELEMENTS];
 extern const int edgeops_self_test_label[EDGEOPS_SELF_TEST_COUNT];
 
@@ -794,21 +893,7 @@ int edgeops_self_test(tflite::MicroInterpreter& interpreter) {{
       ++failed;
       continue;
     }}
-    bool within = true;
-    float best = 0.0f;
-    int top = 0;
-    for (int k = 0; k < EDGEOPS_OUTPUT_ELEMENTS; ++k) {{
-      const float y = {dequantize};
-      const float diff = y > edgeops_self_test_expected[v][k] ? y - edgeops_self_test_expected[v][k]
-                                                            : edgeops_self_test_expected[v][k] - y;
-      // Written so that a NaN output fails: NaN compares false.
-      if (!(static_cast<double>(diff) <= EDGEOPS_SELF_TEST_ATOL)) within = false;
-      if (k == 0 || y > best) {{  // the first maximum, as numpy's argmax
-        best = y;
-        top = k;
-      }}
-    }}
-    if (!within || top != edgeops_self_test_label[v]) ++failed;
+{self._self_test_check(dequantize)}
   }}
   return failed;
 }}
@@ -826,6 +911,55 @@ int edgeops_self_test_run(uint8_t* tensor_arena, size_t tensor_arena_bytes) {{
 }}
 """
         )
+
+    def _self_test_check(self, dequantize: str) -> str:
+        """The loop body of ``edgeops_self_test`` that judges vector ``v``: the agent's ``self_test`` per task."""
+        per_output = {
+            "classification": """
+      if (k == 0 || y > best) {  // the first maximum, as numpy's argmax
+        best = y;
+        top = k;
+      }""",
+            "regression": "",
+            "anomaly": """
+      if (k == 0) score = y;""",
+        }[self.task]
+        before, after = {
+            "classification": (
+                """
+    float best = 0.0f;
+    int top = 0;""",
+                """
+    if (!within || top != edgeops_self_test_label[v]) ++failed;""",
+            ),
+            "regression": (
+                "",
+                """
+    // A regression's answer is its numbers: there is no top class to compare.
+    if (!within) ++failed;""",
+            ),
+            "anomaly": (
+                """
+    float score = 0.0f;  // the one output""",
+                f"""
+    // The verdict (score > EDGEOPS_ANOMALY_THRESHOLD, in float) must be the expected label whenever the
+    // expected score is more than EDGEOPS_SELF_TEST_ATOL from the manifest's threshold (compared in
+    // double, as the agent does); closer, either verdict is within the tolerance.
+    const double threshold = {_c_double(self.threshold or 0.0)};  // the manifest's task.threshold
+    const double margin = static_cast<double>(edgeops_self_test_expected[v][0]) - threshold;
+    const bool checked = margin > EDGEOPS_SELF_TEST_ATOL || margin < -EDGEOPS_SELF_TEST_ATOL;
+    const int verdict = score > EDGEOPS_ANOMALY_THRESHOLD ? 1 : 0;
+    if (!within || (checked && verdict != edgeops_self_test_label[v])) ++failed;""",
+            ),
+        }[self.task]
+        return f"""    bool within = true;{before}
+    for (int k = 0; k < EDGEOPS_OUTPUT_ELEMENTS; ++k) {{
+      const float y = {dequantize};
+      const float diff = y > edgeops_self_test_expected[v][k] ? y - edgeops_self_test_expected[v][k]
+                                                            : edgeops_self_test_expected[v][k] - y;
+      // Written so that a NaN output fails: NaN compares false.
+      if (!(static_cast<double>(diff) <= EDGEOPS_SELF_TEST_ATOL)) within = false;{per_output}
+    }}{after}"""
 
     # -- README -----------------------------------------------------------------------------
 
@@ -863,6 +997,20 @@ int edgeops_self_test_run(uint8_t* tensor_arena, size_t tensor_arena_bytes) {{
         q_in = m.inputs[0].quantization
         quant = f"scale {q_in.scale:.9g}, zero point {q_in.zero_point}" if q_in is not None else "none (float32)"
         signer = f"\n- Signed by key `sha256:{self.signer}`." if self.signer else ""
+        names = ", ".join(_md(label) for label in m.labels)
+        if self.task == "regression":
+            outputs = f"a regression: one value per output\n  ({names}), `EDGEOPS_TASK_REGRESSION`"
+            read = "the output values (one per EDGEOPS_LABELS name)"
+        elif self.task == "anomaly":
+            threshold = _c_float(self.threshold_f or 0.0)
+            outputs = (
+                f"an anomaly detector: one output, the anomaly score\n  ({names}); the input is an anomaly when "
+                f"score > `EDGEOPS_ANOMALY_THRESHOLD` (`{threshold}`)\n  (`EDGEOPS_TASK_ANOMALY`, model_config.h)"
+            )
+            read = "the anomaly score (score > EDGEOPS_ANOMALY_THRESHOLD: an anomaly)"
+        else:
+            outputs = f"one logit per label\n  ({names})"
+            read = "one logit per label"
         return f"""# {_md(m.name)} {_md(m.version)} (release {m.release}) for TensorFlow Lite Micro
 
 Generated by `edgeops export --format c` (edgeops {__version__}) from {_md(self.source)}, after
@@ -876,8 +1024,7 @@ verifying its signature. Re-export rather than edit these files.
   the reference kernels; optimized kernels (CMSIS-NN) may need scratch space on top, so
   check with the self-test on the device.
 - Input {_md(m.inputs[0].dtype)} {list(m.inputs[0].shape)}, quantization {quant}; preprocessing
-  {_md(m.preprocessing.kind)}. Output {_md(m.outputs[0].dtype)} {list(m.outputs[0].shape)}: one logit per label
-  ({", ".join(_md(label) for label in m.labels)}).
+  {_md(m.preprocessing.kind)}. Output {_md(m.outputs[0].dtype)} {list(m.outputs[0].shape)}: {outputs}.
 - Operators ({len(self.methods)}): {ops}.
 
 | file | needs TFLite Micro headers | contents |
@@ -909,7 +1056,7 @@ static tflite::MicroInterpreter interpreter(tflite::GetModel(edgeops_model_data)
                                             tensor_arena, sizeof(tensor_arena));
 interpreter.AllocateTensors();
 // Fill interpreter.input(0) with the preprocessed, quantized features (model_config.h),
-// Invoke(), then read one logit per label from interpreter.output(0).
+// Invoke(), then read {read} from interpreter.output(0).
 ```
 
 See docs/mcu-export.md in the edgeops repository for the details.

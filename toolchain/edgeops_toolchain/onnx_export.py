@@ -1,8 +1,8 @@
 """ONNX export, int8 quantization and graph inspection for the onnxruntime targets.
 
 * :func:`export_onnx` — ``torch.onnx.export`` (the torch.export-based exporter) to a single
-  file (no external data), batch fixed at 1 as a device runs it, checked with
-  ``onnx.checker`` in full mode (shape inference included).
+  file (no external data), batch fixed at 1 as a device runs it, input ``[1, *sample_shape]``
+  in the data's own layout, checked with ``onnx.checker`` in full mode (shape inference included).
 * :func:`quantize_int8` — onnxruntime static quantization: ``quant_pre_process`` then
   ``quantize_static`` in QDQ format, per-channel symmetric int8 weights, int8 activations
   calibrated (MinMax) on training windows. See docs/adr/0003-quantization.md.
@@ -21,7 +21,7 @@ import logging
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,19 +41,30 @@ OUTPUT_NAME = "logits"
 OPSET = 18
 
 
-def export_onnx(model: nn.Module, n_features: int, n_classes: int) -> bytes:
-    """Export a trained model to ONNX bytes: input ``features[1, n_features]``, output
+def sample_dims(sample_shape: int | Sequence[int]) -> tuple[int, ...]:
+    """A sample's shape as a tuple: an int ``n`` is a flat vector ``(n,)``."""
+    return (int(sample_shape),) if isinstance(sample_shape, int) else tuple(int(d) for d in sample_shape)
+
+
+def export_onnx(model: nn.Module, sample_shape: int | Sequence[int], n_classes: int) -> bytes:
+    """Export a trained model to ONNX bytes: input ``features[1, *sample_shape]``, output
     ``logits[1, n_classes]``.
 
+    Args:
+        model: the trained model (eval mode is set here).
+        sample_shape: one sample's shape (an int ``n``: a flat vector of ``n`` features).
+        n_classes: the number of outputs.
+
     Raises:
-        ExportError: the exporter fails, the output has another shape, or the checker
-            rejects the graph; the message names the failing module or operator as torch
-            reports it.
+        ExportError: the exporter fails, the input or output has another shape, or the
+            checker rejects the graph; the message names the failing module or operator as
+            torch reports it.
     """
     import onnx
     import torch
 
-    example = (torch.zeros(1, n_features, dtype=torch.float32),)
+    dims = sample_dims(sample_shape)
+    example = (torch.zeros(1, *dims, dtype=torch.float32),)
     with tempfile.TemporaryDirectory(prefix="edgeops-export-") as tmp:
         path = Path(tmp) / "model.onnx"
         chatter = io.StringIO()
@@ -82,6 +93,9 @@ def export_onnx(model: nn.Module, n_features: int, n_classes: int) -> bytes:
             f"model must take one tensor and return one tensor, got {len(proto.graph.input)} inputs and "
             f"{len(proto.graph.output)} outputs"
         )
+    in_shape = [d.dim_value if d.HasField("dim_value") else None for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    if in_shape != [1, *dims]:
+        raise ExportError(f"exported model input has shape {in_shape}, expected {[1, *dims]} (one sample of the data)")
     out_shape = [d.dim_value if d.HasField("dim_value") else None for d in proto.graph.output[0].type.tensor_type.shape.dim]
     if out_shape != [1, n_classes]:
         raise ExportError(
@@ -206,7 +220,7 @@ class _Calibration:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         row = next(self._rows, None)
-        return None if row is None else {INPUT_NAME: row[None, :].astype(np.float32)}
+        return None if row is None else {INPUT_NAME: row[None, ...].astype(np.float32)}
 
 
 def quantize_int8(fp32: bytes, calibration: np.ndarray) -> bytes:
@@ -214,7 +228,7 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray) -> bytes:
 
     Args:
         fp32: the exported fp32 model.
-        calibration: preprocessed input rows ``[n, features]`` for activation ranges.
+        calibration: preprocessed input rows ``[n, *sample_shape]`` for activation ranges.
 
     Raises:
         ExportError: onnxruntime cannot quantize the graph.

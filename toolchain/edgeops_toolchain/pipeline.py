@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import math
 import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +40,7 @@ import numpy as np
 from edgeops_core import (
     DriftReference,
     EdgeopsError,
+    FeatureReference,
     FieldDataset,
     Lineage,
     Manifest,
@@ -47,6 +49,7 @@ from edgeops_core import (
     SelfTest,
     SelfTestVector,
     TargetProfile,
+    Task,
     TensorSpec,
     TrustedKey,
     apply_preprocessing,
@@ -56,6 +59,7 @@ from edgeops_core import (
     verify_bundle,
     write_atomically,
 )
+from edgeops_core.bundle import MAX_MANIFEST_BYTES
 from edgeops_toolchain import __version__
 from edgeops_toolchain.cache import CacheEntryCorrupted, StepCache, digest_json
 from edgeops_toolchain.data import (
@@ -73,6 +77,15 @@ from edgeops_toolchain.keyring import check_signing_key
 from edgeops_toolchain.project import Project
 from edgeops_toolchain.registry import BuildRecord, Registry, now_text
 from edgeops_toolchain.signing import dev_key, load_signing_key, sign_members
+from edgeops_toolchain.tasks import (
+    anomaly_calibration,
+    anomaly_metrics,
+    output_count,
+    output_labels,
+    output_reference,
+    regression_metrics,
+    task_checks,
+)
 from edgeops_toolchain.validate import (
     BudgetCheck,
     Evaluator,
@@ -159,6 +172,10 @@ class BuildState:
     checks: list[BudgetCheck] | None = None
     self_test: SelfTest | None = None
     prediction_fractions: tuple[float, ...] | None = None
+    #: Drift statistics of a regression's or an anomaly model's outputs (empty for a classifier).
+    output_reference: tuple[FeatureReference, ...] | None = None
+    #: The manifest's ``task`` (an anomaly model's with its fitted threshold).
+    manifest_task: Task | None = None
     manifest: Manifest | None = None
     members: dict[str, bytes] | None = None
     latency_samples: np.ndarray | None = None
@@ -250,9 +267,42 @@ class Step:
     deterministic: bool = True
 
 
+#: Share of the manifest's size limit the self-test vectors may take (the rest holds the
+#: drift reference, the metrics and the release-key list).
+_SELF_TEST_SHARE = 0.5
+#: Upper bound of the JSON characters one raw float32 value takes (``-1.2345678e-05,``).
+_CHARS_PER_VALUE = 16
+
+
+def _check_self_test_size(project: Project, ds: Dataset) -> None:
+    """Refuse, before anything is trained, self-test vectors that could not fit the manifest.
+
+    Each vector holds one raw sample; ``[bundle] self_test_vectors`` images of a few hundred
+    kilobytes each would pass every step and then make a manifest the device refuses.
+    """
+    values = math.prod(ds.sample_shape)
+    limit = int(MAX_MANIFEST_BYTES * _SELF_TEST_SHARE)
+    estimate = project.self_test_vectors * values * _CHARS_PER_VALUE
+    if estimate > limit:
+        fits = limit // (values * _CHARS_PER_VALUE)
+        hint = f"set [bundle] self_test_vectors to at most {fits}" if fits else "a sample this large cannot be a self-test vector"
+        raise ProjectError(
+            f"{project.root / 'edgeops.toml'}: bundle.self_test_vectors: {project.self_test_vectors} raw samples of shape "
+            f"{list(ds.sample_shape)} ({values} values each) take up to {estimate / 2**20:.1f} MiB of the manifest, over the "
+            f"{limit / 2**20:.0f} MiB the self-test may use ({MAX_MANIFEST_BYTES / 2**20:.0f} MiB manifest limit): {hint}"
+        )
+
+
 def _step_data(s: BuildState) -> None:
     s.dataset = load_dataset(s.project, field_data=s.field_data())
-    s.report = check_data(s.dataset, s.project.checks, s.project.preprocessing, field_reference=s.project.field_reference)
+    _check_self_test_size(s.project, s.dataset)
+    s.report = check_data(
+        s.dataset,
+        s.project.checks,
+        s.project.preprocessing,
+        field_reference=s.project.field_reference,
+        task=s.project.task.kind,
+    )
 
 
 def _step_train(s: BuildState) -> None:
@@ -273,7 +323,7 @@ def _load_pretrained(s: BuildState, data: bytes) -> TrainResult:
 
 def _step_export(s: BuildState) -> None:
     ds = s.need("dataset")
-    n_features, n_classes = len(ds.feature_names), len(ds.label_names)
+    sample_shape, n_classes = ds.sample_shape, output_count(s.project.task, ds.label_names)
     trained = s.need("trained")
     if trained.onnx is not None:
         # A brought ONNX model, already normalized and checked: it is the fp32 model.
@@ -281,11 +331,11 @@ def _step_export(s: BuildState) -> None:
     elif s.profile.format == "onnx":
         from edgeops_toolchain.onnx_export import export_onnx
 
-        s.fp32_model = export_onnx(trained.torch_model(), n_features, n_classes)
+        s.fp32_model = export_onnx(trained.torch_model(), sample_shape, n_classes)
     else:
         from edgeops_toolchain.tflite_export import export_tflite
 
-        s.fp32_model = export_tflite(trained.torch_model(), n_features, n_classes)
+        s.fp32_model = export_tflite(trained.torch_model(), sample_shape, n_classes)
 
 
 def _step_quantize(s: BuildState) -> None:
@@ -297,7 +347,9 @@ def _step_quantize(s: BuildState) -> None:
     n = min(s.project.quantization.calibration_samples, ds.x_train.shape[0])
     # Calibrate on a seeded, class-mixed sample of training rows, never on test rows.
     rows = np.random.default_rng(s.project.seed).choice(ds.x_train.shape[0], size=n, replace=False)
-    calibration = apply_preprocessing(pre, ds.x_train[np.sort(rows)])
+    calibration = apply_preprocessing(pre, ds.x_train[np.sort(rows)], ds.sample_ndim)
+    if s.project.task.kind == "anomaly":
+        calibration = anomaly_calibration(calibration, s.project.seed)
     if s.profile.format == "onnx":
         from edgeops_toolchain.onnx_export import io_quantization, quantize_int8
 
@@ -306,13 +358,14 @@ def _step_quantize(s: BuildState) -> None:
     else:
         from edgeops_toolchain.tflite_export import quantize_tflite, tflite_io
 
-        s.model = quantize_tflite(s.need("trained").torch_model(), calibration, len(ds.label_names))
+        s.model = quantize_tflite(s.need("trained").torch_model(), calibration, output_count(s.project.task, ds.label_names))
         (d_in, q_in), (d_out, q_out) = tflite_io(s.model)
         s.io_quant, s.io_dtypes = (q_in, q_out), (d_in, d_out)
 
 
 def _step_validate(s: BuildState) -> None:
     ds, report, trained = s.need("dataset"), s.need("report"), s.need("trained")
+    _check_self_test_size(s.project, ds)  # again: the data step may come from the cache
     fp32, model, profile = s.need("fp32_model"), s.need("model"), s.profile
     if profile.format == "onnx":
         from edgeops_toolchain.onnx_export import mac_count, op_types
@@ -326,7 +379,7 @@ def _step_validate(s: BuildState) -> None:
     if unsupported and profile.runtime == "tflite-micro":
         # TFLite Micro's op resolver would refuse the model: nothing more can be measured.
         raise BudgetExceededError([operator_check(unsupported)])
-    x_test = apply_preprocessing(report.preprocessing, ds.x_test)
+    x_test = apply_preprocessing(report.preprocessing, ds.x_test, ds.sample_ndim)
     # A brought ONNX model has no torch model to compare with: its parity row is left out.
     torch_logits = trained.logits(x_test) if trained.model is not None else None
     floating = Evaluator(float_runtime, fp32, profile.threads)
@@ -347,17 +400,37 @@ def _step_validate(s: BuildState) -> None:
         extra["arena_bytes"] = float(peak)
         extra["arena_recorded_bytes"] = float(deployed.arena_bytes)
     else:
-        peak = measure_peak_memory(model, profile.threads, x_test.shape[1], runtime=profile.runtime, dtype=deployed.spec[0].dtype)
+        peak = measure_peak_memory(model, profile.threads, ds.sample_shape, runtime=profile.runtime, dtype=deployed.spec[0].dtype)
     if ds.field is not None:
         extra.update(_field_metrics(ds.field, report.preprocessing, deployed, floating))
     s.advance(4, 5)
-    acc_float = float((pred_float == ds.y_test).mean())
-    acc = float((pred == ds.y_test).mean())
+    task = s.project.task
+    x_val = apply_preprocessing(report.preprocessing, ds.x_val, ds.sample_ndim)
+    val_outputs = deployed.predict(x_val) if task.kind != "classification" else None
+    if task.kind == "classification":
+        acc_float = float((pred_float == ds.y_test).mean())
+        acc = float((pred == ds.y_test).mean())
+        task_metrics = {
+            "accuracy_float": acc_float,
+            "accuracy_deployed": acc,
+            "accuracy_drop_points": round((acc_float - acc) * 100, 6),
+            "top1_agreement": float((pred_float == pred).mean()),
+        }
+    elif task.kind == "regression":
+        task_metrics = regression_metrics(ds.label_names, ds.y_test, float_logits, logits)
+    else:
+        task_metrics = anomaly_metrics(
+            task,
+            ds.label_names,
+            y_val=ds.y_val,
+            y_test=ds.y_test,
+            val_float=floating.predict(x_val),
+            val_deployed=deployed.predict(x_val) if val_outputs is None else val_outputs,
+            test_float=float_logits,
+            test_deployed=logits,
+        )
     metrics = {
-        "accuracy_float": acc_float,
-        "accuracy_deployed": acc,
-        "accuracy_drop_points": round((acc_float - acc) * 100, 6),
-        "top1_agreement": float((pred_float == pred).mean()),
+        **task_metrics,
         **({"parity_max_abs_diff": float(np.abs(torch_logits - float_logits).max())} if torch_logits is not None else {}),
         "model_bytes": float(len(model)),
         "fp32_model_bytes": float(len(fp32)),
@@ -373,15 +446,27 @@ def _step_validate(s: BuildState) -> None:
         **extra,
     }
     checks = budget_checks(profile, metrics, unsupported)
+    # A task's own rows take the place of the accuracy rows (which apply to classifiers only).
+    at = next((i + 1 for i, c in enumerate(checks) if c.name.startswith("latency estimate")), len(checks))
+    checks[at:at] = task_checks(task, profile, metrics, s.need("io_quant")[1])
     s.metrics, s.checks = metrics, checks
-    # The prediction reference comes from the rows the feature reference describes when
-    # those are field rows (ADR 0016); from the validation split otherwise.
-    predicted = reference_rows(ds, report.reference_source) if report.reference_source == "field" else ds.x_val
-    s.prediction_fractions = _fractions(
-        deployed.predict(apply_preprocessing(report.preprocessing, predicted)), len(ds.label_names)
-    )
+    threshold = metrics.get("anomaly_threshold")
+    s.manifest_task = Task(kind=task.kind, threshold=threshold, target_fpr=task.target_fpr if threshold is not None else None)
+    if val_outputs is None:
+        # The prediction reference comes from the rows the feature reference describes when
+        # those are field rows (ADR 0016); from the validation split otherwise.
+        predicted = reference_rows(ds, report.reference_source) if report.reference_source == "field" else ds.x_val
+        s.prediction_fractions = _fractions(
+            deployed.predict(apply_preprocessing(report.preprocessing, predicted, ds.sample_ndim)), len(ds.label_names)
+        )
+        s.output_reference = ()
+    else:
+        # Regression outputs and anomaly scores: the deployed model's on the validation split,
+        # the rows a classifier's prediction fractions come from (no field data for these tasks).
+        s.prediction_fractions = ()
+        s.output_reference = output_reference(val_outputs, output_labels(task, ds.label_names))
     s.test_logits = logits
-    s.self_test = _self_test(ds, logits, s.project.self_test_vectors, s.need("io_quant")[1])
+    s.self_test = _self_test(ds, logits, s.project.self_test_vectors, s.need("io_quant")[1], task=s.manifest_task)
     s.advance(5, 5)
     if any(not c.passed for c in checks):
         raise BudgetExceededError(checks)
@@ -423,9 +508,15 @@ def _fractions(logits: np.ndarray, n: int) -> tuple[float, ...]:
     return tuple(round(float(c), 6) for c in counts / counts.sum())
 
 
-def _self_test(ds: Dataset, logits: np.ndarray, count: int, out_quant: QuantParams | None) -> SelfTest:
-    """Held-out rows, at least one per class when possible, with the deployed model's output."""
-    first = [int(np.argmax(ds.y_test == c)) for c in range(len(ds.label_names)) if (ds.y_test == c).any()]
+def _self_test(ds: Dataset, logits: np.ndarray, count: int, out_quant: QuantParams | None, *, task: Task) -> SelfTest:
+    """Held-out rows, at least one per class when possible, with the deployed model's output.
+
+    The label is the top class (classification), the verdict (anomaly: 1 when the score is
+    above the threshold, else 0; a row of each class is picked, so normal and fault rows are
+    both there) or 0 (regression, whose rows have no class: the first test rows).
+    """
+    classes = range(len(ds.label_names)) if task.kind != "regression" else range(0)
+    first = [int(np.argmax(ds.y_test == c)) for c in classes if (ds.y_test == c).any()]
     chosen = set(first)
     order = first + [i for i in range(ds.x_test.shape[0]) if i not in chosen]
     picks = order[: min(count, len(order))]
@@ -434,13 +525,23 @@ def _self_test(ds: Dataset, logits: np.ndarray, count: int, out_quant: QuantPara
     atol = 2.0 * out_quant.scale if out_quant is not None else 1e-3
     vectors = tuple(
         SelfTestVector(
-            input=tuple(compact_float(v) for v in ds.x_test[i]),
+            input=tuple(compact_float(v) for v in ds.x_test[i].reshape(-1)),  # an N-d sample row-major
             expected=tuple(compact_float(v) for v in logits[i]),
-            label=int(logits[i].argmax()),
+            label=_self_test_label(task, logits[i]),
         )
         for i in picks
     )
     return SelfTest(atol=atol, vectors=vectors)
+
+
+def _self_test_label(task: Task, outputs: np.ndarray) -> int:
+    if task.kind == "anomaly" and task.threshold is not None:
+        return int(float(outputs[0]) > task.threshold)
+    return 0 if task.kind == "regression" else int(outputs.argmax())
+
+
+#: The manifest's name for the output tensor, per task.
+_OUTPUT_NAMES = {"classification": "logits", "regression": "values", "anomaly": "score"}
 
 
 def _step_package(s: BuildState) -> None:
@@ -451,6 +552,7 @@ def _step_package(s: BuildState) -> None:
     last = max(s.registry.last_release(s.project.name, s.profile.name) if s.registry else 0, s.release_above)
     q_in, q_out = s.need("io_quant")
     d_in, d_out = s.need("io_dtypes")
+    labels = output_labels(s.project.task, ds.label_names)
     s.manifest = Manifest(
         name=s.project.name,
         version=s.project.version,
@@ -459,15 +561,16 @@ def _step_package(s: BuildState) -> None:
         runtime=s.profile.runtime,
         model_file=s.profile.model_file,
         precision=s.profile.precision,
-        inputs=(TensorSpec("features", d_in, (1, len(ds.feature_names)), q_in),),
-        outputs=(TensorSpec("logits", d_out, (1, len(ds.label_names)), q_out),),
+        inputs=(TensorSpec("features", d_in, (1, *ds.sample_shape), q_in),),
+        outputs=(TensorSpec(_OUTPUT_NAMES[s.project.task.kind], d_out, (1, len(labels)), q_out),),
         feature_names=ds.feature_names,
-        labels=ds.label_names,
+        labels=labels,
         preprocessing=report.preprocessing,
         drift_reference=DriftReference(
             sample_count=int(reference_rows(ds, report.reference_source).shape[0]),
             features=report.features,
             prediction_fractions=s.need("prediction_fractions"),
+            outputs=s.need("output_reference"),
         ),
         self_test=s.need("self_test"),
         metrics=s.need("metrics"),
@@ -484,6 +587,7 @@ def _step_package(s: BuildState) -> None:
         created=format_time(created),
         expires=format_time(created + timedelta(days=s.project.ttl_days)),
         release_keys=s.release_keys,
+        task=s.need("manifest_task"),
     )
     s.members = {"manifest.json": s.manifest.to_json(), s.profile.model_file: s.need("model")}
 
@@ -531,6 +635,8 @@ def _step_report(s: BuildState) -> None:
             x_train=ds.x_train,
             bundle_sha256=hashlib.sha256(s.need("bundle")).hexdigest(),
             signer=s.trusted.fingerprint,
+            class_names=ds.label_names,
+            normal_label=s.project.task.normal_label,
         )
     )
 
@@ -552,13 +658,14 @@ def _save_trained(s: BuildState) -> bytes:
 def _load_trained(s: BuildState, data: bytes) -> Any:
     import torch
 
-    from edgeops_toolchain.train import TrainResult, build_model
+    from edgeops_toolchain.train import TrainResult, build_model, task_model
 
     if s.project.model_file is not None:
         return _load_pretrained(s, data)
     saved = torch.load(io.BytesIO(data), weights_only=True)
     ds = s.need("dataset")
-    model = build_model(s.project, len(ds.feature_names), len(ds.label_names))
+    n_outputs = output_count(s.project.task, ds.label_names)
+    model = task_model(s.project, build_model(s.project, ds.sample_shape, n_outputs), ds.sample_shape)
     model.load_state_dict(saved["state"])
     model.eval()
     return TrainResult(model=model, parameters=saved["parameters"], loss_per_epoch=saved["loss"], val_accuracy=saved["val"])
@@ -611,7 +718,16 @@ STEPS: tuple[Step, ...] = (
         "validate",
         "Validate budgets",
         inputs=("model", "fp32_model", "trained", "dataset", "report", "io_quant", "target", "project.bundle"),
-        outputs=("metrics", "checks", "self_test", "prediction_fractions", "test_logits", "latency_samples"),
+        outputs=(
+            "metrics",
+            "checks",
+            "self_test",
+            "prediction_fractions",
+            "output_reference",
+            "manifest_task",
+            "test_logits",
+            "latency_samples",
+        ),
         run=_step_validate,
     ),
     Step(
@@ -622,6 +738,8 @@ STEPS: tuple[Step, ...] = (
             "metrics",
             "self_test",
             "prediction_fractions",
+            "output_reference",
+            "manifest_task",
             "io_quant",
             "io_dtypes",
             "dataset",
@@ -717,6 +835,9 @@ def _external(name: str, s: BuildState) -> object:
             # Field datasets by content digest: a new dataset re-runs data and everything
             # after it, the same one under another file name hits the cache.
             **({"field": [d.digest for _, d in s.field_data()], "field_reference": p.field_reference} if p.field_data else {}),
+            # The task shapes the data checks and everything after (absent for a classifier,
+            # so its keys stay as they were).
+            **({"task": p.task.digest_fields()} if p.task.kind != "classification" else {}),
         },
         "project.code": p.source_digest,
         "project.checks": lambda: dataclasses.asdict(p.checks),
@@ -729,7 +850,12 @@ def _external(name: str, s: BuildState) -> object:
         },
         "project.train": lambda: dataclasses.asdict(p.training) if p.training is not None else None,
         "project.quantization": lambda: dataclasses.asdict(p.quantization),
-        "project.bundle": lambda: {"self_test_vectors": p.self_test_vectors, "ttl_days": p.ttl_days},
+        "project.bundle": lambda: {
+            "self_test_vectors": p.self_test_vectors,
+            "ttl_days": p.ttl_days,
+            # A task's quality floors (absent for a classifier, so its keys stay as they were).
+            **({"task": p.task.budget_fields()} if p.task.budget_fields() else {}),
+        },
         "project": lambda: {"name": p.name, "version": p.version, "description": p.description, "code": p.code_digest()},
         "target": lambda: {k: v for k, v in dataclasses.asdict(prof).items() if k != "source"},
         "target.format": lambda: prof.format,

@@ -13,14 +13,15 @@ A project names one trained model file in ``[model]`` (docs/projects.md):
   on the host (``TrainResult.rowwise``).
 * ``onnx`` — an ONNX model, for onnxruntime targets only: edgeops converts PyTorch, not ONNX,
   to TFLite. The model is normalized to the form the export step produces (one float input
-  ``features[1, n_features]``, one output ``logits[1, n_classes]``, batch fixed at 1, names
+  ``features[1, *sample_shape]``, one output ``logits[1, n_classes]``, batch fixed at 1, names
   stripped) and is then the build's fp32 model.
 
-Whatever the kind, the model must map ``[rows, n_features]`` (after the project's declared
-preprocessing) to ``[rows, n_classes]`` logits, with ``n_features`` and ``n_classes`` those of
-the data. A file that does not load, or whose shapes disagree, raises :class:`ProjectError`
-naming the ``[model]`` field and why. Everything is read from the bytes the step cache keyed
-on, so a cached entry and a fresh load give the same model.
+Whatever the kind, the model must map ``[rows, *sample_shape]`` (after the project's declared
+preprocessing) to ``[rows, n_classes]`` logits, with the sample shape (``[n_features]`` for a
+flat vector, ``[C, H, W]`` for an image...) and ``n_classes`` those of the data. A file that
+does not load, or whose shapes disagree, raises :class:`ProjectError` naming the ``[model]``
+field and why. Everything is read from the bytes the step cache keyed on, so a cached entry
+and a fresh load give the same model.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 from edgeops_core import Preprocessing, apply_preprocessing
 from edgeops_toolchain.errors import ProjectError
 from edgeops_toolchain.project import MODEL_FILE_MAX_BYTES, Project
+from edgeops_toolchain.tasks import output_count, validation_metric
 from edgeops_toolchain.train import TrainResult, build_model
 
 if TYPE_CHECKING:
@@ -64,31 +66,33 @@ def load_pretrained(project: Project, data: bytes, ds: Dataset, pre: Preprocessi
         ProjectError: the file does not load as its kind, or its input or output shape
             disagrees with the data; the message names the field.
     """
-    n_features, n_classes = len(ds.feature_names), len(ds.label_names)
-    x_val = apply_preprocessing(pre, ds.x_val)
+    # Task-aware: a regression has one output per label, an anomaly model one score.
+    sample, n_classes = ds.sample_shape, output_count(project.task, ds.label_names)
+    x_val = apply_preprocessing(pre, ds.x_val, ds.sample_ndim)
     if project.model_kind == "onnx":
-        model = normalize_onnx(project, data, n_features, n_classes)
+        model = normalize_onnx(project, data, sample, n_classes)
         logits = _finite(project, _onnx_logits(model, x_val), "the validation rows (x_val)")
         return TrainResult(
             model=None,
             parameters=_onnx_parameters(model),
             loss_per_epoch=[],
-            val_accuracy=_accuracy(logits, ds.y_val),
+            val_accuracy=validation_metric(project.task, logits, ds.y_val, ds.label_names),
             onnx=model,
         )
     if project.model_kind == "weights":
         result = TrainResult(
-            model=_load_state_dict(project, data, n_features, n_classes), parameters=0, loss_per_epoch=[], val_accuracy=0.0
+            model=_load_state_dict(project, data, sample, n_classes), parameters=0, loss_per_epoch=[], val_accuracy=0.0
         )
     elif project.model_kind == "program":
-        module, rowwise = _load_program(project, data, n_features)
+        module, rowwise = _load_program(project, data, sample)
         result = TrainResult(model=module, parameters=0, loss_per_epoch=[], val_accuracy=0.0, rowwise=rowwise)
     else:  # load_project admits no other kind
         raise ProjectError(f"internal: no trained model file in project {project.name!r}")
-    _check_logits(project, result, x_val[:2] if not result.rowwise else x_val[:1], n_features, n_classes)
+    _check_logits(project, result, x_val[:2] if not result.rowwise else x_val[:1], n_classes)
     module = result.torch_model()
     result.parameters = sum(p.numel() for p in module.parameters())
-    result.val_accuracy = _accuracy(_finite(project, result.logits(x_val), "the validation rows (x_val)"), ds.y_val)
+    outputs = _finite(project, result.logits(x_val), "the validation rows (x_val)")
+    result.val_accuracy = validation_metric(project.task, outputs, ds.y_val, ds.label_names)
     return result
 
 
@@ -102,11 +106,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
-    return float((logits.argmax(axis=1) == y).mean())
+def _shape_text(sample: tuple[int, ...]) -> str:
+    """How a message names the data's input: ``n_features=106`` (flat) or ``sample_shape=[1, 8, 8]``."""
+    return f"n_features={sample[0]}" if len(sample) == 1 else f"sample_shape={list(sample)}"
 
 
-def _load_state_dict(project: Project, data: bytes, n_features: int, n_classes: int) -> nn.Module:
+def _load_state_dict(project: Project, data: bytes, sample: tuple[int, ...], n_classes: int) -> nn.Module:
     import torch
 
     try:
@@ -128,14 +133,14 @@ def _load_state_dict(project: Project, data: bytes, n_features: int, n_classes: 
             f"must hold a state_dict (a mapping of names to tensors), but entry {odd[0]!r} is a {type(odd[1]).__name__}; "
             "save it with torch.save(model.state_dict(), path)",
         )
-    model = build_model(project, n_features, n_classes)
+    model = build_model(project, sample, n_classes)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # missing/unexpected keys, or a parameter of another shape
         detail = " ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip())[:300]
         raise _fail(
             project,
-            f"does not fit model.entry {project.model_entry!r} built for n_features={n_features}, n_classes={n_classes} "
+            f"does not fit model.entry {project.model_entry!r} built for {_shape_text(sample)}, n_classes={n_classes} "
             f"(the data's): {detail or _first_line(exc)}",
         ) from exc
     return model.eval()
@@ -160,7 +165,7 @@ def _unpickling_reason(exc: BaseException) -> str:
     return _first_line(exc)
 
 
-def _load_program(project: Project, data: bytes, n_features: int) -> tuple[nn.Module, bool]:
+def _load_program(project: Project, data: bytes, sample: tuple[int, ...]) -> tuple[nn.Module, bool]:
     """The program's module, and whether it takes one row at a time (a static batch of 1)."""
     import torch
 
@@ -181,9 +186,11 @@ def _load_program(project: Project, data: bytes, n_features: int) -> tuple[nn.Mo
     value = node.meta.get("val")
     shape = [d if isinstance(d, int) else None for d in getattr(value, "shape", ())]
     dtype = getattr(value, "dtype", None)
-    if dtype != torch.float32 or len(shape) != 2 or shape[1] != n_features or shape[0] not in (None, 1):
+    if dtype != torch.float32 or tuple(shape[1:]) != sample or shape[:1] not in ([None], [1]):
         got = "[" + ", ".join("batch" if d is None else str(d) for d in shape) + f"] {str(dtype).removeprefix('torch.')}"
-        raise _fail(project, f"takes input {got}, expected [batch, {n_features}] float32 (n_features of the data)")
+        want = ", ".join(["batch", *(str(d) for d in sample)])
+        of = "n_features of the data" if len(sample) == 1 else "the data's sample shape"
+        raise _fail(project, f"takes input {got}, expected [{want}] float32 ({of})")
     return _as_module(program.module()), shape[0] == 1
 
 
@@ -314,19 +321,19 @@ def _as_module(program: nn.Module) -> nn.Module:
     return Program(program)
 
 
-def _check_logits(project: Project, result: TrainResult, x: np.ndarray, n_features: int, n_classes: int) -> None:
+def _check_logits(project: Project, result: TrainResult, x: np.ndarray, n_classes: int) -> None:
     """Run the model on a few validation rows: it must give ``[rows, n_classes]`` finite logits."""
     try:
         out = result.logits(x)
     except Exception as exc:  # the model's own code may raise anything
-        raise _fail(project, f"fails on a [{x.shape[0]}, {n_features}] input: {_first_line(exc)}") from exc
+        raise _fail(project, f"fails on a {list(x.shape)} input: {_first_line(exc)}") from exc
     if out.shape != (x.shape[0], n_classes):
         raise _fail(
             project,
-            f"returns {list(out.shape)} for a [{x.shape[0]}, {n_features}] input, expected [{x.shape[0]}, {n_classes}] "
+            f"returns {list(out.shape)} for a {list(x.shape)} input, expected [{x.shape[0]}, {n_classes}] "
             f"(n_classes={n_classes}, one logit per label of the data)",
         )
-    _finite(project, out, f"a [{x.shape[0]}, {n_features}] input of validation rows")
+    _finite(project, out, f"a {list(x.shape)} input of validation rows")
 
 
 def _finite(project: Project, logits: np.ndarray, rows: str) -> np.ndarray:
@@ -342,7 +349,7 @@ def _finite(project: Project, logits: np.ndarray, rows: str) -> np.ndarray:
     return logits
 
 
-def normalize_onnx(project: Project, data: bytes, n_features: int, n_classes: int) -> bytes:
+def normalize_onnx(project: Project, data: bytes, sample_shape: int | tuple[int, ...], n_classes: int) -> bytes:
     """The user's ONNX model in the form the export step produces (see the module docstring).
 
     Raises:
@@ -351,8 +358,9 @@ def normalize_onnx(project: Project, data: bytes, n_features: int, n_classes: in
     """
     import onnx
 
-    from edgeops_toolchain.onnx_export import INPUT_NAME, OUTPUT_NAME, strip_model
+    from edgeops_toolchain.onnx_export import INPUT_NAME, OUTPUT_NAME, sample_dims, strip_model
 
+    sample = sample_dims(sample_shape)
     try:
         proto = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError, and others on garbage
@@ -367,7 +375,7 @@ def normalize_onnx(project: Project, data: bytes, n_features: int, n_classes: in
         raise _fail(
             project,
             f"has {len(inputs)} input(s) ({', '.join(v.name for v in inputs)}) and {len(graph.output)} output(s); "
-            "edgeops needs one input [batch, n_features] and one output [batch, n_classes]",
+            "edgeops needs one input [batch, *sample_shape] and one output [batch, n_classes]",
         )
     if any(i.data_location == onnx.TensorProto.EXTERNAL for i in graph.initializer):
         raise _fail(
@@ -376,8 +384,8 @@ def normalize_onnx(project: Project, data: bytes, n_features: int, n_classes: in
     source, target = inputs[0], graph.output[0]
     if source.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise _fail(project, f"input {source.name!r} is {_elem(source)}, expected float32")
-    _fix_shape(project, source, n_features, "input", "n_features")
-    _fix_shape(project, target, n_classes, "output", "n_classes")
+    _fix_shape(project, source, sample, "input", "n_features" if len(sample) == 1 else "sample_shape")
+    _fix_shape(project, target, (n_classes,), "output", "n_classes")
     renames = {source.name: INPUT_NAME, target.name: OUTPUT_NAME}
     for node in graph.node:
         node.input[:] = [renames.get(n, n) for n in node.input]
@@ -389,7 +397,7 @@ def normalize_onnx(project: Project, data: bytes, n_features: int, n_classes: in
     except Exception as exc:  # ValidationError, or shape inference errors
         raise _fail(project, f"fails onnx.checker with batch fixed at 1: {_first_line(exc)}") from exc
     model = bytes(proto.SerializeToString())
-    out = _onnx_logits(model, np.zeros((1, n_features), dtype=np.float32), project=project)
+    out = _onnx_logits(model, np.zeros((1, *sample), dtype=np.float32), project=project)
     if out.shape != (1, n_classes):
         raise _fail(project, f"returns {list(out.shape)} for one row, expected [1, {n_classes}] (n_classes of the data)")
     return model
@@ -436,24 +444,29 @@ def _elem(value: onnx.ValueInfoProto) -> str:
     return str(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
 
 
-def _fix_shape(project: Project, value: onnx.ValueInfoProto, width: int, what: str, name: str) -> None:
-    """Check ``value`` is ``[batch, width]`` (batch 1 or symbolic, width static or symbolic) and fix batch at 1."""
+def _fix_shape(project: Project, value: onnx.ValueInfoProto, sample: tuple[int, ...], what: str, name: str) -> None:
+    """Check ``value`` is ``[batch, *sample]`` (batch 1 or symbolic, other axes static or symbolic)
+    and fix every axis: batch at 1, the others at the data's sizes."""
     tensor = value.type.tensor_type
+    want = ", ".join(["batch", *(str(d) for d in sample)])
+    of = f"{name}={sample[0]}" if len(sample) == 1 else f"{name}={list(sample)}"
     if not tensor.HasField("shape"):
-        raise _fail(project, f"{what} {value.name!r} has no declared shape, expected [batch, {width}] ({name} of the data)")
+        raise _fail(project, f"{what} {value.name!r} has no declared shape, expected [{want}] ({name} of the data)")
     dims = tensor.shape.dim
     shape = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
     static = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    if len(dims) != 2 or static[0] not in (None, 1) or static[1] not in (None, width):
-        raise _fail(
-            project,
-            f"{what} {value.name!r} has shape [{', '.join(shape)}], expected [batch, {width}] ({name}={width}, the data's)",
-        )
+    if (
+        len(dims) != 1 + len(sample)
+        or static[0] not in (None, 1)
+        or any(got not in (None, size) for got, size in zip(static[1:], sample, strict=True))
+    ):
+        raise _fail(project, f"{what} {value.name!r} has shape [{', '.join(shape)}], expected [{want}] ({of}, the data's)")
     dims[0].Clear()
     dims[0].dim_value = 1
-    if static[1] is None:
-        dims[1].Clear()
-        dims[1].dim_value = width
+    for dim, got, size in zip(dims[1:], static[1:], sample, strict=True):
+        if got is None:
+            dim.Clear()
+            dim.dim_value = size
 
 
 def _onnx_logits(model: bytes, x: np.ndarray, *, project: Project | None = None) -> np.ndarray:

@@ -12,6 +12,11 @@ A project that brings its model has no ``[train]`` table: it is refused rather t
 ignored, so nobody believes settings in it shape the weights. Its data comes from the
 entry point or from one ``[data] npz`` file. Files are paths relative to the project
 folder, inside it, and must exist when the project is loaded.
+
+``[task]`` says what the model does (docs/projects.md, "Tasks"): ``classification`` (the
+default), ``regression`` or ``anomaly``. Keys that only an anomaly model uses are refused for
+the other tasks, and an anomaly score the model computes itself (``score = "output"``) is only
+accepted from a brought model: a model edgeops trains learns to reconstruct its input.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from edgeops_core import TASKS
 from edgeops_core.fields import FieldReader, load_toml
 from edgeops_toolchain.errors import ProjectError
 
 __all__ = [
+    "ANOMALY_SCORES",
     "FIELD_REFERENCES",
     "MODEL_FILE_KEYS",
     "MODEL_FILE_MAX_BYTES",
@@ -38,6 +45,7 @@ __all__ = [
     "Checks",
     "Project",
     "Quantization",
+    "TaskConfig",
     "Training",
     "load_entry",
     "load_project",
@@ -46,6 +54,9 @@ __all__ = [
 PROJECT_FILE = "edgeops.toml"
 #: Where the drift reference comes from when the build has field data (the first is the default).
 FIELD_REFERENCES = ("field", "training")
+#: How an anomaly model scores a sample (``[task] score``): the mean squared error of the
+#: model's reconstruction of its input (edgeops computes it), or the model's own one output.
+ANOMALY_SCORES = ("reconstruction", "output")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?$")
 _ENTRY = re.compile(r"^[A-Za-z_]\w*:[A-Za-z_]\w*$")
@@ -79,6 +90,59 @@ class Quantization:
     """Calibration settings for int8 quantization."""
 
     calibration_samples: int
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The ``[task]`` table: what the model does.
+
+    Attributes:
+        kind: ``classification``, ``regression`` or ``anomaly`` (:data:`edgeops_core.TASKS`).
+        normal_label: anomaly only: the label (one of the data's ``label_names``) of normal rows.
+        target_fpr: anomaly only: the false-positive rate on held-out normal rows the score
+            threshold is fitted to, in (0, 0.5).
+        score: anomaly only: ``reconstruction`` (the model returns a reconstruction of its
+            input; edgeops wraps it so the exported model outputs the per-sample mean squared
+            error, ``[rows, 1]``; the default when edgeops trains) or ``output`` (a brought
+            model already returns ``[rows, 1]``; the default, and the only choice, for one).
+        max_fpr: anomaly only: the largest false-positive rate the deployed model may show on
+            the held-out normal rows of x_test (default twice ``target_fpr``): a threshold
+            fitted on validation rows that does not hold on unseen normal data fails the build.
+        min_detection_rate: anomaly only: the smallest share of x_test's fault rows the
+            deployed model must flag (default 0: not checked).
+        max_mae: regression only: the largest mean absolute error the deployed model may have
+            on x_test, in the targets' units (default ``None``: not checked).
+    """
+
+    kind: str = "classification"
+    normal_label: str = "normal"
+    target_fpr: float = 0.01
+    score: str = "reconstruction"
+    max_fpr: float | None = None
+    min_detection_rate: float = 0.0
+    max_mae: float | None = None
+
+    @property
+    def fpr_limit(self) -> float:
+        """``max_fpr``, or twice ``target_fpr`` when the project does not set it."""
+        return self.max_fpr if self.max_fpr is not None else 2 * self.target_fpr
+
+    def budget_fields(self) -> dict[str, Any]:
+        """The quality floors (they change what validate checks, not what is trained)."""
+        if self.kind == "anomaly":
+            return {"max_fpr": self.fpr_limit, "min_detection_rate": self.min_detection_rate}
+        if self.kind == "regression" and self.max_mae is not None:
+            return {"max_mae": self.max_mae}
+        return {}
+
+    def digest_fields(self) -> dict[str, Any]:
+        """The settings that shape a build (nothing for a classifier, so its cache keys and
+        lineage stay as they were before tasks existed)."""
+        if self.kind == "classification":
+            return {}
+        if self.kind == "regression":
+            return {"kind": self.kind}
+        return {"kind": self.kind, "normal_label": self.normal_label, "target_fpr": self.target_fpr, "score": self.score}
 
 
 @dataclass(frozen=True)
@@ -119,6 +183,7 @@ class Project:
         preprocessing: ``standardize`` or ``none``.
         ttl_days: bundle lifetime in days.
         self_test_vectors: how many held-out windows go into the self-test.
+        task: the ``[task]`` table (classification when absent).
     """
 
     root: Path
@@ -141,6 +206,7 @@ class Project:
     model_file: Path | None = None
     model_kind: str | None = None
     data_npz: Path | None = None
+    task: TaskConfig = TaskConfig()
 
     @property
     def seed(self) -> int:
@@ -168,10 +234,13 @@ class Project:
         """This project with ``paths`` (relative to the working directory) added to :attr:`field_data`.
 
         Raises:
-            ProjectError: the project brings its own trained model, which edgeops does not retrain.
+            ProjectError: the project brings its own trained model, which edgeops does not retrain,
+                or is not a classifier (field data is labelled with classes).
         """
         if paths and self.model_kind is not None:
             raise ProjectError(_no_field_data(self.root / PROJECT_FILE, self.model_kind, "--field-data"))
+        if paths and self.task.kind != "classification":
+            raise ProjectError(_no_field_data_task(self.root / PROJECT_FILE, self.task.kind, "--field-data"))
         return dataclasses.replace(self, field_data=(*self.field_data, *(Path(p).absolute() for p in paths)))
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -191,6 +260,8 @@ class Project:
             out["train"] = vars(self.training).copy()
         out["preprocessing"] = self.preprocessing
         out["quantization"] = vars(self.quantization).copy()
+        if self.task.kind != "classification":  # a classifier's lineage is as before tasks existed
+            out["task"] = self.task.digest_fields()
         return out
 
     def source_digest(self) -> str:
@@ -239,6 +310,7 @@ _TABLES: Mapping[str, set[str]] = MappingProxyType(
         "quantization": {"calibration_samples"},
         "checks": {"max_duplicate_fraction", "min_class_fraction", "max_abs_value"},
         "bundle": {"ttl_days", "self_test_vectors"},
+        "task": {"kind", "normal_label", "target_fpr", "score", "max_fpr", "min_detection_rate", "max_mae"},
     }
 )
 
@@ -263,6 +335,9 @@ def load_project(root: Path) -> Project:
     if model_kind is not None and "field" in t["data"]:
         raise ProjectError(_no_field_data(path, model_kind, "field 'data.field'"))
     data_npz = _data_npz(r, root, t["data"])
+    task = _task(r, t["task"], model_kind)
+    if task.kind != "classification" and "field" in t["data"]:
+        raise ProjectError(_no_field_data_task(path, task.kind, "field 'data.field'"))
 
     def entry(table: str) -> str:
         value = r.string(t[table], "entry", table)
@@ -317,7 +392,69 @@ def load_project(root: Path) -> Project:
         model_file=model_file,
         model_kind=model_kind,
         data_npz=data_npz,
+        task=task,
     )
+
+
+def _task(r: FieldReader, table: Mapping[str, Any], model_kind: str | None) -> TaskConfig:
+    """The ``[task]`` table; the anomaly keys are refused for other tasks (they would do nothing)."""
+    kind = table.get("kind", "classification")
+    if kind not in TASKS:
+        raise r.fail("task.kind", "one of " + ", ".join(repr(k) for k in TASKS), kind)
+    if kind != "anomaly":
+        allowed = {"kind", "max_mae"} if kind == "regression" else {"kind"}
+        extra = sorted(set(table) - allowed)
+        if extra:
+            what = "a regression setting" if extra[0] == "max_mae" else "an anomaly setting"
+            raise r.fail(f"task.{extra[0]}", f"absent for task.kind = {kind!r} (it is {what})", table[extra[0]])
+        max_mae = r.number(table, "max_mae", "task", minimum=0, exclusive_minimum=True) if "max_mae" in table else None
+        return TaskConfig(kind=str(kind), max_mae=max_mae)
+    if "max_mae" in table:
+        raise r.fail("task.max_mae", "absent for task.kind = 'anomaly' (it is a regression setting)", table["max_mae"])
+    normal = r.string(table, "normal_label", "task") if "normal_label" in table else "normal"
+    fpr = r.number(table, "target_fpr", "task", minimum=0, exclusive_minimum=True) if "target_fpr" in table else 0.01
+    if not fpr < 0.5:
+        raise r.fail("task.target_fpr", "a false-positive rate in (0, 0.5)", fpr)
+    # A trained model is an autoencoder; a brought one gives its score (see the checks below).
+    score = table.get("score", "reconstruction" if model_kind is None else "output")
+    if score not in ANOMALY_SCORES:
+        raise r.fail("task.score", " or ".join(repr(c) for c in ANOMALY_SCORES), score)
+    if score == "output" and model_kind is None:
+        raise r.fail(
+            "task.score",
+            "'reconstruction' when edgeops trains the model (it trains an autoencoder to reconstruct normal rows); "
+            "'output' needs a brought model file (model.weights, model.program or model.onnx) that returns the score",
+            score,
+        )
+    if score == "reconstruction" and model_kind is not None:
+        # Why: a brought model is exported as it is; wrapping it in the reconstruction error
+        # would need the pretrained loader to build the wrapper, which it does not (yet).
+        raise r.fail(
+            "task.score",
+            f"'output' when model.{model_kind} gives a trained model (a brought anomaly model must return its score, "
+            "[rows, 1], higher = more anomalous)",
+            score,
+        )
+    max_fpr = r.number(table, "max_fpr", "task", minimum=0, exclusive_minimum=True) if "max_fpr" in table else None
+    if max_fpr is not None and not fpr <= max_fpr < 1:
+        raise r.fail("task.max_fpr", f"a false-positive rate in [task.target_fpr = {fpr:g}, 1)", max_fpr)
+    min_detection = r.number(table, "min_detection_rate", "task", minimum=0) if "min_detection_rate" in table else 0.0
+    if not min_detection <= 1:
+        raise r.fail("task.min_detection_rate", "a share in [0, 1]", min_detection)
+    return TaskConfig(
+        kind="anomaly",
+        normal_label=normal,
+        target_fpr=fpr,
+        score=str(score),
+        max_fpr=max_fpr,
+        min_detection_rate=min_detection,
+    )
+
+
+def _no_field_data_task(path: Path, kind: str, what: str) -> str:
+    # Why: field datasets carry class labels (edgeops_core.fielddata); a regression or an
+    # anomaly project has nothing to learn from them or to measure with them.
+    return f"{path}: {what} is not accepted for task.kind = {kind!r}: field datasets hold classification labels"
 
 
 def _no_field_data(path: Path, model_kind: str, what: str) -> str:

@@ -4,10 +4,13 @@ Self-contained means it opens from a USB stick on an air-gapped laptop: plots ar
 embedded as ``data:`` URIs, the style sheet is inline, and there is no script and no
 network reference. Plots are made with matplotlib's non-interactive Agg backend.
 
-Sections: the bundle's identity; every budget measured vs limit; float vs deployed
-accuracy, per-class accuracy and the confusion matrix on the held-out split; the latency
-histogram of single-row inference; and the training distribution of every input feature
-with the reference bin edges the device's drift detector uses.
+Sections: the bundle's identity; every budget measured vs limit; the task's quality on the
+held-out split (a classifier: float vs deployed accuracy, per-class accuracy and the
+confusion matrix; a regression: the MAE of each output, float and deployed, and the error
+histogram; an anomaly model: threshold, false-positive rate, the detection rate of each fault
+class, float and deployed, and the score histogram); the latency histogram of single-row
+inference; and the training distribution of every input feature with the reference bin
+edges the device's drift detector uses.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ class ReportInputs:
     x_train: np.ndarray
     bundle_sha256: str
     signer: str
+    #: The data's class names (an anomaly model's manifest labels only its score); empty: the manifest's labels.
+    class_names: tuple[str, ...] = ()
+    #: An anomaly project's ``task.normal_label``.
+    normal_label: str = "normal"
 
 
 def render_report(r: ReportInputs) -> bytes:
@@ -54,24 +61,13 @@ def render_report(r: ReportInputs) -> bytes:
 
     matplotlib.use("Agg", force=True)
     m = r.manifest
-    labels = list(m.labels)
-    pred = r.test_logits.argmax(axis=1)
-    n = len(labels)
-    confusion = np.zeros((n, n), dtype=np.int64)
-    np.add.at(confusion, (r.y_test.astype(np.int64), pred), 1)
-    per_class = [
-        (labels[c], int(confusion[c].sum()), float(confusion[c, c] / confusion[c].sum()) if confusion[c].sum() else float("nan"))
-        for c in range(n)
-    ]
     parts = [
         _HEAD.format(title=html.escape(f"{m.name} {m.version} release {m.release} → {m.target}")),
         f"<h1>{html.escape(m.name)} {html.escape(m.version)} <small>release {m.release} → {html.escape(m.target)}</small></h1>",
         _identity(r),
         "<h2>Budgets</h2>",
         _budgets(r.checks),
-        "<h2>Accuracy on the held-out split</h2>",
-        _accuracy(m, per_class),
-        f'<div class="plots"><img alt="confusion matrix" src="{_png(_confusion_plot(confusion, labels))}"></div>',
+        *_quality(r),
         "<h2>Latency</h2>",
         f"<p>{r.latency_ms.size} single-row inferences on the build host at the profile's "
         f"{int(m.metrics.get('threads', 1))} thread(s), input conversion included. "
@@ -127,6 +123,109 @@ def _budgets(checks: Sequence[BudgetCheck]) -> str:
             f"<td class=num>{html.escape(c.limit_text)}</td><td class={cls}>{word}</td></tr>"
         )
     return "<table><tr><th>budget</th><th>measured</th><th>limit</th><th>result</th></tr>" + "".join(rows) + "</table>"
+
+
+def _quality(r: ReportInputs) -> list[str]:
+    """The task's section: what the model's outputs are worth on the held-out split."""
+    m = r.manifest
+    if m.task.kind == "regression":
+        return ["<h2>Error on the held-out split</h2>", _regression(m), _plot_div("absolute error", _error_plot(r))]
+    if m.task.kind == "anomaly":
+        return ["<h2>Anomaly detection on the held-out split</h2>", _anomaly(r), _plot_div("anomaly scores", _score_plot(r))]
+    labels = list(m.labels)
+    pred = r.test_logits.argmax(axis=1)
+    n = len(labels)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (r.y_test.astype(np.int64), pred), 1)
+    per_class = [
+        (labels[c], int(confusion[c].sum()), float(confusion[c, c] / confusion[c].sum()) if confusion[c].sum() else float("nan"))
+        for c in range(n)
+    ]
+    return [
+        "<h2>Accuracy on the held-out split</h2>",
+        _accuracy(m, per_class),
+        _plot_div("confusion matrix", _confusion_plot(confusion, labels)),
+    ]
+
+
+def _plot_div(alt: str, fig: Figure) -> str:
+    return f'<div class="plots"><img alt="{alt}" src="{_png(fig)}"></div>'
+
+
+def _regression(m: Manifest) -> str:
+    mt = m.metrics
+    head = (
+        f"<p>Mean absolute error over every output: float {mt['mae_float']:.4g}, {html.escape(m.precision)} "
+        f"{mt['mae_deployed']:.4g} (+{mt['mae_increase_percent']:.2f} % from quantization) on "
+        f"{int(mt['test_samples'])} held-out samples.</p>"
+    )
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td class=num>{mt[f'mae_float.{name}']:.4g}</td>"
+        f"<td class=num>{mt[f'mae_deployed.{name}']:.4g}</td></tr>"
+        for name in m.labels
+    )
+    return head + f"<table><tr><th>output</th><th>MAE (float)</th><th>MAE ({html.escape(m.precision)})</th></tr>{rows}</table>"
+
+
+def _anomaly(r: ReportInputs) -> str:
+    m, mt = r.manifest, r.manifest.metrics
+    names = r.class_names or tuple(m.labels)
+    head = (
+        f"<p>Threshold {mt['anomaly_threshold']:.4g} ({html.escape(m.precision)}; float model "
+        f"{mt['anomaly_threshold_float']:.4g}): each model's score quantile at 1 − {mt['anomaly_target_fpr']:g} on its "
+        f"{int(mt['anomaly_normal_val_rows'])} normal validation rows ({html.escape(r.normal_label)!s}). "
+        f"On {int(mt['anomaly_normal_test_rows'])} held-out normal rows the false-positive rate is "
+        f"{mt['anomaly_fpr_float'] * 100:.2f} % (float) and {mt['anomaly_fpr_deployed'] * 100:.2f} % "
+        f"({html.escape(m.precision)}); on {int(mt['anomaly_fault_test_rows'])} fault rows the detection rate is "
+        f"{mt['anomaly_detection_rate_float'] * 100:.2f} % (float) and {mt['anomaly_detection_rate_deployed'] * 100:.2f} % "
+        f"({html.escape(m.precision)}).</p>"
+    )
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td class=num>{int((r.y_test == c).sum())}</td>"
+        f"<td class=num>{mt[f'anomaly_detection_rate_float.{name}'] * 100:.2f} %</td>"
+        f"<td class=num>{mt[f'anomaly_detection_rate_deployed.{name}'] * 100:.2f} %</td></tr>"
+        for c, name in enumerate(names)
+        if f"anomaly_detection_rate_deployed.{name}" in mt
+    )
+    return head + (
+        f"<table><tr><th>fault class</th><th>samples</th><th>detected (float)</th><th>detected ({html.escape(m.precision)})"
+        f"</th></tr>{rows}</table>"
+    )
+
+
+def _error_plot(r: ReportInputs) -> Figure:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    errors = np.abs(r.test_logits.astype(np.float64) - r.y_test.reshape(r.test_logits.shape))
+    for j, name in enumerate(list(r.manifest.labels)[:8]):
+        ax.hist(errors[:, j], bins=40, histtype="step", label=name)
+    ax.set_xlabel(f"|deployed output − target| ({r.manifest.precision})")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _score_plot(r: ReportInputs) -> Figure:
+    import matplotlib.pyplot as plt
+
+    names = r.class_names or tuple(r.manifest.labels)
+    normal = names.index(r.normal_label) if r.normal_label in names else 0
+    scores = r.test_logits[:, 0].astype(np.float64)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    lo, hi = float(scores.min()), float(scores.max())
+    bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 60)
+    for c, name in enumerate(names):
+        if (r.y_test == c).any():
+            ax.hist(scores[r.y_test == c], bins=list(bins), histtype="step", label=name, linewidth=2.0 if c == normal else 1.0)
+    ax.axvline(r.manifest.task.threshold or 0.0, color="black", linestyle="--", label="threshold")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"anomaly score ({r.manifest.precision}) on the held-out split")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def _accuracy(m: Manifest, per_class: list[tuple[str, int, float]]) -> str:

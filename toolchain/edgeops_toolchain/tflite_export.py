@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,15 +37,24 @@ if TYPE_CHECKING:
 __all__ = ["export_tflite", "quantize_tflite", "tflite_io", "tflite_mac_count", "tflite_ops"]
 
 
-def export_tflite(model: nn.Module, n_features: int, n_classes: int) -> bytes:
-    """The float model as TFLite bytes: input ``[1, n_features]`` float32, output ``[1, n_classes]``.
+def export_tflite(model: nn.Module, sample_shape: int | Sequence[int], n_classes: int) -> bytes:
+    """The float model as TFLite bytes: input ``[1, *sample_shape]`` float32, output ``[1, n_classes]``.
+
+    ``sample_shape`` is one sample's shape (an int ``n``: a flat vector of ``n`` features).
+    The input keeps the data's layout: litert-torch converts an NCHW convolution model by
+    transposing inside the graph (``TRANSPOSE`` to NHWC after the input), so the model's input
+    tensor is ``[1, C, H, W]`` as the data and the manifest give it; :func:`_check_io` holds it to that.
 
     Raises:
-        ExportError: litert-torch cannot convert the model (the message names the module).
+        ExportError: litert-torch cannot convert the model (the message names the module), or
+            the converted model's input or output has another shape.
     """
     import torch
 
-    example = (torch.zeros(1, n_features, dtype=torch.float32),)
+    from edgeops_toolchain.onnx_export import sample_dims
+
+    dims = sample_dims(sample_shape)
+    example = (torch.zeros(1, *dims, dtype=torch.float32),)
 
     def convert(m: nn.Module, args: tuple[torch.Tensor, ...]) -> bytes:
         import litert_torch
@@ -53,7 +62,7 @@ def export_tflite(model: nn.Module, n_features: int, n_classes: int) -> bytes:
         return _serialize(litert_torch.convert(m.eval(), args))
 
     data = _guarded(model, example, convert, "litert-torch conversion")
-    _check_io(data, n_features, n_classes)
+    _check_io(data, dims, n_classes)
     return data
 
 
@@ -61,8 +70,8 @@ def quantize_tflite(model: nn.Module, calibration: np.ndarray, n_classes: int) -
     """The model quantized to int8 (PT2E static, per-channel) as TFLite bytes with int8 I/O.
 
     Args:
-        calibration: preprocessed training rows ``[n, features]``; each is run once through
-            the observed model to fix the activation ranges.
+        calibration: preprocessed training rows ``[n, *sample_shape]``; each is run once
+            through the observed model to fix the activation ranges.
 
     Raises:
         ExportError: PT2E preparation or conversion fails (the message names the module).
@@ -92,7 +101,7 @@ def quantize_tflite(model: nn.Module, calibration: np.ndarray, n_classes: int) -
         return _serialize(litert_torch.convert(converted, args, quant_config=QuantConfig(pt2e_quantizer=quantizer)))
 
     data = _guarded(model, example, convert, "litert-torch int8 quantization")
-    _check_io(data, calibration.shape[1], n_classes)
+    _check_io(data, tuple(int(d) for d in calibration.shape[1:]), n_classes)
     return data
 
 
@@ -242,7 +251,7 @@ def tflite_mac_count(data: bytes) -> int:
     return total
 
 
-def _check_io(data: bytes, n_features: int, n_classes: int) -> None:
+def _check_io(data: bytes, sample_shape: tuple[int, ...], n_classes: int) -> None:
     model = _root(data)
     graph = model.Subgraphs(0)
     if graph.InputsLength() != 1 or graph.OutputsLength() != 1:
@@ -254,8 +263,10 @@ def _check_io(data: bytes, n_features: int, n_classes: int) -> None:
     if out != [1, n_classes]:
         raise ExportError(f"model output has shape {out} for one input row, expected [1, {n_classes}] (one logit per label)")
     inp = [int(d) for d in graph.Tensors(graph.Inputs(0)).ShapeAsNumpy()]
-    if int(np.prod(inp)) != n_features:
-        raise ExportError(f"model input has shape {inp}, expected {n_features} features")
+    # The full shape, not only the element count: a [1, 8, 8, C] (NHWC) input would take the
+    # data's [1, C, 8, 8] values in another order.
+    if inp != [1, *sample_shape]:
+        raise ExportError(f"model input has shape {inp}, expected {[1, *sample_shape]} (one sample of the data, in its layout)")
 
 
 def tflite_io(data: bytes) -> tuple[tuple[str, QuantParams | None], tuple[str, QuantParams | None]]:

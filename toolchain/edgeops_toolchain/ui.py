@@ -7,7 +7,7 @@ quiet. Tables go to stdout.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 
 from rich.console import Console
@@ -122,8 +122,17 @@ def releases_table(rows: Sequence[ReleaseRecord]) -> None:
             r.version,
             r.created,
             format_value(m.get("model_bytes", 0.0), "bytes"),
-            format_value(m.get("accuracy_deployed", 0.0), "%"),
-            format_value(m.get("accuracy_drop_points", 0.0), "pt"),
+            *_quality(m),
             r.path,
         )
     _stdout().print(table)
+
+
+def _quality(m: Mapping[str, float]) -> tuple[str, str]:
+    """The ``accuracy`` and ``drop`` cells: what the release's task measures (accuracy, MAE, detection rate)."""
+    if "mae_deployed" in m:
+        return f"MAE {m['mae_deployed']:.4g}", f"+{m.get('mae_increase_percent', 0.0):.2f} %"
+    if "anomaly_detection_rate_deployed" in m:
+        detected = format_value(m["anomaly_detection_rate_deployed"], "%")
+        return f"{detected} detected", format_value(m.get("anomaly_detection_drop_points", 0.0), "pt")
+    return format_value(m.get("accuracy_deployed", 0.0), "%"), format_value(m.get("accuracy_drop_points", 0.0), "pt")

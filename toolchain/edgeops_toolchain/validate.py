@@ -164,12 +164,12 @@ class Evaluator:
         return getattr(self.runner.runtime, "arena_bytes", None)
 
     def raw(self, x: np.ndarray) -> np.ndarray:
-        """Raw output tensors ``[n, outputs]`` (model dtype) for preprocessed rows."""
+        """Raw output tensors ``[n, outputs]`` (model dtype) for preprocessed rows ``[n, *sample_shape]``."""
         r = self.runner
         return np.stack([np.asarray(r.invoke_raw(r.quantize_input(x[i : i + 1]))).reshape(-1) for i in range(x.shape[0])])
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Float logits ``[n, outputs]`` for preprocessed rows ``[n, features]``, one inference per row."""
+        """Float logits ``[n, outputs]`` for preprocessed rows ``[n, *sample_shape]``, one inference per row."""
         return np.stack([self.runner.predict_preprocessed(x[i : i + 1]) for i in range(x.shape[0])]).astype(np.float32)
 
     def latency_ms(self, x: np.ndarray, *, budget_ms: float | None = None) -> np.ndarray:
@@ -237,12 +237,13 @@ def status():
                 fields[key] = int(value.split()[0]) * 1024
     return fields
 
-runtime, path, threads, n, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+runtime, path, threads, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[5]
+shape = [int(d) for d in sys.argv[4].split(",")]
 if runtime == "onnxruntime":
     import onnxruntime as ort
 else:
     from ai_edge_litert.interpreter import Interpreter
-x = np.zeros((1, n), dtype=dtype)
+x = np.zeros((1, *shape), dtype=dtype)
 before = status()
 with open("/proc/self/clear_refs", "w") as fh:
     fh.write("5")  # reset VmHWM to the current RSS
@@ -273,11 +274,13 @@ print(json.dumps({"peak_bytes": after["VmHWM"] - before["VmRSS"] - file_growth, 
 
 
 def measure_peak_memory(
-    model: bytes, threads: int, n_features: int, *, runtime: str = "onnxruntime", dtype: str = "float32"
+    model: bytes, threads: int, sample_shape: int | Sequence[int], *, runtime: str = "onnxruntime", dtype: str = "float32"
 ) -> int:
     """Peak RAM (bytes) that loading and running ``model`` in ``runtime`` adds to a process.
 
-    ``runtime`` is ``onnxruntime`` or ``litert``; ``dtype`` is the model's input dtype.
+    ``sample_shape`` is one sample's shape (an int ``n``: a flat vector of ``n`` features), fed
+    as ``[1, *sample_shape]``; ``runtime`` is ``onnxruntime`` or ``litert``; ``dtype`` is the
+    model's input dtype.
     Anonymous memory only (heap, arena, tensors, the model's bytes): the runtime library's
     file-backed code pages are excluded, since how many of them a process maps depends on
     the page cache, not on the model.
@@ -285,12 +288,13 @@ def measure_peak_memory(
     Raises:
         BuildError: the probe process failed (the message carries its stderr).
     """
+    dims = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
     with tempfile.TemporaryDirectory(prefix="edgeops-mem-") as tmp:
         path = Path(tmp) / "model.bin"
         path.write_bytes(model)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         proc = subprocess.run(
-            [sys.executable, "-c", _PROBE, runtime, str(path), str(threads), str(n_features), dtype],
+            [sys.executable, "-c", _PROBE, runtime, str(path), str(threads), ",".join(str(d) for d in dims), dtype],
             capture_output=True,
             text=True,
             timeout=120,
@@ -405,11 +409,14 @@ def budget_checks(profile: TargetProfile, metrics: Mapping[str, float], unsuppor
             "max",
             detail=f"{metrics['latency_estimate_ms']:.3f} ms ({int(metrics['mac_count'])} MACs)",
         ),
-        BudgetCheck("accuracy (float)", metrics["accuracy_float"], None, "%", "info"),
-        BudgetCheck(f"accuracy ({profile.precision})", metrics["accuracy_deployed"], b.min_accuracy, "%", "min"),
-        BudgetCheck("accuracy drop", metrics["accuracy_drop_points"], b.max_accuracy_drop_points, "pt", "max"),
-        BudgetCheck("top-1 agreement", metrics["top1_agreement"], None, "%", "info"),
     ]
+    if "accuracy_float" in metrics:  # a classifier (a regression's or anomaly model's rows: edgeops_toolchain.tasks)
+        rows += [
+            BudgetCheck("accuracy (float)", metrics["accuracy_float"], None, "%", "info"),
+            BudgetCheck(f"accuracy ({profile.precision})", metrics["accuracy_deployed"], b.min_accuracy, "%", "min"),
+            BudgetCheck("accuracy drop", metrics["accuracy_drop_points"], b.max_accuracy_drop_points, "pt", "max"),
+            BudgetCheck("top-1 agreement", metrics["top1_agreement"], None, "%", "info"),
+        ]
     if "parity_max_abs_diff" in metrics:  # absent for a brought ONNX model: no torch model to compare
         rows.append(
             BudgetCheck(
