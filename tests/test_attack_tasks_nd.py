@@ -110,14 +110,15 @@ def test_self_test_vectors_of_an_image_model_that_cannot_fit_the_manifest_are_re
     before anything is trained, naming the key and how many vectors fit."""
     from edgeops_toolchain.errors import ProjectError
     from edgeops_toolchain.pipeline import _check_self_test_size
+    from edgeops_toolchain.project import TaskConfig
 
-    ds = SimpleNamespace(sample_shape=(3, 128, 128))
-    project = SimpleNamespace(self_test_vectors=10, root=tmp_path)
-    with pytest.raises(ProjectError, match=r"bundle.self_test_vectors: 10 raw samples of shape \[3, 128, 128\].*at most 2"):
+    ds = SimpleNamespace(sample_shape=(3, 128, 128), label_names=("a", "b"))
+    project = SimpleNamespace(self_test_vectors=10, root=tmp_path, task=TaskConfig())
+    with pytest.raises(ProjectError, match=r"bundle.self_test_vectors: 10 raw samples of shape \[3, 128, 128\].*at most 1"):
         _check_self_test_size(project, ds)  # type: ignore[arg-type]
-    _check_self_test_size(SimpleNamespace(self_test_vectors=2, root=tmp_path), ds)  # type: ignore[arg-type]
+    _check_self_test_size(SimpleNamespace(self_test_vectors=1, root=tmp_path, task=TaskConfig()), ds)  # type: ignore[arg-type]
     rng = np.random.default_rng(0)
-    values = rng.normal(size=(2, 3 * 128 * 128)).astype(np.float32) * np.float32(1e-5)
+    values = rng.normal(size=(1, 3 * 128 * 128)).astype(np.float32) * np.float32(1e-5)
     size = len(json.dumps([[compact_float(v) for v in row] for row in values]))
     assert size <= MAX_MANIFEST_BYTES // 2  # the bound the check uses holds for real numbers
 

@@ -609,6 +609,8 @@ class Agent:
         detector = self.detector
         if detector is None or detector.positions == 1:  # a flat model meanwhile: its rows are discarded
             return rows
+        if rows.shape[-1] != detector.n * detector.positions:  # another N-d model meanwhile: discarded too
+            return rows
         counts: np.ndarray = detector.channel_counts(rows).reshape(*rows.shape[:-1], -1)  # a row, or [n, counts]
         return counts
 

@@ -343,7 +343,7 @@ class LoadedModel:
         Raises:
             TensorInputError: a value is NaN or inf, or standardizes to one (the message names it).
         """
-        self.runner.check(x)  # NaN or inf: named
+        self.runner.check(x.reshape(self._row) if x.size == self.n_values else x)  # NaN or inf: named
         with np.errstate(over="ignore", invalid="ignore"):
             row, t = self._standardize(x.reshape(1, -1), "input")
             t = self._quantize(t)

@@ -491,7 +491,11 @@ def feature_reference(x: np.ndarray, names: tuple[str, ...]) -> tuple[FeatureRef
     edges = np.quantile(x64, REFERENCE_QUANTILES, axis=0)  # (9, features)
     refs = []
     for j, name in enumerate(names):
-        col, e = x64[:, j], edges[:, j]
+        # The fractions are counted against the edges as the manifest stores them (float32,
+        # fewest digits), not the float64 quantiles: on tied data (discrete sensor levels, int8
+        # scores) a stored edge a hair below a tied value would move the whole tie one bin up
+        # on the device, and the device would see drift in the reference data itself.
+        col, e = x64[:, j], np.array([compact_float(v) for v in edges[:, j]], dtype=np.float64)
         # Bin i holds e[i-1] <= v < e[i]; the agent must bin the same way (searchsorted right).
         counts = np.bincount(np.searchsorted(e, col, side="right"), minlength=len(e) + 1)
         fractions = counts / counts.sum()

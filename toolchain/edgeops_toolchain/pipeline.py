@@ -270,8 +270,10 @@ class Step:
 #: Share of the manifest's size limit the self-test vectors may take (the rest holds the
 #: drift reference, the metrics and the release-key list).
 _SELF_TEST_SHARE = 0.5
-#: Upper bound of the JSON characters one raw float32 value takes (``-1.2345678e-05,``).
-_CHARS_PER_VALUE = 16
+#: Upper bound of the JSON characters one float32 value takes: Python's shortest repr of a
+#: float32 has at most 9 significant digits, a sign, a point, an exponent (``e-38``) and a
+#: comma (``-1.2345678e-05,``), and a value in [1e15, 1e16) is written in full (``-9876544000000000.0,``: 20).
+_CHARS_PER_VALUE = 24
 
 
 def _check_self_test_size(project: Project, ds: Dataset) -> None:
@@ -280,7 +282,8 @@ def _check_self_test_size(project: Project, ds: Dataset) -> None:
     Each vector holds one raw sample; ``[bundle] self_test_vectors`` images of a few hundred
     kilobytes each would pass every step and then make a manifest the device refuses.
     """
-    values = math.prod(ds.sample_shape)
+    # Each vector holds a raw sample and the model's outputs for it.
+    values = math.prod(ds.sample_shape) + output_count(project.task, ds.label_names)
     limit = int(MAX_MANIFEST_BYTES * _SELF_TEST_SHARE)
     estimate = project.self_test_vectors * values * _CHARS_PER_VALUE
     if estimate > limit:
@@ -288,8 +291,9 @@ def _check_self_test_size(project: Project, ds: Dataset) -> None:
         hint = f"set [bundle] self_test_vectors to at most {fits}" if fits else "a sample this large cannot be a self-test vector"
         raise ProjectError(
             f"{project.root / 'edgeops.toml'}: bundle.self_test_vectors: {project.self_test_vectors} raw samples of shape "
-            f"{list(ds.sample_shape)} ({values} values each) take up to {estimate / 2**20:.1f} MiB of the manifest, over the "
-            f"{limit / 2**20:.0f} MiB the self-test may use ({MAX_MANIFEST_BYTES / 2**20:.0f} MiB manifest limit): {hint}"
+            f"{list(ds.sample_shape)} ({values} values each, outputs included) take up to {estimate / 2**20:.1f} MiB "
+            f"of the manifest, over the {limit / 2**20:.0f} MiB the self-test may use "
+            f"({MAX_MANIFEST_BYTES / 2**20:.0f} MiB manifest limit): {hint}"
         )
 
 
@@ -306,6 +310,7 @@ def _step_data(s: BuildState) -> None:
 
 
 def _step_train(s: BuildState) -> None:
+    _check_self_test_size(s.project, s.need("dataset"))  # before training, also when the data step was cached
     if s.project.model_file is not None:
         # A brought model: load (and check) it instead of training; cached like a trained one.
         s.trained = _load_pretrained(s, s.model_file())
