@@ -6,9 +6,10 @@ Fast unit tests; tests/test_broker_acl_tls.py runs Mosquitto with the generated 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import stat
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -338,25 +339,24 @@ def test_an_encrypted_or_foreign_ca_key_is_refused(fresh: Path) -> None:
         CertificateAuthority.load(fresh.parent / "nowhere")
 
 
-def _provision_many(folder: str, start: int) -> None:
-    ca = CertificateAuthority.load(Path(folder))
-    for i in range(start, start + 6):
-        ca.issue(f"dev-{i}", Path(folder).parent / "out" / str(i))
+#: Six provisions in a fresh interpreter (not a fork: JAX, imported by the TFLite tests earlier
+#: in the session, warns that forking a multithreaded process may deadlock).
+_PROVISION_MANY = (
+    "import sys; from pathlib import Path; from edgeops_fleet.pki import CertificateAuthority; "
+    "folder, start = Path(sys.argv[1]), int(sys.argv[2]); ca = CertificateAuthority.load(folder); "
+    "[ca.issue(f'dev-{i}', folder.parent / 'out' / str(i)) for i in range(start, start + 6)]"
+)
 
 
 def test_concurrent_provisions_lose_no_index_entry(tmp_path: Path) -> None:
     ca = CertificateAuthority.init(tmp_path / "ca")
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_provision_many, args=(str(ca.folder), 100 * n)) for n in range(4)]
-    for p in procs:
-        p.start()
+    procs = [subprocess.Popen([sys.executable, "-c", _PROVISION_MANY, str(ca.folder), str(100 * n)]) for n in range(4)]
     revoked = []
     for _ in range(3):  # a revocation in this process meanwhile, under the same lock
         serial = x509.load_pem_x509_certificate(ca.issue("dev-main", tmp_path / "m", force=True).cert.read_bytes())
         revoked += ca.revoke(serial=serial.serial_number)
     for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+        assert p.wait(60) == 0
     rows = ca.issued()
     assert len(rows) == 4 * 6 + 3 and len({r["serial"] for r in rows}) == len(rows)
     assert {r["serial"] for r in rows if r["revoked_at"]} == set(revoked)
