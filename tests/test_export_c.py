@@ -43,6 +43,8 @@ from edgeops_toolchain.export_c import (
 )
 from edgeops_toolchain.signing import sign_members
 from edgeops_toolchain.tflite_export import tflite_ops
+from test_tasks import _DATA as _TASK_DATA
+from test_tasks import _MODEL as _TASK_MODEL
 
 C_FLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic"]
 CXX_FLAGS = ["-std=c++11", "-Wall", "-Wextra", "-Werror", "-pedantic"]
@@ -656,57 +658,8 @@ def test_lineage_runtime_version_is_optional_and_typed(wearable: Wearable) -> No
 
 # -- tasks: the generated self_test.cc, run, on regression and anomaly bundles (issue 12, review H2) --
 
-# The tiny regression and anomaly projects of tests/test_tasks.py (copied: its generators and
-# models), built for wearable with fewer epochs.
-_TASK_DATA = """
-import numpy as np
-
-LABELS = ("normal", "spike", "noise")
-
-
-def regression(n_train=200, n_val=100, n_test=100, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def split(n):
-        x = rng.normal(size=(n, 4)).astype(np.float32)
-        y = np.stack([x[:, 0] + 2 * x[:, 1], np.tanh(x[:, 2] * x[:, 3])], axis=1).astype(np.float32)
-        return x, y
-
-    (a, b), (c, d), (e, f) = split(n_train), split(n_val), split(n_test)
-    return {"x_train": a, "y_train": b, "x_val": c, "y_val": d, "x_test": e, "y_test": f,
-            "feature_names": ["a", "b", "c", "d"], "label_names": ["sum", "product"]}
-
-
-def anomaly(n_train=400, n_val=200, n_test=200, faults=100, seed=0):
-    rng = np.random.default_rng(seed)
-    mix = rng.normal(size=(2, 8))
-
-    def normal(n):  # 8 features on a 2-d plane, plus a little noise
-        return (rng.normal(size=(n, 2)) @ mix + 0.05 * rng.normal(size=(n, 8))).astype(np.float32)
-
-    spike = normal(faults)
-    spike[:, 0] += 4.0
-    noise = (normal(faults) + 1.5 * rng.normal(size=(faults, 8))).astype(np.float32)
-    x_test = np.concatenate([normal(n_test), spike, noise])
-    y_test = np.repeat([0, 1, 2], [n_test, faults, faults])
-    return {"x_train": normal(n_train), "y_train": np.zeros(n_train, dtype=np.int64),
-            "x_val": normal(n_val), "y_val": np.zeros(n_val, dtype=np.int64), "x_test": x_test, "y_test": y_test,
-            "feature_names": [f"f{i}" for i in range(8)], "label_names": list(LABELS)}
-"""
-
-_TASK_MODEL = """
-from torch import nn
-
-
-def mlp(n_features, n_outputs, hidden=32):
-    return nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, n_outputs))
-
-
-def autoencoder(n_features, n_outputs, bottleneck=2):
-    return nn.Sequential(nn.Linear(n_features, 16), nn.ReLU(), nn.Linear(16, bottleneck), nn.Linear(bottleneck, 16),
-                         nn.ReLU(), nn.Linear(16, n_features))
-"""
-
+# The tiny regression and anomaly projects of tests/test_tasks.py (its generators and models),
+# built for wearable with fewer epochs and, for the regression, half the training rows.
 _TASK_TOMLS = {
     "regression": """
 [project]
@@ -721,6 +674,7 @@ entry = "task_model:mlp"
 
 [data]
 entry = "task_data:regression"
+params = { n_train = 200 }
 
 [train]
 epochs = 10

@@ -405,13 +405,7 @@ class DriftDetector:
         """
         m, nb = data.shape[0], self._nbins
         if self.positions == 1:
-            # A value's bin: how many edges are <= it (one comparison of every row with every edge).
-            bins = (data[:, :, None] >= self._edges).sum(axis=2, dtype=np.int16)
-            if filled.any():
-                old = self._ring[slots[filled]]
-                self._counts -= np.bincount((self._base + old).ravel(), minlength=self.n * nb).reshape(self.n, nb)
-            self._counts += np.bincount((self._base + bins).ravel(), minlength=self.n * nb).reshape(self.n, nb)
-            self._ring[slots] = bins
+            bins = _slide_window(self._counts, self._ring, self._base, self._edges, data, slots, filled)
             scores: np.ndarray = (bins - self._mu) / self._sd
             return scores
         # N-d: each channel's histogram of its values pooled over the positions (module docstring).
@@ -430,13 +424,7 @@ class DriftDetector:
         return pooled
 
     def _output_counts(self, outs: np.ndarray, slots: np.ndarray, filled: np.ndarray) -> None:
-        nb = self._out_counts.shape[1]
-        bins = (outs[:, :, None] >= self._out_edges).sum(axis=2, dtype=np.int16)
-        if filled.any():
-            old = self._out_ring[slots[filled]]
-            self._out_counts -= np.bincount((self._out_base + old).ravel(), minlength=self.n_out * nb).reshape(self.n_out, nb)
-        self._out_counts += np.bincount((self._out_base + bins).ravel(), minlength=self.n_out * nb).reshape(self.n_out, nb)
-        self._out_ring[slots] = bins
+        _slide_window(self._out_counts, self._out_ring, self._out_base, self._out_edges, outs, slots, filled)
 
     def _chunk(
         self, data: np.ndarray, predicted: np.ndarray, outs: np.ndarray | None, raw: np.ndarray | None
@@ -601,3 +589,29 @@ class DriftDetector:
             terms[outside] = np.maximum(tail, self._beyond)
         out: np.ndarray = np.minimum(terms / self._rarity_norm, RARITY_MAX).reshape(m, p * self.n).mean(axis=1)
         return out
+
+
+def _slide_window(
+    counts: np.ndarray,
+    ring: np.ndarray,
+    base: np.ndarray,
+    edges: np.ndarray,
+    values: np.ndarray,
+    slots: np.ndarray,
+    filled: np.ndarray,
+) -> np.ndarray:
+    """Bin ``values`` ``[m, k]`` against ``edges`` and slide them into the window in place.
+
+    ``counts`` ``[k, bins]`` loses the rows ``ring`` held at the ``filled`` ``slots`` and gains
+    the new ones, which take their slots; ``base`` offsets each column into its own bins.
+
+    Returns:
+        the new rows' bins ``[m, k]`` (a value's bin: how many edges are <= it).
+    """
+    k, nb = counts.shape
+    bins: np.ndarray = (values[:, :, None] >= edges).sum(axis=2, dtype=np.int16)
+    if filled.any():
+        counts -= np.bincount((base + ring[slots[filled]]).ravel(), minlength=k * nb).reshape(k, nb)
+    counts += np.bincount((base + bins).ravel(), minlength=k * nb).reshape(k, nb)
+    ring[slots] = bins
+    return bins
