@@ -138,9 +138,18 @@ def test_extra_signatures_and_invalid_ones_count_for_nothing(root1: Any, keys: d
     changed["signed"]["keys"][k["b"].id] = k["b"].pem  # a key slipped in after signing
     with pytest.raises(TrustError, match="has 0 valid root signatures"):
         verify_release_keys(root1, parse_release_keys(changed), 4, NOW)
+    # The same bytes spelled with non-zero padding bits (not canonical base64). ECDSA signatures vary
+    # in length, so the test makes one whose encoding is padded, and sets the last character's unused bits.
+    sig_bytes = base64.b64decode(raw["signatures"][1]["sig"])
+    sig_bytes = sig_bytes if len(sig_bytes) % 3 else sig_bytes[:-1]
+    canonical = base64.b64encode(sig_bytes).decode()
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    last = len(canonical.rstrip("=")) - 1
+    loose = canonical[:last] + alphabet[alphabet.index(canonical[last]) + 1] + canonical[last + 1 :]
+    assert base64.b64decode(loose) == sig_bytes and loose != canonical
     padded = copy.deepcopy(raw)
-    padded["signatures"][1]["sig"] = padded["signatures"][1]["sig"][:-2] + "=="  # not canonical base64
-    with pytest.raises(TrustError):
+    padded["signatures"][1]["sig"] = loose
+    with pytest.raises(TrustError, match=r"signatures\[1\]\.sig is not canonical base64"):
         parse_release_keys(padded)
 
 
