@@ -398,7 +398,7 @@ def test_command_flood_keeps_acks_and_telemetry(tmp_path: Path, built: Built, br
         console.stop()
         err = dev.stop()
     assert "Traceback" not in err
-    assert answered < 5.0, f"the ping after the flood took {answered:.1f} s"
+    assert answered < 10.0, f"the ping after the flood took {answered:.1f} s"  # the defect: 20 s and more
     events = console.of("events")
     rejected = [e for e in events if e["type"] == "command_rejected"]
     overloaded = [e for e in events if e["type"] == "commands_overloaded"]

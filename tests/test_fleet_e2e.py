@@ -179,8 +179,11 @@ class ServeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        # A home of its own: the module fixture starts before the per-test EDGEOPS_HOME is set,
+        # and the runner's ~/.edgeops is shared with whatever else runs beside the suite.
+        env = {**os.environ, "EDGEOPS_HOME": str(self.log.parent / "console-home")}
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
         wait_for(lambda: self.get("/api/health") is not None, 60, "the console's HTTP API")
 
     def kill(self) -> None:

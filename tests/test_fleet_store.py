@@ -602,7 +602,7 @@ def test_locked_database_retries_then_fails_in_time(db_url: str) -> None:
         with pytest.raises(StoreError, match=r"is locked or unreachable; gave up after 1 s") as info:
             s.ingest([tel("d", 1, 1.0)])
         elapsed = time.monotonic() - t0
-        assert 1.0 <= elapsed < 1.8, elapsed
+        assert 1.0 <= elapsed < 3.0, elapsed
         assert "\n" not in str(info.value) and "sqlalche.me" not in str(info.value)
         with pytest.raises(StoreError, match="lock"):
             _ingest_in_transaction(s)

@@ -552,14 +552,16 @@ def test_wedged_serving_thread_stops_the_pings(tmp_path: Path, built: Built, bro
         receiver.wait(lambda r: len(r.pings()) >= 3, "pings while healthy")
         assert _get(port, "/healthz")[0] == 200
 
+        touched = time.monotonic()
         flag.touch()  # from now on the runtime's invoke does not return
         client = dev.socket()
         send_frame(client, {"op": "predict", "features": row, "id": 1})  # a serving thread enters it and hangs
         client.settimeout(1.0)
         with pytest.raises(TimeoutError):
             recv_frame(client)
-        receiver.wait(lambda r: any("stuck" in x for x in r.lines()), "STATUS saying the serving path is stuck")
-        stuck_at = max(t for t, _, lines in receiver.messages if any("stuck" in x for x in lines))
+        # (A healthy probe that a busy machine delayed may have said "stuck" before the wedge: not that one.)
+        receiver.wait(lambda r: any("stuck" in x for x in r.lines(touched)), "STATUS saying the serving path is stuck")
+        stuck_at = max(t for t, _, lines in receiver.messages if t >= touched and any("stuck" in x for x in lines))
         time.sleep(2.0)  # ten ping intervals
         assert receiver.pings(stuck_at) == []  # the pings stopped: systemd would now kill and restart
         status, body = _get(port, "/healthz")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from broker import Broker
 from conftest import REPO, Built
 from edgeops_agent.agent import FEEDBACK_RING, Agent
 from edgeops_agent.errors import FeedbackError
@@ -385,3 +386,18 @@ def test_telemetry_feedback_is_validated(device: DataDir) -> None:
     for bad in ({"labelled": 1, "correct": 2, "rejected": 0}, {"labelled": -1, "correct": 0, "rejected": 0}, {"labelled": 1}):
         with pytest.raises(MessageError, match="feedback"):
             Telemetry.from_dict({**raw, "inference": {**raw["inference"], "feedback": bad}})
+
+
+def test_a_broker_whose_port_another_process_took_fails_instead_of_using_the_stranger(broker: Broker, tmp_path: Path) -> None:
+    """A port is free when chosen, not reserved: if someone else listens there by the start, our
+    mosquitto exits and the start says so, rather than letting the test talk to the stranger."""
+    from edgeops_sim.errors import SimError
+
+    second = Broker(tmp_path / "second")
+    conf = second.conf.read_text().replace(f"listener {second.port} ", f"listener {broker.port} ")
+    second.conf.write_text(conf)
+    second.port = broker.port
+    with pytest.raises(SimError, match=rf"did not listen on {broker.port}"):
+        second.start()
+    assert second.proc is None
+    socket.create_connection((broker.host, broker.port), timeout=2).close()  # the first one is untouched

@@ -29,6 +29,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a TCP socket listening on ``port`` (Linux's /proc; elsewhere:
+    whether ``pid`` still runs, which a mosquitto that lost the port to another process does not)."""
+    owned: set[str] = set()
+    try:
+        tables = [Path(f"/proc/net/{t}").read_text().splitlines()[1:] for t in ("tcp", "tcp6")]
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):  # closed meanwhile
+                owned.add(os.readlink(fd))
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+    for row in (r.split() for table in tables for r in table):
+        # local address "0100007F:075B", state 0A = LISTEN, inode in column 9
+        if len(row) > 9 and row[3] == "0A" and int(row[1].rpartition(":")[2], 16) == port and f"socket:[{row[9]}]" in owned:
+            return True
+    return False
+
+
 def mosquitto_binary() -> str:
     """The mosquitto executable.
 
@@ -121,11 +143,19 @@ class Broker:
         _more_files(self.proc.pid)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
             try:
                 socket.create_connection((self.host, self.port), timeout=0.2).close()
-                return
             except OSError:
                 time.sleep(0.05)
+                continue
+            # Another process may listen on the port (it was free when chosen, not reserved):
+            # then ours exits on "Address already in use" and the connect reached a stranger.
+            if _listens(self.proc.pid, self.port):
+                return
+            time.sleep(0.05)
+        self.stop()
         raise SimError(f"mosquitto did not listen on {self.port}: {(self.folder / 'log').read_text()[-500:]}")
 
     def stop(self) -> None:
