@@ -962,3 +962,18 @@ def test_empty_console_and_unavailable_store_render_clear_pages(tmp_path: Path) 
                 assert status == 503 and "Store unavailable" in page.text and "database is locked" in page.text, path
     finally:
         store.close()
+
+
+def test_the_anomaly_rate_gate_and_its_option_read_as_percentages() -> None:
+    from edgeops_fleet.dashboard import _LIMIT_LOOK, _gate_order, _gate_view
+
+    view = _gate_view("anomaly_rate", {"value": 0.3125, "limit": 0.05, "passed": False, "detail": "250 anomalies in 800"})
+    assert (view["name"], view["value"], view["op"], view["limit"], view["verdict"]) == (
+        "anomaly rate",
+        "31.25 %",
+        "≤",
+        "5.00 %",
+        "fail",
+    )
+    assert _LIMIT_LOOK["anomaly_rate_max"] == ("anomaly rate rise ≤", "percent")
+    assert _gate_order({"drift_alarms": {}, "anomaly_rate": {}, "psi": {}}) == ["psi", "anomaly_rate", "drift_alarms"]

@@ -82,6 +82,7 @@ class Behaviour:
     alarm: bool = False
     caller_errors: int = 0  # malformed requests per record (TensorInputError): not the release's fault
     install: str = "held"  # or a failure reason: the device rolls back on its own
+    anomaly: float | None = None  # an anomaly model flagging this share of its inputs (None: a classifier)
 
 
 @dataclass
@@ -147,10 +148,20 @@ class Fleet:
         """One telemetry record of ``d`` now, as the console hands it to the store."""
         b = self.behaviour.get(d.release, Behaviour())
         errors = sum(self.rng.random() < b.error_rate for _ in range(b.inferences))
-        weights = b.predicted
+        weights = b.predicted if b.anomaly is None else (1 - b.anomaly, b.anomaly)
         predicted = [0] * len(weights)
         for _ in range(b.inferences - errors):
             predicted[self.rng.choices(range(len(weights)), weights)[0]] += 1
+        # An anomaly model reports its verdicts as an anomaly count, not as class counts (the agent's form).
+        task: dict[str, Any] = (
+            {"predicted": predicted}
+            if b.anomaly is None
+            else {
+                "predicted": None,
+                "task": "anomaly",
+                "anomaly": {"count": predicted[1], "rate": round(predicted[1] / sum(predicted), 6) if sum(predicted) else None},
+            }
+        )
         msg = Telemetry(
             device_id=d.device_id,
             ts=None,
@@ -164,7 +175,7 @@ class Fleet:
                     **({"TensorInputError": b.caller_errors} if b.caller_errors else {}),
                 },
                 "error_count": errors + b.caller_errors,
-                "predicted": predicted,
+                **task,
             },
             latency_ms={"p50": 1.0, "p95": b.p99_ms / 2, "p99": b.p99_ms, "max": b.p99_ms},
             drift={
@@ -351,6 +362,7 @@ def test_good_release_passes_every_wave_and_commits(world: World) -> None:
     assert gate["install"]["value"] == 1 and gate["error_rate"]["value"] == 0 and gate["error_rate"]["passed"]
     assert gate["psi"]["value"] is not None and gate["psi"]["value"] < 0.05 and gate["psi"]["passed"]
     assert gate["drift_alarms"]["value"] == 0 and gate["inferences"]["value"] >= 100
+    assert gate["anomaly_rate"]["passed"] is True and gate["anomaly_rate"]["detail"].startswith("not gated")  # a classifier
     # one deploy id per wave, each device offered exactly once, held until the gate said so
     assert [(d, ids) for d, ids, _ in world.link.offers] == [
         (deploy_id_of(rid, 0), ("ecu-0",)),
@@ -432,6 +444,35 @@ def test_psi_failure(world: World) -> None:
     st = _failed_after_wave_1(world, rid, "psi")
     g = st["waves"][0]["gate"]["psi"]
     assert g["value"] > 0.25 and g["limit"] == 0.25
+
+
+def test_anomaly_model_flagging_normal_inputs_fails_the_anomaly_rate_gate(world: World) -> None:
+    # Release 1 is a classifier (no anomaly rate to compare): the new anomaly model may flag at
+    # most anomaly_rate_max (5 %) of the wave's inputs; this one flags about 30 %.
+    world.fleet.behaviour[2] = Behaviour(anomaly=0.3)
+    rid = world.engine.start(world.spec())["rollout_id"]
+    world.fleet.run(world.engine, 600)
+    st = _failed_after_wave_1(world, rid, "anomaly_rate")
+    g = st["waves"][0]["gate"]["anomaly_rate"]
+    assert 0.2 < g["value"] < 0.4 and g["limit"] == 0.05 and "no anomaly rate on the previous release" in g["detail"]
+    assert "anomaly_rate gate: anomaly rate 0." in st["rollout"]["message"] and "> 0.05" in st["rollout"]["message"]
+    assert st["waves"][0]["gate"]["psi"]["detail"].startswith("not gated")  # verdicts are not class counts
+
+
+@pytest.mark.parametrize(("new_rate", "passes"), [(0.22, True), (0.45, False)])
+def test_anomaly_rate_is_judged_by_its_rise_over_the_previous_anomaly_model(world: World, new_rate: float, passes: bool) -> None:
+    # The devices' previous anomaly model already flagged ~20 % (real faults on the line): a
+    # retrained model that flags as many is not blamed for them; one that flags far more is.
+    world.fleet.behaviour[1] = Behaviour(anomaly=0.2)
+    world.clock.now += 900
+    world.fleet.history(900, 30)
+    world.fleet.behaviour[2] = Behaviour(anomaly=new_rate)
+    rid = world.engine.start(world.spec(gates=Gates(min_inferences=100, anomaly_rate_max=0.1)))["rollout_id"]
+    world.fleet.run(world.engine, 900)
+    st = status(world, rid)
+    g = st["waves"][0]["gate"]["anomaly_rate"]
+    assert 0.15 < g["limit"] - 0.1 < 0.25 and "the previous release flagged" in g["detail"]  # its rate + 0.1
+    assert g["passed"] is passes and st["rollout"]["state"] == ("passed" if passes else "failed"), st["rollout"]["message"]
 
 
 def test_drift_alarm_failure(world: World) -> None:
@@ -738,6 +779,7 @@ def test_gates_refuse_nonsense() -> None:
         ({"error_rate_max": 1.5}, "error_rate_max must be a finite number >= 0 and <= 1"),
         ({"install_success_min": -0.1}, "install_success_min"),
         ({"psi_max": float("nan")}, "psi_max"),
+        ({"anomaly_rate_max": 1.01}, "anomaly_rate_max must be a finite number >= 0 and <= 1"),
         ({"latency_p99_ms": 0}, "latency_p99_ms must be a finite number > 0"),
         ({"latency_factor": float("inf")}, "latency_factor"),
         ({"min_inferences": 0}, "min_inferences must be an integer >= 1"),
@@ -751,6 +793,7 @@ def test_gates_refuse_nonsense() -> None:
     )
     assert (gates.error_rate_max, gates.latency_p99_ms, gates.install_timeout_s, gates.min_inferences) == (0.05, 25.0, 600.0, 50)
     assert Gates.parse(["psi_max=0.1", "latency_p99_ms=none"]) == Gates(psi_max=0.1)
+    assert Gates.parse(["anomaly_rate_max=2%"]).anomaly_rate_max == 0.02
     assert Gates.from_dict(gates.to_dict()) == gates
     with pytest.raises(InputError, match="unknown gate option 'error_rate'"):
         Gates.from_options({"error_rate": "0.1"})

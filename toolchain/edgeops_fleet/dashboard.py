@@ -424,6 +424,7 @@ _GATE_LOOK: Mapping[str, tuple[str, str, str]] = {
     "error_rate": ("error rate", "percent", "≤"),
     "latency_p99": ("p99 latency", "ms", "≤"),
     "psi": ("prediction PSI", "psi", "≤"),
+    "anomaly_rate": ("anomaly rate", "percent", "≤"),
     "drift_alarms": ("devices with a drift alarm", "count", "≤"),
 }
 # The rollout's gate options (``Gates.to_dict()``), as the page lists them.
@@ -433,6 +434,7 @@ _LIMIT_LOOK: Mapping[str, tuple[str, str]] = {
     "latency_p99_ms": ("p99 latency ≤", "ms"),
     "latency_factor": ("× factor", "factor"),
     "psi_max": ("prediction PSI ≤", "psi"),
+    "anomaly_rate_max": ("anomaly rate rise ≤", "percent"),
     "drift_alarms_max": ("drift alarms ≤", "count"),
     "min_inferences": ("inferences ≥", "count"),
     "install_timeout_s": ("install timeout", "seconds"),

@@ -116,7 +116,7 @@ DEVICE_STATUSES = (
     "cancelled",
 )
 """A rollout device's ``status`` (see the module docstring)."""
-GATE_NAMES = ("install", "inferences", "error_rate", "latency_p99", "psi", "drift_alarms")
+GATE_NAMES = ("install", "inferences", "error_rate", "latency_p99", "psi", "anomaly_rate", "drift_alarms")
 """The gates of a wave, in the order they are judged and reported."""
 HOLD_MARGIN_S = 600
 """Seconds a held device waits past the rollout's deadline before it commits on its own."""
@@ -250,6 +250,9 @@ class Gates:
         latency_p99_ms: the latency budget (the CLI fills it from the target profile); ``None``: no latency gate.
         latency_factor: the p99 may reach ``latency_p99_ms * latency_factor``.
         psi_max: PSI between the previous and the new release's predicted-class distributions.
+        anomaly_rate_max: anomaly models: how far the new release's anomaly rate over the soak may
+            rise above the previous release's on the same devices (above zero when they ran no
+            anomaly model, or too few predictions to tell): a model that flags normal inputs fails.
         drift_alarms_max: wave devices that may raise a drift alarm on the new release during the soak
             (devices already alarmed in the previous release's baseline are not counted).
         min_inferences: fewer inferences over the soak make the health gates inconclusive.
@@ -264,6 +267,7 @@ class Gates:
     latency_p99_ms: float | None = None
     latency_factor: float = 1.0
     psi_max: float = 0.25
+    anomaly_rate_max: float = 0.05
     drift_alarms_max: int = 0
     min_inferences: int = 100
     install_timeout_s: float = 600.0
@@ -275,6 +279,7 @@ class Gates:
             _number("latency_p99_ms", self.latency_p99_ms, lo=0, lo_open=True)
         _number("latency_factor", self.latency_factor, lo=0, lo_open=True)
         _number("psi_max", self.psi_max, lo=0)
+        _number("anomaly_rate_max", self.anomaly_rate_max, lo=0, hi=1)
         _integer("drift_alarms_max", self.drift_alarms_max, lo=0)
         _integer("min_inferences", self.min_inferences, lo=1)
         _number("install_timeout_s", self.install_timeout_s, lo=0, lo_open=True)
@@ -341,7 +346,7 @@ def _gate_value(name: str, text: str) -> float | int | None:
             return parse_duration(t)
         if name in ("drift_alarms_max", "min_inferences"):
             return int(t)
-        if name in ("install_success_min", "error_rate_max") and t.endswith("%"):
+        if name in ("install_success_min", "error_rate_max", "anomaly_rate_max") and t.endswith("%"):
             return float(t[:-1]) / 100
         return float(t)
     except (ValueError, InputError) as exc:
@@ -351,6 +356,7 @@ def _gate_value(name: str, text: str) -> float | int | None:
 _GATE_HINT = {
     "install_success_min": "0.8 or 80%",
     "error_rate_max": "0.01 or 1%",
+    "anomaly_rate_max": "0.05 or 5%",
     "latency_p99_ms": "25, or none",
     "drift_alarms_max": "an integer, 0",
     "min_inferences": "an integer, 100",
@@ -536,6 +542,7 @@ def _health_gates(
         text = f"worst telemetry p99 in ms vs budget {gates.latency_p99_ms:g} ms x {gates.latency_factor:g}"
         out["latency_p99"] = _gate(p99, round(limit, 6), ok, text if p99 is not None else "no latency reported")
     out["psi"] = _psi_gate(gates, baseline, soak)
+    out["anomaly_rate"] = _anomaly_gate(gates, baseline, soak)
 
     # Only an alarm the new release brought counts: a device whose inputs already drifted on the
     # previous release (its baseline) would otherwise block the very retrained model meant to fix it.
@@ -571,11 +578,42 @@ def _psi_gate(gates: Gates, baseline: Sequence[Mapping[str, Any]], soak: Sequenc
     )
 
 
+def _anomalies(rows: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
+    """(anomalies, predictions) summed over the rows of an anomaly model (``inference.anomaly``)."""
+    found = n = 0
+    for row in rows:
+        inference = row["payload"].get("inference") or {}
+        anomaly = inference.get("anomaly")
+        if isinstance(anomaly, Mapping) and isinstance(count := anomaly.get("count"), int):
+            found += count
+            n += int(inference.get("window_count") or 0)
+    return found, n
+
+
+def _anomaly_gate(gates: Gates, baseline: Sequence[Mapping[str, Any]], soak: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    found, n = _anomalies(soak)
+    if n == 0:
+        return _gate(None, gates.anomaly_rate_max, True, "not gated: the new release is not an anomaly model")
+    rate = found / n
+    text = f"{found} anomalies in {n} predictions on the new release"
+    before, m = _anomalies(baseline)
+    if m >= gates.min_inferences:
+        # Only the rise counts: faults that were there before the offer do not block a release.
+        base = before / m
+        limit = min(1.0, base + gates.anomaly_rate_max)
+        text += f"; the previous release flagged {before} in {m} ({base:.2%}), the limit is that + {gates.anomaly_rate_max:g}"
+    else:
+        limit = gates.anomaly_rate_max
+        text += f"; no anomaly rate on the previous release to compare ({m} predictions < {gates.min_inferences})"
+    return _gate(rate, round(limit, 6), rate <= limit, text)
+
+
 _GATE_WORDS = {
     "install": ("install success", "<"),
     "error_rate": ("error rate", ">"),
     "latency_p99": ("p99 latency (ms)", ">"),
     "psi": ("prediction PSI", ">"),
+    "anomaly_rate": ("anomaly rate", ">"),
     "drift_alarms": ("drift alarms", ">"),
 }
 
