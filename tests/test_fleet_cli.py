@@ -179,3 +179,14 @@ def test_serve_refuses_bad_arguments_in_one_line(tmp_path: Path) -> None:
 def _errors(stderr: str) -> str:
     """Only the error line(s) (serve logs its start-up at INFO before failing)."""
     return "\n".join(line for line in stderr.splitlines() if line.startswith("error: "))
+
+
+def test_history_summary_shows_an_anomaly_models_flagged_inputs() -> None:
+    import edgeops_toolchain.cli  # noqa: F401  (the CLI package is entered through cli; fleet_cli alone is a cycle)
+    from edgeops_toolchain.fleet_cli import _summary
+
+    inference = {"count": 900, "error_count": 0, "task": "anomaly", "anomaly": {"count": 3, "rate": 0.015}}
+    row = {"kind": "telemetry", "payload": {"inference": inference, "latency_ms": {"p99": 0.2}, "drift": None}}
+    assert _summary(row) == "n=900 errors=0 p99=0.2 ms anomalies=3 (0.015)"
+    classifier = {"kind": "telemetry", "payload": {"inference": {"count": 5, "error_count": 1}, "latency_ms": {}}}
+    assert _summary(classifier) == "n=5 errors=1 p99=- ms"

@@ -13,6 +13,7 @@ must show the same, and its screenshots must show a page (colours, badges), not 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import re
@@ -977,3 +978,52 @@ def test_the_anomaly_rate_gate_and_its_option_read_as_percentages() -> None:
     )
     assert _LIMIT_LOOK["anomaly_rate_max"] == ("anomaly rate rise ≤", "percent")
     assert _gate_order({"drift_alarms": {}, "anomaly_rate": {}, "psi": {}}) == ["psi", "anomaly_rate", "drift_alarms"]
+
+
+def test_an_anomaly_models_task_and_rate_show_in_the_fleet_row_and_its_anomalies_on_the_device_plot() -> None:
+    from edgeops_fleet.dashboard import _device_plots, _fleet_row
+
+    def tel(count: int, window: int, task: str = "anomaly") -> dict[str, Any]:
+        inference: dict[str, Any] = {"window_count": window, "task": task, "predicted": None}
+        if task == "anomaly":
+            inference["anomaly"] = {"count": count, "rate": count / window}
+        return {"interval_s": 10.0, "inference": inference, "latency_ms": {}, "drift": None}
+
+    row = _fleet_row({"device_id": "a-1", "last_telemetry": tel(3, 200), "model": "m", "release": 1}, {"m": {1}})
+    assert (row["task"], row["anomaly_rate"], row["rate"]) == ("anomaly", 0.015, 20.0)
+    plain = _fleet_row({"device_id": "c-1", "last_telemetry": {"inference": {"task": "classification"}}}, {})
+    assert (plain["task"], plain["anomaly_rate"]) == (None, None)
+    hostile = {"inference": {"task": "anomaly", "anomaly": {"count": 1, "rate": "lots"}}}
+    assert _fleet_row({"device_id": "x", "last_telemetry": hostile}, {})["anomaly_rate"] is None
+
+    rows = [{"received_at": 1000.0 + 10 * i, "release": 1, "payload": tel(i, 100)} for i in range(1, 4)]
+    rate_plot = _device_plots(rows, start=990.0, end=1040.0)[2]
+    legend = {e["label"]: e["last"] for e in rate_plot["legend"]}
+    assert list(legend) == ["inferences", "errors", "anomalies"] and legend["anomalies"] == "0.30/s"
+    rows = [{"received_at": 1000.0, "release": 1, "payload": tel(0, 100, task="classification")}]
+    assert [e["label"] for e in _device_plots(rows, start=990.0, end=1040.0)[2]["legend"]] == ["inferences", "errors"]
+
+
+def test_an_anomaly_device_renders_its_task_rate_and_anomalies(tmp_path: Path) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 'console.sqlite'}")
+    now = float(int(time.time()))
+    try:
+        state = _state("an-1", 1, now - 60, online=True, target="ecu", tags={}, model=("vib-anomaly", "1.0.0", 7))
+        rows = [state]
+        for i in range(1, 5):
+            t = _telemetry("an-1", 1 + i, now - 50 + 10 * i, model=("vib-anomaly", 7), p99=0.2, psi=0.01, rate=20.0)
+            inference = {**t.payload["inference"], "predicted": None, "task": "anomaly", "anomaly": {"count": 4, "rate": 0.02}}
+            payload = Telemetry.from_dict({**t.payload, "inference": inference}).to_dict()  # the contract accepts it
+            rows.append(dataclasses.replace(t, payload=payload))
+        store.ingest(rows)
+        with serve(Starlette(routes=routes(store, None, clock=lambda: now))) as url:
+            c = Console(url, store, now)
+            status, html, _ = get(c, "/")
+            assert status == 200
+            page = read(html)
+            cells = page.row("an-1")
+            assert "anomaly" in cells[4] and "2.0 % anomalous" in cells[8], cells
+            status, html, _ = get(c, "/devices/an-1")
+            assert status == 200 and "anomalies" in read(html).text
+    finally:
+        store.close()

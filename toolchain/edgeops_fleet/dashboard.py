@@ -799,6 +799,8 @@ def _fleet_row(r: Mapping[str, Any], known: Mapping[str, set[int]]) -> dict[str,
         status = int(release) in known.get(str(model), set())
     phase = r.get("ota_phase")
     tags = _obj(r.get("tags"))
+    task = inf.get("task") if inf.get("task") in ("regression", "anomaly") else None
+    anomaly_rate = _number(_obj(inf.get("anomaly")).get("rate")) if task == "anomaly" else None
     return {
         "id": r["device_id"],
         "online": r.get("online"),
@@ -819,6 +821,10 @@ def _fleet_row(r: Mapping[str, Any], known: Mapping[str, set[int]]) -> dict[str,
         "drift_tone": _psi_tone(psi, alarm),
         "p99": _number(lat.get("p99")),
         "rate": window / interval if window is not None and interval else None,
+        # What the model does when it is not a classifier, and an anomaly model's share of
+        # flagged inputs over its last telemetry interval.
+        "task": task,
+        "anomaly_rate": anomaly_rate,
         "last_seen": _number(r.get("last_seen")),
         "flag": status is False or alarm or r.get("online") is False,
     }
@@ -864,6 +870,7 @@ def _device_plots(rows: Sequence[Mapping[str, Any]], *, start: float, end: float
     ppsi: list[float | None] = []
     rate: list[float | None] = []
     err: list[float | None] = []
+    flagged: list[float | None] = []  # an anomaly model's anomalies per second
     intervals: list[float] = []
     markers: list[tuple[float, str]] = []
     prev_release: object = None
@@ -888,6 +895,8 @@ def _device_plots(rows: Sequence[Mapping[str, Any]], *, start: float, end: float
         n, e = _number(inf.get("window_count")), _number(inf.get("error_count"))
         rate.append(n / interval if n is not None and interval else None)
         err.append(e / interval if e is not None and interval else None)
+        a = _number(_obj(inf.get("anomaly")).get("count"))
+        flagged.append(a / interval if a is not None and interval else None)
         release = row.get("release")
         if release != prev_release and release is not None:
             if prev_release is not None:
@@ -931,7 +940,11 @@ def _device_plots(rows: Sequence[Mapping[str, Any]], *, start: float, end: float
             "Inference rate",
             "per second",
             lambda v: _measure(v, "/s"),
-            [("inferences", rate, "#16a34a"), ("errors", err, "#dc2626")],
+            [
+                ("inferences", rate, "#16a34a"),
+                ("errors", err, "#dc2626"),
+                *([("anomalies", flagged, "#7c3aed")] if any(v is not None for v in flagged) else []),
+            ],
         ),
     ]
 

@@ -647,6 +647,9 @@ def _summary(row: dict[str, object]) -> str:
         inf, lat = p.get("inference") or {}, p.get("latency_ms") or {}
         drift = p.get("drift") or {}
         parts = [f"n={inf.get('count')}", f"errors={inf.get('error_count')}", f"p99={_cell(lat.get('p99'))} ms"]
+        anomaly = inf.get("anomaly")
+        if isinstance(anomaly, dict):  # an anomaly model: its flagged inputs this interval
+            parts.append(f"anomalies={_cell(anomaly.get('count'))} ({_cell(anomaly.get('rate'))})")
         if drift:
             parts.append(f"psi={_cell(drift.get('max_psi'))}{' ALARM' if drift.get('alarm') else ''}")
         return " ".join(parts)
