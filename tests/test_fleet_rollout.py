@@ -454,7 +454,7 @@ def test_anomaly_model_flagging_normal_inputs_fails_the_anomaly_rate_gate(world:
     world.fleet.run(world.engine, 600)
     st = _failed_after_wave_1(world, rid, "anomaly_rate")
     g = st["waves"][0]["gate"]["anomaly_rate"]
-    assert 0.2 < g["value"] < 0.4 and g["limit"] == 0.05 and "no anomaly rate on the previous release" in g["detail"]
+    assert 0.2 < g["value"] < 0.4 and g["limit"] == 0.05 and "no previous anomaly rate to compare" in g["detail"]
     assert "anomaly_rate gate: anomaly rate 0." in st["rollout"]["message"] and "> 0.05" in st["rollout"]["message"]
     assert st["waves"][0]["gate"]["psi"]["detail"].startswith("not gated")  # verdicts are not class counts
 
@@ -471,8 +471,44 @@ def test_anomaly_rate_is_judged_by_its_rise_over_the_previous_anomaly_model(worl
     world.fleet.run(world.engine, 900)
     st = status(world, rid)
     g = st["waves"][0]["gate"]["anomaly_rate"]
-    assert 0.15 < g["limit"] - 0.1 < 0.25 and "the previous release flagged" in g["detail"]  # its rate + 0.1
+    assert 0.15 < g["limit"] - 0.1 < 0.25 and "expected from the previous release" in g["detail"]  # its rate + 0.1
     assert g["passed"] is passes and st["rollout"]["state"] == ("passed" if passes else "failed"), st["rollout"]["message"]
+
+
+def _anomaly_row(device: str, window: int, count: int, rate: float | None = None) -> dict[str, Any]:
+    inference = {"window_count": window, "task": "anomaly", "predicted": None, "anomaly": {"count": count, "rate": rate}}
+    return {"device_id": device, "payload": {"inference": inference}}
+
+
+def test_anomaly_rate_gate_compares_each_device_with_itself_and_distrusts_impossible_counts() -> None:
+    from edgeops_fleet.rollout import _anomaly_gate
+
+    g = Gates(min_inferences=100, anomaly_rate_max=0.05)
+    # Each device flags as before (A none, B half); only the traffic moved to B: no rise, passes.
+    base = [_anomaly_row("A", 10_000, 0), _anomaly_row("B", 100, 50)]
+    soak = [_anomaly_row("A", 100, 0), _anomaly_row("B", 10_000, 5_000)]
+    got = _anomaly_gate(g, base, soak)
+    assert got["passed"] is True and abs(got["value"] - 5_000 / 10_100) < 1e-6 and got["limit"] > got["value"]
+    # B jumps from none to 40 % while A keeps its 50 %: a rise, fails (pooled rates would hide it).
+    base = [_anomaly_row("A", 10_000, 5_000), _anomaly_row("B", 100, 0)]
+    soak = [_anomaly_row("A", 100, 50), _anomaly_row("B", 10_000, 4_000)]
+    assert _anomaly_gate(g, base, soak)["passed"] is False
+    # A count above the row's predictions (a buggy or hostile device) counts as all of them, no more.
+    soak = [_anomaly_row("A", 1_000, 0), _anomaly_row("B", 1, 10**19)]
+    got = _anomaly_gate(g, [], soak)
+    assert got["value"] == round(1 / 1001, 6) and got["passed"] is True
+    # The first interval after an install also counts the replaced model's predictions in
+    # window_count: the agent's own rate (over what the anomaly model scored) is the denominator.
+    got = _anomaly_gate(g, [], [_anomaly_row("A", 1_000, 20, rate=0.4), _anomaly_row("A", 1_000, 10, rate=0.01)])
+    assert got["value"] == round(30 / 1_050, 6)
+    # Too few anomaly-model predictions to judge (other devices filled the inferences gate).
+    got = _anomaly_gate(g, [], [_anomaly_row("B", 3, 2)])
+    assert got["passed"] is True and got["value"] is None and "3 anomaly-model predictions" in got["detail"]
+    # Off: by option, and for a rollout stored before the gate existed.
+    assert Gates.parse(["anomaly_rate_max=none"]).anomaly_rate_max is None
+    stored = {k: v for k, v in Gates().to_dict().items() if k != "anomaly_rate_max"}
+    assert Gates.from_dict(stored).anomaly_rate_max is None and Gates.from_dict(Gates().to_dict()) == Gates()
+    assert _anomaly_gate(Gates(anomaly_rate_max=None), [], soak)["detail"] == "not gated: no anomaly_rate_max"
 
 
 def test_drift_alarm_failure(world: World) -> None:

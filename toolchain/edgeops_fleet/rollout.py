@@ -251,8 +251,10 @@ class Gates:
         latency_factor: the p99 may reach ``latency_p99_ms * latency_factor``.
         psi_max: PSI between the previous and the new release's predicted-class distributions.
         anomaly_rate_max: anomaly models: how far the new release's anomaly rate over the soak may
-            rise above the previous release's on the same devices (above zero when they ran no
-            anomaly model, or too few predictions to tell): a model that flags normal inputs fails.
+            rise above what the same devices flagged on the previous release (each device's own
+            rate, weighted by its soak predictions; zero for a device that ran no anomaly model or
+            too few predictions to tell): a model that flags normal inputs fails. ``None``: no
+            anomaly-rate gate (also what a rollout stored before this gate existed gets).
         drift_alarms_max: wave devices that may raise a drift alarm on the new release during the soak
             (devices already alarmed in the previous release's baseline are not counted).
         min_inferences: fewer inferences over the soak make the health gates inconclusive.
@@ -267,7 +269,7 @@ class Gates:
     latency_p99_ms: float | None = None
     latency_factor: float = 1.0
     psi_max: float = 0.25
-    anomaly_rate_max: float = 0.05
+    anomaly_rate_max: float | None = 0.05
     drift_alarms_max: int = 0
     min_inferences: int = 100
     install_timeout_s: float = 600.0
@@ -279,7 +281,8 @@ class Gates:
             _number("latency_p99_ms", self.latency_p99_ms, lo=0, lo_open=True)
         _number("latency_factor", self.latency_factor, lo=0, lo_open=True)
         _number("psi_max", self.psi_max, lo=0)
-        _number("anomaly_rate_max", self.anomaly_rate_max, lo=0, hi=1)
+        if self.anomaly_rate_max is not None:
+            _number("anomaly_rate_max", self.anomaly_rate_max, lo=0, hi=1)
         _integer("drift_alarms_max", self.drift_alarms_max, lo=0)
         _integer("min_inferences", self.min_inferences, lo=1)
         _number("install_timeout_s", self.install_timeout_s, lo=0, lo_open=True)
@@ -299,7 +302,8 @@ class Gates:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise InputError(f"unknown gate {unknown[0]!r}; known gates: {', '.join(sorted(known))}")
-        return cls(**dict(raw))
+        # A rollout stored before the anomaly-rate gate existed is not judged by a limit it never had.
+        return cls(**{"anomaly_rate_max": None, **dict(raw)})
 
     @classmethod
     def from_options(cls, options: Mapping[str, object]) -> Gates:
@@ -340,7 +344,7 @@ class Gates:
 def _gate_value(name: str, text: str) -> float | int | None:
     t = text.strip()
     try:
-        if name == "latency_p99_ms" and t.lower() in ("none", "off"):
+        if name in ("latency_p99_ms", "anomaly_rate_max") and t.lower() in ("none", "off"):
             return None
         if name == "install_timeout_s":
             return parse_duration(t)
@@ -356,7 +360,7 @@ def _gate_value(name: str, text: str) -> float | int | None:
 _GATE_HINT = {
     "install_success_min": "0.8 or 80%",
     "error_rate_max": "0.01 or 1%",
-    "anomaly_rate_max": "0.05 or 5%",
+    "anomaly_rate_max": "0.05 or 5%, or none",
     "latency_p99_ms": "25, or none",
     "drift_alarms_max": "an integer, 0",
     "min_inferences": "an integer, 100",
@@ -578,33 +582,59 @@ def _psi_gate(gates: Gates, baseline: Sequence[Mapping[str, Any]], soak: Sequenc
     )
 
 
-def _anomalies(rows: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
-    """(anomalies, predictions) summed over the rows of an anomaly model (``inference.anomaly``)."""
-    found = n = 0
+def _anomalies(rows: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
+    """Per device, (anomalies, scored predictions) summed over its rows of an anomaly model.
+
+    A row's predictions are ``count / rate`` when its rate is above zero (the agent's own
+    denominator: the first interval after an install also counts the replaced model's
+    predictions in ``window_count``), else ``window_count``; a count above them is capped.
+    """
+    out: dict[str, tuple[int, int]] = {}
     for row in rows:
         inference = row["payload"].get("inference") or {}
         anomaly = inference.get("anomaly")
-        if isinstance(anomaly, Mapping) and isinstance(count := anomaly.get("count"), int):
-            found += count
-            n += int(inference.get("window_count") or 0)
-    return found, n
+        if not isinstance(anomaly, Mapping):
+            continue
+        count, rate, window = anomaly.get("count"), anomaly.get("rate"), inference.get("window_count")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            continue
+        if isinstance(rate, int | float) and not isinstance(rate, bool) and 0 < rate <= 1:
+            n = round(count / rate)
+        elif isinstance(window, int) and not isinstance(window, bool) and window >= 0:
+            n = window
+        else:
+            continue
+        found, total = out.get(str(row["device_id"]), (0, 0))
+        out[str(row["device_id"])] = (found + min(count, n), total + n)
+    return out
 
 
 def _anomaly_gate(gates: Gates, baseline: Sequence[Mapping[str, Any]], soak: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    found, n = _anomalies(soak)
+    if gates.anomaly_rate_max is None:
+        return _gate(None, None, True, "not gated: no anomaly_rate_max")
+    now = _anomalies(soak)
+    found, n = sum(f for f, _ in now.values()), sum(t for _, t in now.values())
     if n == 0:
         return _gate(None, gates.anomaly_rate_max, True, "not gated: the new release is not an anomaly model")
+    if n < gates.min_inferences:
+        return _gate(
+            None,
+            gates.anomaly_rate_max,
+            True,
+            f"not gated: {n} anomaly-model predictions in the soak (< {gates.min_inferences})",
+        )
     rate = found / n
+    # Only the rise counts: what each device flagged before the offer (real faults on its line)
+    # is expected of it again, weighted by its share of the soak's predictions.
+    before = _anomalies(baseline)
+    known = {d: f / t for d, (f, t) in before.items() if t >= gates.min_inferences}
+    expected = sum(t * known.get(d, 0.0) for d, (_, t) in now.items()) / n
+    limit = min(1.0, expected + gates.anomaly_rate_max)
     text = f"{found} anomalies in {n} predictions on the new release"
-    before, m = _anomalies(baseline)
-    if m >= gates.min_inferences:
-        # Only the rise counts: faults that were there before the offer do not block a release.
-        base = before / m
-        limit = min(1.0, base + gates.anomaly_rate_max)
-        text += f"; the previous release flagged {before} in {m} ({base:.2%}), the limit is that + {gates.anomaly_rate_max:g}"
+    if known:
+        text += f"; {expected:.2%} expected from the previous release ({len(known)} device(s)) + {gates.anomaly_rate_max:g}"
     else:
-        limit = gates.anomaly_rate_max
-        text += f"; no anomaly rate on the previous release to compare ({m} predictions < {gates.min_inferences})"
+        text += f"; no previous anomaly rate to compare (< {gates.min_inferences} predictions per device)"
     return _gate(rate, round(limit, 6), rate <= limit, text)
 
 
