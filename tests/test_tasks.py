@@ -218,6 +218,38 @@ def test_anomaly_self_test_reproduces_on_onnxruntime(anomaly: tuple[dict[str, ob
         assert score.shape == (1, 1) and abs(float(score[0, 0]) - v.expected[0]) <= m.self_test.atol
 
 
+def test_a_new_target_fpr_refits_the_threshold_without_retraining(
+    anomaly: tuple[dict[str, object], Manifest, Path], tmp_path: Path
+) -> None:
+    """The threshold is fitted in validate: a new target_fpr reuses data, train, export and
+    quantize from the cache, and a target_fpr the validation rows cannot support still stops
+    the build with the data error (the cached data step never saw that value)."""
+    _, m, bundle = anomaly
+    built = bundle.parent.parent  # the fixture's folder: project, home (its cache), targets
+    env = {"EDGEOPS_HOME": str(built / "home")}
+    project = _project(tmp_path / "project", _ANOMALY.format(params="").replace("target_fpr = 0.02", "target_fpr = 0.05"))
+    args = ("build", "-t", "ecu", "-p", project, "-o", tmp_path / "dist", "--targets-dir", built / "targets", "--json")
+    proc = run_edgeops(*args, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["cached_steps"] == ["data", "train", "export", "quantize"]
+    key = load_public_key(built / "home" / "keys" / "dev-signing.pub.pem")
+    again = verify_bundle(Path(str(result["bundle"])), [key]).manifest
+    assert again.task.target_fpr == 0.05 and again.metrics["anomaly_target_fpr"] == 0.05
+    assert again.task.threshold is not None and m.task.threshold is not None and again.task.threshold < m.task.threshold
+    from edgeops_core import read_members
+
+    model_of = lambda path: read_members(Path(path).read_bytes())[m.model_file]  # noqa: E731
+    assert model_of(result["bundle"]) == model_of(bundle)  # the same int8 model, only its threshold moved
+
+    toml = project / "edgeops.toml"
+    toml.write_text(toml.read_text().replace("target_fpr = 0.05", "target_fpr = 0.004"))  # needs 250 normal val rows
+    proc = run_edgeops(*args, env=env)
+    assert proc.returncode != 0
+    assert "x_val has 200 rows labelled 'normal' (task.normal_label), too few to fit the anomaly threshold" in proc.stderr
+    assert "task.target_fpr = 0.004" in proc.stderr and "Traceback" not in proc.stderr
+
+
 # -- bad input, without building --------------------------------------------------------------
 
 

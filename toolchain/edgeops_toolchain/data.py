@@ -49,6 +49,7 @@ __all__ = [
     "channel_values",
     "check_data",
     "check_field_names",
+    "check_threshold_rows",
     "compact_float",
     "feature_reference",
     "field_rows",
@@ -343,8 +344,20 @@ def _check_normal_rows(arrays: Mapping[str, np.ndarray], labels: tuple[str, ...]
             )
     if (arrays["y_test"] == index).all():
         raise DataError(f"{where}: y_test has only {normal!r} (task.normal_label) rows: no fault row to measure detection on")
+    check_threshold_rows(arrays["y_val"], labels, normal, fpr, where)
+
+
+def check_threshold_rows(y_val: np.ndarray, labels: tuple[str, ...], normal: str, fpr: float, where: str) -> None:
+    """x_val must hold at least ``ceil(1 / fpr)`` normal rows to fit the threshold at ``fpr``.
+
+    Checked when the data is loaded, and again before the threshold is fitted: a new
+    ``target_fpr`` reuses the cached data step.
+
+    Raises:
+        DataError: too few normal rows in x_val.
+    """
     need = math.ceil(1.0 / fpr - 1e-9)
-    have = int((arrays["y_val"] == index).sum())
+    have = int((y_val == labels.index(normal)).sum())
     if have < need:
         raise DataError(
             f"{where}: x_val has {have} rows labelled {normal!r} (task.normal_label), too few to fit the anomaly "

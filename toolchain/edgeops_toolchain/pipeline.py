@@ -67,6 +67,7 @@ from edgeops_toolchain.data import (
     Dataset,
     FieldRows,
     check_data,
+    check_threshold_rows,
     compact_float,
     load_dataset,
     load_field_data,
@@ -371,6 +372,9 @@ def _step_quantize(s: BuildState) -> None:
 def _step_validate(s: BuildState) -> None:
     ds, report, trained = s.need("dataset"), s.need("report"), s.need("trained")
     _check_self_test_size(s.project, ds)  # again: the data step may come from the cache
+    task = s.project.task
+    if task.kind == "anomaly":  # likewise, for a target_fpr the cached data step did not see
+        check_threshold_rows(ds.y_val, ds.label_names, task.normal_label, task.target_fpr, "data")
     fp32, model, profile = s.need("fp32_model"), s.need("model"), s.profile
     if profile.format == "onnx":
         from edgeops_toolchain.onnx_export import mac_count, op_types
@@ -409,7 +413,6 @@ def _step_validate(s: BuildState) -> None:
     if ds.field is not None:
         extra.update(_field_metrics(ds.field, report.preprocessing, deployed, floating))
     s.advance(4, 5)
-    task = s.project.task
     x_val = apply_preprocessing(report.preprocessing, ds.x_val, ds.sample_ndim)
     val_outputs = deployed.predict(x_val) if task.kind != "classification" else None
     if task.kind == "classification":
@@ -842,7 +845,8 @@ def _external(name: str, s: BuildState) -> object:
             **({"field": [d.digest for _, d in s.field_data()], "field_reference": p.field_reference} if p.field_data else {}),
             # The task shapes the data checks and everything after (absent for a classifier,
             # so its keys stay as they were).
-            **({"task": p.task.digest_fields()} if p.task.kind != "classification" else {}),
+            # (target_fpr is validate's: see budget_fields.)
+            **({"task": p.task.data_fields()} if p.task.kind != "classification" else {}),
         },
         "project.code": p.source_digest,
         "project.checks": lambda: dataclasses.asdict(p.checks),

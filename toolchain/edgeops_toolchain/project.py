@@ -128,9 +128,11 @@ class TaskConfig:
         return self.max_fpr if self.max_fpr is not None else 2 * self.target_fpr
 
     def budget_fields(self) -> dict[str, Any]:
-        """The quality floors (they change what validate checks, not what is trained)."""
+        """What validate fits and checks, not what is trained: the quality floors, and an anomaly
+        model's target false-positive rate (its threshold is fitted in validate, so a new
+        ``target_fpr`` re-runs validate and what follows, not the training)."""
         if self.kind == "anomaly":
-            return {"max_fpr": self.fpr_limit, "min_detection_rate": self.min_detection_rate}
+            return {"target_fpr": self.target_fpr, "max_fpr": self.fpr_limit, "min_detection_rate": self.min_detection_rate}
         if self.kind == "regression" and self.max_mae is not None:
             return {"max_mae": self.max_mae}
         return {}
@@ -143,6 +145,11 @@ class TaskConfig:
         if self.kind == "regression":
             return {"kind": self.kind}
         return {"kind": self.kind, "normal_label": self.normal_label, "target_fpr": self.target_fpr, "score": self.score}
+
+    def data_fields(self) -> dict[str, Any]:
+        """The settings that shape the data step and the training: :meth:`digest_fields`
+        without what only validate uses (``target_fpr``, keyed through :meth:`budget_fields`)."""
+        return {k: v for k, v in self.digest_fields().items() if k != "target_fpr"}
 
 
 @dataclass(frozen=True)
