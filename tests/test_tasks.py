@@ -298,6 +298,28 @@ def test_anomaly_normal_label_must_be_a_label(tmp_path: Path) -> None:
         load_dataset(project)
 
 
+def test_an_anomaly_projects_standardization_and_drift_reference_describe_its_normal_rows(tmp_path: Path) -> None:
+    """Fault rows kept in x_train (the autoencoder never learns them) neither pull the
+    standardization nor enter the drift reference: a device in normal operation must not
+    read as drifted against a reference that holds faults."""
+    import dataclasses
+
+    project = load_project(_project(tmp_path, _ANOMALY.format(params="")))
+    ds = load_dataset(project)
+    normal = ds.x_train.copy()
+    faults = normal[:150] + np.float32(4.0) * (np.arange(8) == 0)  # spikes on feature 0, labelled "spike"
+    mixed = dataclasses.replace(
+        ds, x_train=np.concatenate([normal, faults]), y_train=np.concatenate([ds.y_train, np.ones(150, np.int64)])
+    )
+    report = check_data(mixed, project.checks, project.preprocessing, task="anomaly", normal_label="normal")
+    assert report.preprocessing.mean == pytest.approx(normal.astype(np.float64).mean(axis=0), rel=1e-5, abs=1e-6)
+    assert [f.max for f in report.features] == pytest.approx(normal.max(axis=0), rel=1e-6)
+    alone = check_data(ds, project.checks, project.preprocessing, task="anomaly", normal_label="normal")
+    assert report.features == alone.features  # as if the faults were not there
+    pooled = check_data(mixed, project.checks, project.preprocessing, task="anomaly")  # what it was before
+    assert pooled.features[0].max > report.features[0].max + 1.0
+
+
 def test_regression_targets_are_checked_and_need_no_class_balance(tmp_path: Path) -> None:
     project = load_project(
         _project(tmp_path / "ok", _REGRESSION.replace("[train]", "[checks]\nmin_class_fraction = 0.2\n\n[train]"))

@@ -551,15 +551,30 @@ def _where_in_sample(ds: Dataset, at: np.ndarray) -> str:
     return f"channel {name!r} at position [{', '.join(str(int(v)) for v in at[2:])}]"
 
 
-def reference_rows(ds: Dataset, source: str) -> np.ndarray:
-    """The raw rows a drift reference from ``source`` (:attr:`DataReport.reference_source`) describes."""
+def reference_rows(ds: Dataset, source: str, normal_label: str | None = None) -> np.ndarray:
+    """The raw rows a drift reference from ``source`` (:attr:`DataReport.reference_source`) describes.
+
+    ``normal_label`` (anomaly projects): the training rows of that label only. The reference
+    describes normal operation, what a device sees nearly all the time: fault rows that a
+    project keeps in x_train (the autoencoder never learns them) would make normal inputs
+    read as drifted, and would pull the standardization towards the faults.
+    """
     if source == "field" and ds.field is not None:
         return ds.field.labelled_x
+    if normal_label is not None:
+        rows: np.ndarray = ds.x_train[ds.y_train == ds.label_names.index(normal_label)]
+        return rows
     return ds.x_train
 
 
 def check_data(
-    ds: Dataset, checks: Checks, preprocessing: str, *, field_reference: str = "field", task: str = "classification"
+    ds: Dataset,
+    checks: Checks,
+    preprocessing: str,
+    *,
+    field_reference: str = "field",
+    task: str = "classification",
+    normal_label: str | None = None,
 ) -> DataReport:
     """Check the values of every split and profile the training features.
 
@@ -573,6 +588,8 @@ def check_data(
         task: the project's ``task.kind``: the class balance is checked for classifiers only
             (a regression has no classes; an anomaly model trains on the normal rows alone,
             whose presence :func:`load_dataset` checks).
+        normal_label: an anomaly project's ``task.normal_label``: the standardization and the
+            drift reference come from the normal training rows (:func:`reference_rows`).
 
     Raises:
         DataError: NaN/inf, a value beyond ``checks.max_abs_value``, a class under
@@ -614,8 +631,9 @@ def check_data(
     source = "training"
     if field_reference == "field" and ds.field is not None and ds.field.labelled_x.shape[0] >= MIN_FIELD_REFERENCE_ROWS:
         source = "field"
+    normal = normal_label if task == "anomaly" else None
     # Per channel, pooled over the sample's positions (flat rows: per feature, as always).
-    train64 = channel_values(ds.x_train).astype(np.float64)
+    train64 = channel_values(reference_rows(ds, "training", normal)).astype(np.float64)
     mean, std = train64.mean(axis=0), train64.std(axis=0)
     constant = tuple(n for n, s in zip(ds.feature_names, std, strict=True) if s < 1e-12)
     if preprocessing == "standardize":
@@ -633,6 +651,6 @@ def check_data(
         preprocessing=pre,
         # Field rows describe what the devices see now; the unlabelled ones never enter
         # (devices upload mostly inputs that looked drifted): see ADR 0016.
-        features=feature_reference(reference_rows(ds, source), ds.feature_names),
+        features=feature_reference(reference_rows(ds, source, normal), ds.feature_names),
         reference_source=source,
     )

@@ -298,6 +298,26 @@ def _check_self_test_size(project: Project, ds: Dataset) -> None:
         )
 
 
+def _check_cached_data(project: Project, ds: Dataset) -> None:
+    """What the data step checks against settings its cache key leaves out: the self-test's
+    size, and an anomaly project's normal x_val rows for its ``target_fpr`` (validate's).
+
+    Raises:
+        BuildError: too few rows for the self-test vectors.
+        DataError: too few normal rows in x_val to fit the threshold.
+    """
+    _check_self_test_size(project, ds)
+    task = project.task
+    if task.kind == "anomaly":
+        where = f"data.npz {project.data_npz.name}" if project.data_npz is not None else "dataset"  # as load_dataset says it
+        check_threshold_rows(ds.y_val, ds.label_names, task.normal_label, task.target_fpr, where)
+
+
+def _normal_label(project: Project) -> str | None:
+    """An anomaly project's ``task.normal_label`` (its references describe normal rows), else ``None``."""
+    return project.task.normal_label if project.task.kind == "anomaly" else None
+
+
 def _step_data(s: BuildState) -> None:
     s.dataset = load_dataset(s.project, field_data=s.field_data())
     _check_self_test_size(s.project, s.dataset)
@@ -307,11 +327,12 @@ def _step_data(s: BuildState) -> None:
         s.project.preprocessing,
         field_reference=s.project.field_reference,
         task=s.project.task.kind,
+        normal_label=_normal_label(s.project),
     )
 
 
 def _step_train(s: BuildState) -> None:
-    _check_self_test_size(s.project, s.need("dataset"))  # before training, also when the data step was cached
+    _check_cached_data(s.project, s.need("dataset"))  # before training, also when the data step was cached
     if s.project.model_file is not None:
         # A brought model: load (and check) it instead of training; cached like a trained one.
         s.trained = _load_pretrained(s, s.model_file())
@@ -371,10 +392,8 @@ def _step_quantize(s: BuildState) -> None:
 
 def _step_validate(s: BuildState) -> None:
     ds, report, trained = s.need("dataset"), s.need("report"), s.need("trained")
-    _check_self_test_size(s.project, ds)  # again: the data step may come from the cache
+    _check_cached_data(s.project, ds)  # again: the data step may come from the cache
     task = s.project.task
-    if task.kind == "anomaly":  # likewise, for a target_fpr the cached data step did not see
-        check_threshold_rows(ds.y_val, ds.label_names, task.normal_label, task.target_fpr, "data")
     fp32, model, profile = s.need("fp32_model"), s.need("model"), s.profile
     if profile.format == "onnx":
         from edgeops_toolchain.onnx_export import mac_count, op_types
@@ -470,7 +489,10 @@ def _step_validate(s: BuildState) -> None:
         s.output_reference = ()
     else:
         # Regression outputs and anomaly scores: the deployed model's on the validation split,
-        # the rows a classifier's prediction fractions come from (no field data for these tasks).
+        # the rows a classifier's prediction fractions come from (no field data for these tasks);
+        # an anomaly model's on the normal rows only, as its input reference (reference_rows).
+        if task.kind == "anomaly":
+            val_outputs = val_outputs[ds.y_val == ds.label_names.index(task.normal_label)]
         s.prediction_fractions = ()
         s.output_reference = output_reference(val_outputs, output_labels(task, ds.label_names))
     s.test_logits = logits
@@ -575,7 +597,7 @@ def _step_package(s: BuildState) -> None:
         labels=labels,
         preprocessing=report.preprocessing,
         drift_reference=DriftReference(
-            sample_count=int(reference_rows(ds, report.reference_source).shape[0]),
+            sample_count=int(reference_rows(ds, report.reference_source, _normal_label(s.project)).shape[0]),
             features=report.features,
             prediction_fractions=s.need("prediction_fractions"),
             outputs=s.need("output_reference"),

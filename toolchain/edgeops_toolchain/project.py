@@ -251,7 +251,8 @@ class Project:
         return dataclasses.replace(self, field_data=(*self.field_data, *(Path(p).absolute() for p in paths)))
 
     def hyperparameters(self) -> dict[str, Any]:
-        """Everything that shapes the trained weights, for lineage and cache keys."""
+        """The settings behind the model, for the manifest's lineage: what shapes the trained weights
+        and, for an anomaly model, its ``target_fpr`` (which shapes only its threshold)."""
         data: dict[str, Any] = (
             {"npz": self.data_npz.relative_to(self.root).as_posix()}
             if self.data_npz is not None
