@@ -106,6 +106,16 @@ def _deploy(
                        "--key", built.public_key, *extra)  # fmt: skip
 
 
+def _settled(watcher: Watcher, n: int) -> None:
+    """Wait until the outside subscriber heard ``n`` final events (it hears them a moment after the
+    deploy command, which counts its own), then a moment more: a second final event would arrive
+    right behind the first."""
+    deadline = time.monotonic() + 10
+    while len(watcher.finals()) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+
+
 def test_three_devices_take_release_2_and_each_reports_one_final_event(
     tmp_path: Path, built: Built, broker: Broker, devices: list[OtaDevice]
 ) -> None:
@@ -122,7 +132,7 @@ def test_three_devices_take_release_2_and_each_reports_one_final_event(
     for d in devices:
         assert [o.type for o in d.outcomes] == ["ota_committed"] and d.release == 2
     deploy_id = result["deploy_id"]
-    time.sleep(0.3)
+    _settled(watcher, 3)
     assert watcher.finals() == [(f"ecu-{i}", "ota_committed", deploy_id) for i in range(3)]
 
     status = run_edgeops("fleet", "status", "--broker", f"mqtt://127.0.0.1:{broker.port}", "--json")
@@ -392,7 +402,7 @@ def test_real_agents_on_release_1_take_release_2_from_fleet_deploy(
         (a.name, "committed", 1) for a in fleet
     ]
     assert [a.active_release() for a in fleet] == [2, 2, 2]  # edgeops-agent status --json
-    time.sleep(0.5)  # a second final event would arrive right behind the first
+    _settled(watcher, len(fleet))
     assert watcher.finals() == [(a.name, "ota_committed", result["deploy_id"]) for a in fleet]
     rows = {r.device_id: r for r in fleet_status(parse_broker_url(f"mqtt://127.0.0.1:{broker.port}"))}
     assert all((rows[a.name].release, rows[a.name].online) == (2, True) for a in fleet)
