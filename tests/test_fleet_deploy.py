@@ -84,18 +84,32 @@ class Watcher:
             stdout=subprocess.PIPE,
             text=True,
         )
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         time.sleep(0.3)  # subscribed before anything is sent
 
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # one JSON event per line, as it arrives
+            if line.strip():
+                self._lines.append(line)
+
     def finals(self) -> list[tuple[str, str, str]]:
-        """``(device, event type, deploy id)`` of every final event seen."""
-        self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=10)
-        seen = [json.loads(line) for line in out.splitlines() if line.strip()]
+        """``(device, event type, deploy id)`` of every final event heard so far."""
+        seen = [json.loads(line) for line in list(self._lines)]
         return sorted(
             (e["device_id"], e["type"], e["detail"]["deploy_id"])
             for e in seen
             if e["type"] in ("ota_committed", "ota_rolled_back", "ota_failed")
         )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self._reader.join(10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
 
 
 def _deploy(
@@ -114,6 +128,7 @@ def _settled(watcher: Watcher, n: int) -> None:
     while len(watcher.finals()) < n and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
+    watcher.stop()
 
 
 def test_three_devices_take_release_2_and_each_reports_one_final_event(
@@ -178,7 +193,10 @@ def test_a_device_offline_when_the_deploy_is_sent_gets_it_when_it_comes_back(
     deployer = Deployer(verified, ["ecu-late"], parse_broker_url(f"mqtt://127.0.0.1:{broker.port}"))
     deployer.start()
     try:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 10  # the deployer subscribes after its CONNACK: the retained state follows
+        while deployer.reports()[0].active_release is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # and nothing is sent to a device that is away
         waiting = deployer.reports()[0]
         assert (waiting.outcome, waiting.bytes_sent, waiting.active_release) == (None, 0, 1)  # its retained state: release 1
         back = OtaDevice("ecu-late", broker.port, tmp_path / "late")
@@ -302,7 +320,14 @@ def test_fleet_status_shows_offline_and_unreadable_states(tmp_path: Path, broker
     sock = gone.transport.client.socket()
     assert sock is not None
     sock.close()
-    time.sleep(0.5)
+
+    def gone_offline() -> bool:  # the broker publishes the Will once it notices the closed socket
+        rows = fleet_status(parse_broker_url(f"mqtt://127.0.0.1:{broker.port}"), max_wait_s=1)
+        return any(r.device_id == "ecu-gone" and r.online is False for r in rows)
+
+    deadline = time.monotonic() + 10
+    while not gone_offline() and time.monotonic() < deadline:
+        time.sleep(0.1)
     subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-r", "-q", "1",
                     "-t", device_topic(DEFAULT_PREFIX, "junk-1", "state"), "-m", "{not json"], check=True)  # fmt: skip
     rows = {r.device_id: r for r in fleet_status(parse_broker_url(f"mqtt://127.0.0.1:{broker.port}"), max_wait_s=3)}
@@ -524,6 +549,11 @@ def test_real_agent_sigkilled_mid_transfer_resumes_and_resends_at_most_110_perce
     chaos.start()
     try:  # --max-rate 1024 KiB/s: about 3 s, long enough to kill the agent mid-way
         done = _deploy(bundle, built, broker.port, agent.name, extra=("--json", "--timeout", "60", "--max-rate", "1024"))
+        if done.returncode == 0:  # the counter, another subscriber, may hear the last blocks a moment later
+            sent = int(json.loads(done.stdout)["devices"][0]["bytes_sent"])
+            deadline = time.monotonic() + 10
+            while counter.before + counter.after < sent and time.monotonic() < deadline:
+                time.sleep(0.05)
     finally:
         counter.close()
     chaos.join(5)

@@ -85,6 +85,8 @@ def test_a_held_deploy_waits_for_commit_then_commits_and_refuses_a_later_rollbac
     final = _final(console, dev, "d-hold")
     assert final["type"] == "ota_committed" and final["detail"]["reason"] is None, final
     assert _hold_state(dev) == (2, 2, False)
+    # command_done is queued after the handler that queued the final event returns: it comes next.
+    console.wait(lambda: any(e["detail"]["id"] == "c-commit" for e in console.of("command_done")), "c-commit done", 10)
     done = [e for e in console.of("command_done") if e["detail"]["id"] == "c-commit"]
     assert done and done[0]["detail"]["committed"] is True
     console.wait(lambda: (console.states[-1].get("ota") or {}).get("phase") == "committed", "state ota committed")
