@@ -51,6 +51,7 @@ __all__ = [
     "check_field_names",
     "check_threshold_rows",
     "compact_float",
+    "data_source",
     "feature_reference",
     "field_rows",
     "load_dataset",
@@ -216,7 +217,6 @@ def load_dataset(project: Project, *, field_data: Sequence[tuple[Path, FieldData
     """
     if project.data_npz is not None:
         raw: Mapping[str, object] = load_npz(project.data_npz)
-        where = f"data.npz {project.data_npz.name}"
     else:
         entry = str(project.data_entry)
         func = load_entry(project, entry)
@@ -227,7 +227,7 @@ def load_dataset(project: Project, *, field_data: Sequence[tuple[Path, FieldData
         if not isinstance(returned, Mapping):
             raise DataError(f"dataset entry {entry!r} must return a mapping, got {type(returned).__name__}")
         raw = returned
-        where = "dataset"
+    where = data_source(project)
     features, labels = _names(raw, "feature_names", where), _names(raw, "label_names", where)
     arrays: dict[str, np.ndarray] = {}
     sample: tuple[int, ...] | None = None  # x_train's sample shape, which the other splits must share
@@ -345,6 +345,11 @@ def _check_normal_rows(arrays: Mapping[str, np.ndarray], labels: tuple[str, ...]
     if (arrays["y_test"] == index).all():
         raise DataError(f"{where}: y_test has only {normal!r} (task.normal_label) rows: no fault row to measure detection on")
     check_threshold_rows(arrays["y_val"], labels, normal, fpr, where)
+
+
+def data_source(project: Project) -> str:
+    """How errors about the project's dataset name it: ``data.npz <file>`` or ``dataset``."""
+    return f"data.npz {project.data_npz.name}" if project.data_npz is not None else "dataset"
 
 
 def check_threshold_rows(y_val: np.ndarray, labels: tuple[str, ...], normal: str, fpr: float, where: str) -> None:

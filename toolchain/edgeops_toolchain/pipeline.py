@@ -69,6 +69,7 @@ from edgeops_toolchain.data import (
     check_data,
     check_threshold_rows,
     compact_float,
+    data_source,
     load_dataset,
     load_field_data,
     reference_rows,
@@ -309,8 +310,7 @@ def _check_cached_data(project: Project, ds: Dataset) -> None:
     _check_self_test_size(project, ds)
     task = project.task
     if task.kind == "anomaly":
-        where = f"data.npz {project.data_npz.name}" if project.data_npz is not None else "dataset"  # as load_dataset says it
-        check_threshold_rows(ds.y_val, ds.label_names, task.normal_label, task.target_fpr, where)
+        check_threshold_rows(ds.y_val, ds.label_names, task.normal_label, task.target_fpr, data_source(project))
 
 
 def _normal_label(project: Project) -> str | None:
