@@ -537,7 +537,6 @@ def _endless(conn: socket.socket) -> None:
 def test_the_cli_against_something_that_is_not_the_console_fails_in_one_clear_line(respond: Any) -> None:
     """The CLI's client raises a typed error (the CLI prints those as one line, exit 5),
     never an internal error; and it reads a bounded answer."""
-    import edgeops_toolchain.cli  # noqa: F401  (the CLI package first: fleet_cli is imported by it)
     from edgeops_core import EdgeopsError
     from edgeops_toolchain.fleet_cli import ConsoleClient, _rows
 

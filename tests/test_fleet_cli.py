@@ -182,7 +182,6 @@ def _errors(stderr: str) -> str:
 
 
 def test_history_summary_shows_an_anomaly_models_flagged_inputs() -> None:
-    import edgeops_toolchain.cli  # noqa: F401  (the CLI package is entered through cli; fleet_cli alone is a cycle)
     from edgeops_toolchain.fleet_cli import _summary
 
     inference = {"count": 900, "error_count": 0, "task": "anomaly", "anomaly": {"count": 3, "rate": 0.015}}
@@ -190,3 +189,22 @@ def test_history_summary_shows_an_anomaly_models_flagged_inputs() -> None:
     assert _summary(row) == "n=900 errors=0 p99=0.2 ms anomalies=3 (0.015)"
     classifier = {"kind": "telemetry", "payload": {"inference": {"count": 5, "error_count": 1}, "latency_ms": {}}}
     assert _summary(classifier) == "n=5 errors=1 p99=- ms"
+
+
+@pytest.mark.parametrize("module", ["cli_common", "fleet_cli", "field_cli", "keys_cli", "pki_cli", "cli"])
+def test_each_command_module_imports_first_in_a_fresh_interpreter(module: str) -> None:
+    """The command modules depend on cli_common, not on cli (which imports them all): a
+    module imported first used to meet a half-initialised fleet_cli through cli."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import json, edgeops_toolchain.{module}; from edgeops_toolchain.cli import main; "
+        "print(json.dumps({name: sorted(getattr(cmd, 'commands', {})) for name, cmd in main.commands.items()}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    commands = json.loads(proc.stdout)
+    assert {"build", "verify", "data", "demo", "fleet", "keys"} <= set(commands)
+    assert {"generate", "root", "rotate", "revoke"} <= set(commands["keys"])
+    assert {"deploy", "status", "trust-push", "ca", "provision"} <= set(commands["fleet"])

@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import traceback
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
 from edgeops_core import (
-    BundleError,
-    EdgeopsError,
     InputError,
     TargetProfile,
     find_profile,
@@ -38,57 +33,25 @@ from edgeops_core import (
     verify_bundle,
 )
 from edgeops_toolchain import __version__
+from edgeops_toolchain.cli_common import (
+    EXIT_BAD_INPUT,
+    EXIT_BUDGET,
+    EXIT_BUILD,
+    EXIT_INTERNAL,
+    EXIT_VERIFY,
+    _run,
+    _target_dirs,
+    _targets_dir_option,
+    keys,
+)
 from edgeops_toolchain.errors import BudgetExceededError
-from edgeops_toolchain.resources import builtin_targets_dir, example_dir
-from edgeops_toolchain.signing import edgeops_home
+from edgeops_toolchain.field_cli import data, demo  # adds its commands to `fleet` too
+from edgeops_toolchain.fleet_cli import fleet
+from edgeops_toolchain.keys_cli import root  # noqa: F401 - adds root/rotate/revoke/renew/show to `keys`, trust-push to `fleet`
+from edgeops_toolchain.pki_cli import ca  # noqa: F401 - adds ca, provision, cert, broker-config to `fleet`
+from edgeops_toolchain.resources import example_dir
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_BUDGET", "EXIT_BUILD", "EXIT_INTERNAL", "EXIT_VERIFY", "main"]
-
-EXIT_INTERNAL = 1
-EXIT_BAD_INPUT = 2
-EXIT_BUDGET = 3
-EXIT_VERIFY = 4
-EXIT_BUILD = 5
-
-
-def _exit_code(exc: EdgeopsError) -> int:
-    if isinstance(exc, InputError):
-        return EXIT_BAD_INPUT
-    if isinstance(exc, BudgetExceededError):
-        return EXIT_BUDGET
-    if isinstance(exc, BundleError):
-        return EXIT_VERIFY
-    return EXIT_BUILD
-
-
-def _fail(exc: BaseException, *, as_json: bool, debug: bool) -> None:
-    """Print one line (or one JSON object) for ``exc`` and exit with its code."""
-    if isinstance(exc, EdgeopsError):
-        code, message = _exit_code(exc), str(exc)
-    else:
-        code, message = EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"
-        if debug:
-            traceback.print_exception(exc)
-    if as_json:
-        payload: dict[str, Any] = {"ok": False, "exit_code": code, "error": {"type": type(exc).__name__, "message": message}}
-        if isinstance(exc, BudgetExceededError):
-            payload["budgets"] = [c.to_dict() for c in exc.checks]
-        click.echo(json.dumps(payload))
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def _run(ctx: click.Context, as_json: bool, body: Callable[[], None]) -> None:
-    try:
-        body()
-    except Exception as exc:  # noqa: BLE001 - the CLI turns every failure into one line
-        _fail(exc, as_json=as_json, debug=ctx.obj.get("debug", False))
-
-
-def _target_dirs(extra: Sequence[Path]) -> list[Path]:
-    """Built-in profiles, then ``$EDGEOPS_HOME/targets`` if present, then ``--targets-dir``."""
-    user = edgeops_home() / "targets"
-    return [builtin_targets_dir(), *([user] if user.is_dir() else []), *extra]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,15 +62,6 @@ def main(ctx: click.Context, debug: bool) -> None:
     """edgeops: build, sign and verify edge model bundles."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-
-
-_targets_dir_option = click.option(
-    "--targets-dir",
-    "targets_dirs",
-    multiple=True,
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Extra folder of target profiles (*.toml); overrides built-ins of the same name. Repeatable.",
-)
 
 
 _cache_dir_option = click.option(
@@ -316,11 +270,6 @@ def init(ctx: click.Context, directory: Path) -> None:
         click.echo(f"created project {name!r} in {directory}; build it with: edgeops build --target ecu --project {directory}")
 
     _run(ctx, False, body)
-
-
-@main.group()
-def keys() -> None:
-    """Manage signing keys."""
 
 
 @keys.command("generate")
@@ -731,15 +680,7 @@ def release_revert(
     _run(ctx, as_json, body)
 
 
-def _add_fleet() -> None:
-    from edgeops_toolchain.field_cli import data, demo  # adds its commands to `fleet` too
-    from edgeops_toolchain.fleet_cli import fleet  # it imports this module's helpers, so it comes last
-    from edgeops_toolchain.keys_cli import root  # noqa: F401 - adds root/rotate/revoke/renew/show to `keys`, trust-push to `fleet`
-    from edgeops_toolchain.pki_cli import ca  # noqa: F401 - adds ca, provision, cert, broker-config to `fleet`
-
-    main.add_command(fleet)
-    main.add_command(data)
-    main.add_command(demo)
-
-
-_add_fleet()
+main.add_command(keys)
+main.add_command(fleet)
+main.add_command(data)
+main.add_command(demo)

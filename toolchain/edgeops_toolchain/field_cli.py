@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from edgeops_core import InputError
-from edgeops_toolchain.cli import _run
+from edgeops_toolchain.cli_common import _run
 from edgeops_toolchain.fleet_cli import ConsoleClient, _console_option, _rows, _stdout, _token_option, _when, fleet, parse_group
 
 __all__ = ["data", "demo"]

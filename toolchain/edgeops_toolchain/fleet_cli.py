@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from edgeops_core import DEFAULT_PREFIX, InputError, check_device_id, find_profile, verify_bundle_file
-from edgeops_toolchain.cli import _run, _targets_dir_option
+from edgeops_toolchain.cli_common import _run, _targets_dir_option
 
 if TYPE_CHECKING:  # rich and the fleet package load only when a fleet command runs (`edgeops --help` stays fast)
     from rich.console import Console
@@ -916,7 +916,7 @@ def rollout_start(
 
     def body() -> None:
         from edgeops_fleet.rollout import Gates, parse_duration, parse_waves
-        from edgeops_toolchain.cli import _target_dirs
+        from edgeops_toolchain.cli_common import _target_dirs
         from edgeops_toolchain.export_c import default_trusted_keys
 
         client = ConsoleClient(console_url, token)

@@ -3,7 +3,7 @@
 The logic is :mod:`edgeops_toolchain.keyring` (the host's trust files) and
 :mod:`edgeops_fleet.trust_push` (the MQTT side); both load only when a command runs, so
 ``edgeops --help`` stays fast. These commands join the ``keys`` group of
-:mod:`edgeops_toolchain.cli` and the ``fleet`` group of :mod:`edgeops_toolchain.fleet_cli`.
+:mod:`edgeops_toolchain.cli_common` and the ``fleet`` group of :mod:`edgeops_toolchain.fleet_cli`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from edgeops_core import DEFAULT_PREFIX, InputError, check_device_id
-from edgeops_toolchain.cli import _run, keys
+from edgeops_toolchain.cli_common import _run, keys
 from edgeops_toolchain.fleet_cli import EXIT_NOT_COMMITTED, _broker_option, _stdout, broker_url, fleet
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from edgeops_core import DEFAULT_PREFIX, InputError
-from edgeops_toolchain.cli import _run
+from edgeops_toolchain.cli_common import _run
 from edgeops_toolchain.fleet_cli import _broker_option, _stdout, broker_url, fleet
 
 __all__ = ["ca", "cert"]
