@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,59 @@ def test_cache_keys_are_stable_across_processes_and_follow_inputs(tmp_path: Path
     (project / "vibration_model.py").write_text((project / "vibration_model.py").read_text() + "\n# a comment\n")
     code = _keys(project, tmp_path / "k", "ecu", "1")
     assert all(code[s] != lr[s] for s in a)  # any code change re-runs everything
+
+
+def _keys_with_code(project: Path, keydir: Path, site: Path) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", _KEYS, str(project), str(keydir), "ecu"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_cache_keys_follow_edgeops_own_code_not_only_its_version(tmp_path: Path) -> None:
+    """A changed edgeops source file (same version: an install from a checkout, a developer's
+    edit) changes every key; byte-code caches and non-Python files do not."""
+    import edgeops_agent
+    import edgeops_core
+    import edgeops_toolchain
+    from edgeops_toolchain.resources import builtin_targets_dir
+
+    site = tmp_path / "checkout" / "toolchain"  # laid out as a checkout: resources finds ../targets
+    (tmp_path / "checkout").mkdir()
+    (tmp_path / "checkout" / "targets").symlink_to(builtin_targets_dir())
+    for module in (edgeops_core, edgeops_toolchain, edgeops_agent):
+        src = Path(str(module.__file__)).parent
+        shutil.copytree(src, site / src.name, ignore=shutil.ignore_patterns("__pycache__"))
+    project = make_small_project(tmp_path / "p")
+    before = _keys_with_code(project, tmp_path / "k", site)
+    assert before == _keys(project, tmp_path / "k", "ecu", "1")  # the copy is the installed code
+    (site / "edgeops_toolchain" / "notes.txt").write_text("not code")
+    assert _keys_with_code(project, tmp_path / "k", site) == before  # (the import also wrote __pycache__)
+    edited = site / "edgeops_toolchain" / "onnx_export.py"
+    edited.write_text(edited.read_text() + "\n# a comment\n")
+    after = _keys_with_code(project, tmp_path / "k", site)
+    assert all(after[s] != before[s] for s in before)
+
+
+def test_source_tree_digest_reads_paths_and_bytes_of_python_files_only(tmp_path: Path) -> None:
+    from edgeops_toolchain.pipeline import source_tree_digest
+
+    root = tmp_path / "pkg"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.py").write_text("x = 1\n")
+    (root / "sub" / "b.py").write_text("y = 2\n")
+    first = source_tree_digest([root])
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0" * 16)
+    (root / "data.toml").write_text("k = 1\n")
+    assert source_tree_digest([root]) == first
+    (root / "sub" / "b.py").rename(root / "sub" / "c.py")
+    renamed = source_tree_digest([root])
+    assert renamed != first
+    (root / "sub" / "c.py").write_text("y = 3\n")
+    assert source_tree_digest([root]) not in (first, renamed)
 
 
 def test_plan_runs_what_misses_and_everything_after_package() -> None:

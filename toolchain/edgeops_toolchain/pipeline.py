@@ -836,14 +836,40 @@ class CacheOptions:
     read: bool = True
 
 
+def source_tree_digest(roots: Sequence[Path]) -> str:
+    """sha256 over every ``.py`` file under ``roots``: relative paths and bytes, in sorted order.
+
+    Byte-code caches and other files are left out, so importing the code does not change it.
+    """
+    h = hashlib.sha256()
+    for root in roots:
+        h.update(f"root\0{root.name}\0".encode())
+        for path in sorted(root.rglob("*.py"), key=lambda f: f.relative_to(root).as_posix()):
+            if "__pycache__" in path.parts:
+                continue
+            data = path.read_bytes()
+            h.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+            h.update(data)
+    return h.hexdigest()
+
+
 @lru_cache(maxsize=1)
 def environment_fingerprint() -> dict[str, str]:
-    """Versions of edgeops and of every library that shapes a built model (part of every key)."""
+    """Versions of edgeops and of every library that shapes a built model (part of every key).
+
+    edgeops' own code is keyed by its bytes, not only its version: an install from a
+    checkout between releases (or a developer's edit) must not reuse steps the old code made.
+    """
     import importlib.metadata as md
     import sys
 
+    import edgeops_agent
+    import edgeops_core
+    import edgeops_toolchain
+
     names = ("torch", "onnx", "onnxscript", "onnxruntime", "litert-torch", "ai-edge-litert", "tflite-micro", "numpy", "torchao")
-    versions = {"edgeops": __version__, "python": sys.version.split()[0]}
+    packages = [Path(str(m.__file__)).parent for m in (edgeops_core, edgeops_toolchain, edgeops_agent)]
+    versions = {"edgeops": __version__, "edgeops_code": source_tree_digest(packages), "python": sys.version.split()[0]}
     for name in names:
         try:
             versions[name] = md.version(name)
