@@ -138,23 +138,23 @@ def test_cache_keys_follow_edgeops_own_code_not_only_its_version(tmp_path: Path)
     assert all(after[s] != before[s] for s in before)
 
 
-def test_source_tree_digest_reads_paths_and_bytes_of_python_files_only(tmp_path: Path) -> None:
-    from edgeops_toolchain.pipeline import source_tree_digest
+def test_python_sources_digest_reads_paths_and_bytes_of_python_files_only(tmp_path: Path) -> None:
+    from edgeops_toolchain.project import python_sources_digest
 
     root = tmp_path / "pkg"
     (root / "sub").mkdir(parents=True)
     (root / "a.py").write_text("x = 1\n")
     (root / "sub" / "b.py").write_text("y = 2\n")
-    first = source_tree_digest([root])
+    first = python_sources_digest(root)
     (root / "__pycache__").mkdir()
     (root / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0" * 16)
     (root / "data.toml").write_text("k = 1\n")
-    assert source_tree_digest([root]) == first
+    assert python_sources_digest(root) == first
     (root / "sub" / "b.py").rename(root / "sub" / "c.py")
-    renamed = source_tree_digest([root])
+    renamed = python_sources_digest(root)
     assert renamed != first
     (root / "sub" / "c.py").write_text("y = 3\n")
-    assert source_tree_digest([root]) not in (first, renamed)
+    assert python_sources_digest(root) not in (first, renamed)
 
 
 def test_plan_runs_what_misses_and_everything_after_package() -> None:

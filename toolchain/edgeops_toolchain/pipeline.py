@@ -76,7 +76,7 @@ from edgeops_toolchain.data import (
 )
 from edgeops_toolchain.errors import BudgetExceededError, BuildError, ProjectError, UnsupportedTargetError
 from edgeops_toolchain.keyring import check_signing_key
-from edgeops_toolchain.project import Project
+from edgeops_toolchain.project import Project, python_sources_digest
 from edgeops_toolchain.registry import BuildRecord, Registry, now_text
 from edgeops_toolchain.signing import dev_key, load_signing_key, sign_members
 from edgeops_toolchain.tasks import (
@@ -836,23 +836,6 @@ class CacheOptions:
     read: bool = True
 
 
-def source_tree_digest(roots: Sequence[Path]) -> str:
-    """sha256 over every ``.py`` file under ``roots``: relative paths and bytes, in sorted order.
-
-    Byte-code caches and other files are left out, so importing the code does not change it.
-    """
-    h = hashlib.sha256()
-    for root in roots:
-        h.update(f"root\0{root.name}\0".encode())
-        for path in sorted(root.rglob("*.py"), key=lambda f: f.relative_to(root).as_posix()):
-            if "__pycache__" in path.parts:
-                continue
-            data = path.read_bytes()
-            h.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode())
-            h.update(data)
-    return h.hexdigest()
-
-
 @lru_cache(maxsize=1)
 def environment_fingerprint() -> dict[str, str]:
     """Versions of edgeops and of every library that shapes a built model (part of every key).
@@ -869,7 +852,8 @@ def environment_fingerprint() -> dict[str, str]:
 
     names = ("torch", "onnx", "onnxscript", "onnxruntime", "litert-torch", "ai-edge-litert", "tflite-micro", "numpy", "torchao")
     packages = [Path(str(m.__file__)).parent for m in (edgeops_core, edgeops_toolchain, edgeops_agent)]
-    versions = {"edgeops": __version__, "edgeops_code": source_tree_digest(packages), "python": sys.version.split()[0]}
+    code = digest_json({p.name: python_sources_digest(p) for p in packages})
+    versions = {"edgeops": __version__, "edgeops_code": code, "python": sys.version.split()[0]}
     for name in names:
         try:
             versions[name] = md.version(name)

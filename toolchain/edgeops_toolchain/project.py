@@ -49,6 +49,7 @@ __all__ = [
     "Training",
     "load_entry",
     "load_project",
+    "python_sources_digest",
 ]
 
 PROJECT_FILE = "edgeops.toml"
@@ -278,7 +279,7 @@ class Project:
         The cache keys use this rather than :meth:`code_digest`, so that changing one
         hyperparameter in ``edgeops.toml`` re-runs only the steps that read it.
         """
-        return _digest_files(self.root, sorted(p for p in self.root.rglob("*.py") if "__pycache__" not in p.parts))
+        return python_sources_digest(self.root)
 
     def data_files_digest(self) -> str:
         """sha256 over the files ``data.files`` matches (names and bytes).
@@ -296,8 +297,16 @@ class Project:
 
     def code_digest(self) -> str:
         """sha256 over the project file and every ``.py`` file under the project folder."""
-        files = [self.root / PROJECT_FILE, *sorted(p for p in self.root.rglob("*.py") if "__pycache__" not in p.parts)]
-        return _digest_files(self.root, files)
+        return _digest_files(self.root, [self.root / PROJECT_FILE, *_python_files(self.root)])
+
+
+def python_sources_digest(root: Path) -> str:
+    """sha256 over every ``.py`` file under ``root`` (relative names and bytes), byte-code caches left out."""
+    return _digest_files(root, _python_files(root))
+
+
+def _python_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.relative_to(root).parts)
 
 
 def _digest_files(root: Path, files: list[Path]) -> str:
